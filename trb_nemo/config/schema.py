@@ -1,0 +1,424 @@
+"""Typed configuration: one dataclass per component, validated at construction.
+
+Every YAML under ``conf/`` is composed by Hydra against these dataclasses (registered in the
+ConfigStore by :mod:`trb_nemo.config.compose`), so an unknown key or a value of the wrong type
+fails at composition. Value ranges and cross-field rules live in ``__post_init__`` and raise
+:class:`ConfigError` naming the field; the composer prefixes the dotted path
+(``trb.eps0: must be >= 0, got -1.0``). Each field's docstring is the one description of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config value a user must change. ``key`` is the dotted path, ``reason`` what is allowed."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _check(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(key, reason)
+
+
+def _one_of(value, allowed: tuple, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {'|'.join(map(str, allowed))}, got {value!r}")
+
+
+def _positive(value, key: str) -> None:
+    _check(value > 0, key, f"must be > 0, got {value}")
+
+
+def _non_negative(value, key: str) -> None:
+    _check(value >= 0, key, f"must be >= 0, got {value}")
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelSpec:
+    """One network (student or teacher): an HF checkpoint, or the architecture given inline."""
+
+    name: str = "tiny"
+    """Label used in logs and checkpoint metadata."""
+    hf_path: str | None = None
+    """HF checkpoint folder (config.json + *.safetensors). When set, its config.json decides the
+    architecture and the inline fields below are ignored."""
+    checkpoint: str | None = None
+    """Megatron (dist_checkpointing) checkpoint to load weights from; None = hf_path or random init."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """Grouped-query attention: number of KV heads; None = num_attention_heads (MHA)."""
+    kv_channels: int | None = None
+    """Per-head dimension; None = hidden_size / num_attention_heads."""
+    vocab_size: int = 128
+    """True vocabulary size (Megatron pads the embedding to a multiple of 128 x TP)."""
+    max_sequence_length: int = 256
+    rotary_base: float = 10000.0
+    qk_layernorm: bool = False
+    """Qwen3-style RMSNorm on queries and keys."""
+    tie_embeddings: bool = False
+    """Share the input embedding and output layer weights."""
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-6
+    eos_token_id: int = 1
+    """The model's own stop id (a Base student and an Instruct teacher may differ)."""
+
+    def __post_init__(self):
+        _one_of(self.normalization, ("RMSNorm", "LayerNorm"), "normalization")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "vocab_size", "max_sequence_length"):
+            _positive(getattr(self, name), name)
+        _check(self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
+               "hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads} "
+               "(or set kv_channels)")
+        groups = self.num_query_groups or self.num_attention_heads
+        _check(self.num_attention_heads % groups == 0, "num_query_groups",
+               f"must divide num_attention_heads={self.num_attention_heads}, got {groups}")
+        _check(0 <= self.eos_token_id < self.vocab_size, "eos_token_id",
+               f"must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id}")
+
+
+@dataclass
+class ModelConfig:
+    """Student and teacher networks and how they run."""
+
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teacher: ModelSpec | None = field(default_factory=lambda: ModelSpec(name="tiny-teacher", num_layers=4))
+    """None only for runs that never need a teacher (none of the training behaviors)."""
+    transformer_impl: str = "local"
+    """``local`` (torch layers; CPU and GPU) or ``transformer_engine`` (GPU only, needed for FP8)."""
+    fp8: str | None = None
+    """``hybrid`` or ``e4m3`` through Transformer Engine; None = no FP8."""
+    precision: str = "auto"
+    """Parameter/compute dtype: ``fp32``, ``bf16``, or ``auto`` (bf16 on GPU, fp32 on CPU)."""
+    init_seed: int = 1234
+    """Seed of the random initialization (when no checkpoint is loaded)."""
+
+    def __post_init__(self):
+        _one_of(self.transformer_impl, ("local", "transformer_engine"), "transformer_impl")
+        _one_of(self.fp8, (None, "hybrid", "e4m3"), "fp8")
+        _one_of(self.precision, ("auto", "fp32", "bf16"), "precision")
+        _check(self.fp8 is None or self.transformer_impl == "transformer_engine", "fp8",
+               f"fp8={self.fp8} needs model.transformer_impl=transformer_engine (Transformer Engine "
+               "on a GPU); set model.fp8=null to run without FP8")
+
+
+# ------------------------------------------------------------------------------------ parallel
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are laid out. Data parallelism is what remains: world / (TP x PP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_local_ranks: int | None = None
+    """Ranks ``trb-nemo train`` starts by itself when not under torchrun or srun;
+    None = tensor_model_parallel_size x pipeline_model_parallel_size."""
+    backend: str = "auto"
+    """``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron DistributedOptimizer)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs Transformer Engine or Apex norms; not on CPU)."""
+    timeout_minutes: int = 10
+    """Collective timeout; a rank stuck longer than this fails the job instead of hanging."""
+
+    def __post_init__(self):
+        _positive(self.tensor_model_parallel_size, "tensor_model_parallel_size")
+        _positive(self.pipeline_model_parallel_size, "pipeline_model_parallel_size")
+        _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
+        _positive(self.timeout_minutes, "timeout_minutes")
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if self.num_local_ranks is not None:
+            _check(self.num_local_ranks > 0 and self.num_local_ranks % model_parallel == 0,
+                   "num_local_ranks", f"must be a positive multiple of TP x PP = {model_parallel}, "
+                   f"got {self.num_local_ranks}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def local_world_size(self) -> int:
+        return self.num_local_ranks or self.model_parallel_size
+
+
+# ------------------------------------------------------------------------------------- method
+
+
+SCHEDULES = ("linear", "cosine", "constant", "none")
+
+
+@dataclass
+class TRBConfig:
+    """The trust-region budget eps_k (paper Eq. 3) and its solver."""
+
+    eps0: float = 0.02
+    """Initial per-prefix KL budget eps_0 (paper sweep: 0.001 ... 0.05)."""
+    warmup_steps: int = 50
+    """K: steps over which eps_k anneals to 0; pure OPD on student rollouts afterwards."""
+    schedule: str = "linear"
+    """``linear`` eps0 (1 - k/K); ``cosine``; ``constant`` (eps0 forever, the fixed-eps baseline);
+    ``none`` (eps = 0: vanilla OPD)."""
+    solver_tolerance: float = 1e-6
+    """Relative tolerance on beta of the trust-region solve."""
+    solver_max_iterations: int = 40
+    """Upper bound on safeguarded-Newton/bisection iterations per solve."""
+
+    def __post_init__(self):
+        _non_negative(self.eps0, "eps0")
+        _non_negative(self.warmup_steps, "warmup_steps")
+        _one_of(self.schedule, SCHEDULES, "schedule")
+        _check(0 < self.solver_tolerance < 1, "solver_tolerance",
+               f"must be in (0, 1), got {self.solver_tolerance}")
+        _positive(self.solver_max_iterations, "solver_max_iterations")
+        _check(not (self.schedule in ("linear", "cosine") and self.eps0 > 0 and self.warmup_steps == 0),
+               "warmup_steps", f"must be > 0 for schedule={self.schedule} with eps0 > 0")
+
+
+@dataclass
+class LossConfig:
+    """Per-prefix reverse KL(pi_S || pi_T) on the visited prefixes (unchanged by TRB)."""
+
+    kind: str = "topk"
+    """``topk`` (paper default: student top-k support), ``full`` (exact over the vocabulary),
+    ``sampled`` (single-sample estimate at the generated token)."""
+    topk: int = 16
+    """k of the student top-k support for kind=topk."""
+
+    def __post_init__(self):
+        _one_of(self.kind, ("topk", "full", "sampled"), "kind")
+        _positive(self.topk, "topk")
+
+
+BEHAVIORS = ("trb", "student", "fixed", "skd", "temperature")
+
+
+@dataclass
+class RolloutConfig:
+    """Behavior policy that generates the training prefixes, and decoding limits."""
+
+    behavior: str = "trb"
+    """``trb`` (the paper), ``student`` (vanilla OPD), ``fixed`` (constant eps), ``skd``
+    (interleaved teacher injection), ``temperature`` (student temperature warmup)."""
+    max_new_tokens: int = 64
+    num_rollouts_per_prompt: int = 4
+    temperature: float = 1.0
+    """Sampling temperature of the behavior policy after any warmup."""
+    fixed_eps: float = 0.01
+    """Budget of behavior=fixed."""
+    skd_topk: int = 15
+    """behavior=skd: a student token outside the teacher's top-K is replaced."""
+    skd_teacher_temperature: float = 0.2
+    """behavior=skd: temperature tau_T of the replacing teacher sample."""
+    temperature_start: float = 0.9
+    """behavior=temperature: tau_0, annealed linearly back to ``temperature``."""
+    temperature_warmup_steps: int = 15
+    """behavior=temperature: steps of that anneal."""
+    seed: int = 0
+    """Base seed of the sampling noise (combined with step and ranks)."""
+
+    def __post_init__(self):
+        _one_of(self.behavior, BEHAVIORS, "behavior")
+        _positive(self.max_new_tokens, "max_new_tokens")
+        _positive(self.num_rollouts_per_prompt, "num_rollouts_per_prompt")
+        _positive(self.temperature, "temperature")
+        _non_negative(self.fixed_eps, "fixed_eps")
+        _positive(self.skd_topk, "skd_topk")
+        _positive(self.skd_teacher_temperature, "skd_teacher_temperature")
+        _positive(self.temperature_start, "temperature_start")
+        _non_negative(self.temperature_warmup_steps, "temperature_warmup_steps")
+
+
+# ------------------------------------------------------------------------------ training loop
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on the student, LR warmup then constant (the paper's Table 2)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 15
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global grad-norm clip; 0 disables."""
+    max_steps: int = 400
+    prompts_per_step: int = 64
+    """Global batch in prompts; sequences per step = prompts x rollout.num_rollouts_per_prompt."""
+    micro_batch_size: int = 4
+    """Sequences per microbatch in the pipeline schedule."""
+
+    def __post_init__(self):
+        _positive(self.lr, "lr")
+        _non_negative(self.min_lr, "min_lr")
+        _non_negative(self.lr_warmup_steps, "lr_warmup_steps")
+        _non_negative(self.weight_decay, "weight_decay")
+        _check(0 <= self.adam_beta1 < 1, "adam_beta1", f"must be in [0, 1), got {self.adam_beta1}")
+        _check(0 <= self.adam_beta2 < 1, "adam_beta2", f"must be in [0, 1), got {self.adam_beta2}")
+        _positive(self.adam_eps, "adam_eps")
+        _non_negative(self.clip_grad, "clip_grad")
+        _positive(self.max_steps, "max_steps")
+        _positive(self.prompts_per_step, "prompts_per_step")
+        _positive(self.micro_batch_size, "micro_batch_size")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from."""
+
+    source: str = "toy_math"
+    """``toy_math`` (the built-in arithmetic task) or a JSONL file with one prompt per line."""
+    prompt_key: str = "prompt"
+    """JSONL field holding the prompt text."""
+    answer_key: str = "answer"
+    """JSONL field holding the reference answer (evaluation only)."""
+    system_prompt: str = ""
+    max_prompt_length: int = 64
+    """Tokens; a longer prompt is an error before training starts."""
+    seed: int = 0
+    """Shuffling seed of the prompt order."""
+
+    def __post_init__(self):
+        _check(bool(self.source), "source", "must name toy_math or a JSONL file")
+        _positive(self.max_prompt_length, "max_prompt_length")
+
+
+@dataclass
+class EvalConfig:
+    """pass@1 = c/n over n samples per held-out problem at temperature 1.0."""
+
+    interval: int = 20
+    """Steps between evaluations; 0 disables periodic evaluation."""
+    num_problems: int = 64
+    num_samples: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    """None = rollout.max_new_tokens."""
+
+    def __post_init__(self):
+        _non_negative(self.interval, "interval")
+        _positive(self.num_problems, "num_problems")
+        _positive(self.num_samples, "num_samples")
+        _positive(self.temperature, "temperature")
+
+
+@dataclass
+class CheckpointConfig:
+    """dist_checkpointing saves of the student, optimizer, RNG, schedule and data position."""
+
+    dir: str | None = None
+    """None = <logging.output_dir>/<logging.run_name>/checkpoints."""
+    interval: int = 50
+    """Steps between saves; 0 = only at the end and on a stop signal."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in ``dir`` when there is one."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted after a successful save."""
+
+    def __post_init__(self):
+        _non_negative(self.interval, "interval")
+        _positive(self.keep_last, "keep_last")
+
+
+@dataclass
+class LoggingConfig:
+    """What the user sees and what is written."""
+
+    run_name: str = "trb-toy"
+    output_dir: str = "outputs"
+    log_interval: int = 1
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        _check(bool(self.run_name), "run_name", "must not be empty")
+        _positive(self.log_interval, "log_interval")
+
+
+@dataclass
+class LauncherConfig:
+    """Slurm submission (``trb-nemo launch slurm``)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str = "04:00:00"
+    job_name: str = "trb-nemo"
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    env_passthrough: list[str] = field(default_factory=list)
+    """Environment variables forwarded by name (secrets are never written into the script)."""
+    signal_seconds_before_end: int = 300
+    """Ask Slurm for SIGUSR1 this long before the time limit: checkpoint and requeue."""
+
+    def __post_init__(self):
+        _positive(self.nodes, "nodes")
+        _non_negative(self.gpus_per_node, "gpus_per_node")
+        _check(bool(self.job_name), "job_name", "must not be empty")
+        _non_negative(self.signal_seconds_before_end, "signal_seconds_before_end")
+
+
+# -------------------------------------------------------------------------------------- root
+
+
+@dataclass
+class TrainConfig:
+    """``trb-nemo train``: the whole job. Cross-component rules are checked here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trb: TRBConfig = field(default_factory=TRBConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    seed: int = 1234
+    """Seed of everything not seeded above (Megatron's model-parallel RNG tracker included)."""
+
+    def __post_init__(self):
+        tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        models = {"student": self.model.student, "teacher": self.model.teacher}
+        for role, spec in models.items():
+            if spec is None or spec.hf_path is not None:
+                continue  # an HF model is checked when its config.json is read
+            groups = spec.num_query_groups or spec.num_attention_heads
+            _check(spec.num_attention_heads % tp == 0 and groups % tp == 0,
+                   "parallel.tensor_model_parallel_size",
+                   f"TP={tp} must divide model.{role}.num_attention_heads="
+                   f"{spec.num_attention_heads} and its {groups} query groups")
+            _check(spec.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+                   f"PP={pp} must divide model.{role}.num_layers={spec.num_layers}")
+            needed = self.data.max_prompt_length + self.rollout.max_new_tokens
+            _check(needed <= spec.max_sequence_length, f"model.{role}.max_sequence_length",
+                   f"must be >= data.max_prompt_length + rollout.max_new_tokens = {needed}, "
+                   f"got {spec.max_sequence_length}")
+            _check(self.loss.topk <= spec.vocab_size, "loss.topk",
+                   f"must be <= model.{role}.vocab_size={spec.vocab_size}, got {self.loss.topk}")
+        _check(self.model.teacher is not None, "model.teacher",
+               f"rollout.behavior={self.rollout.behavior} distills from a teacher: set model.teacher")
+        _check(not (self.parallel.sequence_parallel and tp == 1), "parallel.sequence_parallel",
+               "needs parallel.tensor_model_parallel_size > 1")
+        _check(self.eval.max_new_tokens is None or self.eval.max_new_tokens > 0,
+               "eval.max_new_tokens", f"must be > 0 or null, got {self.eval.max_new_tokens}")

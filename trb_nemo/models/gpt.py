@@ -1,0 +1,114 @@
+"""Megatron-Core GPTModel builders for the student and the teacher.
+
+``local`` layer spec (plain torch modules) on CPU and wherever Transformer Engine is absent; the
+Transformer Engine spec when ``model.transformer_impl=transformer_engine`` (GPU, FP8).
+Architecture: pre-norm decoder, RoPE, SwiGLU MLP, no linear biases (the Qwen3/Llama shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
+from trb_nemo.parallel import groups
+
+VOCAB_PAD_MULTIPLE = 128
+"""Megatron pads the embedding rows to a multiple of this times TP."""
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    """Smallest multiple of 128 x TP that is >= vocab_size (Megatron's make-vocab-divisible rule)."""
+    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """fp32 or bf16; ``auto`` is bf16 on GPU and fp32 on CPU."""
+    if model_cfg.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[model_cfg.precision]
+
+
+def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """TransformerConfig for one network on the run's TP/PP layout.
+
+    On CPU the fused kernels are off and weights are initialized on the CPU from the full master
+    weight, so a TP=N model starts bit-identical to the TP=1 model with the same seed.
+    """
+    dtype = compute_dtype(model_cfg)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        normalization=spec.normalization,
+        layernorm_epsilon=spec.norm_epsilon,
+        qk_layernorm=spec.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        attention_backend=AttnBackend.local if model_cfg.transformer_impl == "local" else AttnBackend.auto,
+        fp8=model_cfg.fp8,
+    )
+
+
+def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
+    if model_cfg.transformer_impl == "transformer_engine":
+        try:
+            from megatron.core.models.gpt.gpt_layer_specs import (
+                get_gpt_layer_with_transformer_engine_spec,
+            )
+
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
+        except ImportError as e:  # pragma: no cover - depends on the image
+            raise ConfigError("model.transformer_impl", f"transformer_engine is not importable "
+                              f"({e}); use model.transformer_impl=local") from None
+    return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization=spec.normalization)
+
+
+def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+    """This rank's stage of ``spec`` as a GPTModel; parallel groups must be initialized.
+
+    Output logits are vocab-parallel: ``[s, b, V_pad / TP]`` on the last pipeline stage, where
+    V_pad = padded_vocab_size(spec.vocab_size, TP); columns >= spec.vocab_size are padding.
+    """
+    model = GPTModel(
+        config=transformer_config(spec, model_cfg, parallel),
+        transformer_layer_spec=layer_spec(spec, model_cfg),
+        vocab_size=padded_vocab_size(spec.vocab_size, parallel.tensor_model_parallel_size),
+        max_sequence_length=spec.max_sequence_length,
+        pre_process=groups.is_first_stage(),
+        post_process=groups.is_last_stage(),
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rotary_base),
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
