@@ -16,9 +16,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
 
@@ -55,6 +55,9 @@ def to_typed(node: DictConfig, cls: type = TrainConfig, path: str = ""):
     A ConfigError raised by a nested dataclass comes out with its full dotted path.
     """
     hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for extra in set(node.keys()) - set(names):  # keys appended with +a.b=c
+        raise ConfigError(f"{path}{extra}", f"unknown key; allowed here: {', '.join(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         value = node[f.name]
@@ -107,31 +110,19 @@ def _allowed_keys(dotted: str) -> str:
 
 
 def _one_line(e: Exception) -> ConfigError:
-    """Turn a Hydra/OmegaConf error into ConfigError(key, what is allowed)."""
-    text = str(e)
+    """Turn a Hydra/OmegaConf error into ConfigError(dotted key, what is allowed)."""
     cause = e.__cause__ or e
-    full_key = getattr(cause, "full_key", None)
-    missing = re.search(r"Key '([^']+)' not in '(\w+)'", text)
-    if missing:
-        key = full_key or _override_key(text) or missing.group(1)
+    key = getattr(cause, "full_key", None) or "config"
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, ConfigAttributeError) and " not in " in first:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return ConfigError(key, f"unknown key; allowed here: {_allowed_keys(parent)}")
-    not_found = re.search(r"Could not override '([^']+)'", text)
-    if "could not be converted" in text or "Value '" in text:
-        value = re.search(r"Value '([^']*)'", text)
-        typ = re.search(r"could not be converted to (\w+)", text)
-        key = full_key or (not_found.group(1) if not_found else "config")
-        return ConfigError(key, f"{typ.group(1) if typ else 'a different type'} expected, got "
-                                f"{value.group(1) if value else 'a wrong value'!r}")
-    if "Could not find" in text or "In 'train'" in text or "Could not load" in text:
-        first = text.strip().splitlines()[0]
-        return ConfigError(_override_key(text) or "config", first)
-    if not_found:
-        detail = text.strip().splitlines()[-1]
-        return ConfigError(not_found.group(1), detail)
-    return ConfigError(full_key or "config", text.strip().splitlines()[0])
-
-
-def _override_key(text: str) -> str | None:
-    m = re.search(r"override '([^']+)'", text)
-    return m.group(1) if m else None
+    if isinstance(cause, ValidationError):
+        return ConfigError(key, first.replace(" of type 'str'", ""))
+    if isinstance(cause, MissingConfigException):
+        group = re.search(r"Could not find '([^/']+)/", first)
+        options = re.findall(r"^\t(\S+)$", str(cause), flags=re.M)
+        if group and options:
+            return ConfigError(group.group(1), f"{first.split(': ', 1)[-1]}; available: "
+                                               f"{', '.join(o for o in options if '=' not in o)}")
+    return ConfigError(key, first)

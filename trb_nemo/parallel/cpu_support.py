@@ -143,7 +143,10 @@ def apply_cpu_support() -> bool:
     def _type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
             name = original_type(self)
-            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+            # (the device mode may route this call through _type again: rename only once)
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = _type

@@ -15,23 +15,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from trb_nemo.config.schema import ConfigError, ParallelConfig
 from trb_nemo.parallel.cpu_support import apply_cpu_support
-
-
-def launched_externally() -> bool:
-    """True under torchrun (RANK/WORLD_SIZE set) or inside a Slurm task (SLURM_PROCID)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ
-
-
-def _env_from_slurm() -> None:
-    """Fill RANK/WORLD_SIZE/LOCAL_RANK from srun's variables (one task per rank)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ:
-        raise ConfigError("MASTER_ADDR", "srun launch needs MASTER_ADDR and MASTER_PORT exported "
-                          "(the sbatch script of `trb-nemo launch slurm` sets them)")
+from trb_nemo.parallel.env import env_from_slurm
 
 
 def backend_for(parallel: ParallelConfig) -> str:
@@ -47,7 +31,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     machine without CUDA it first applies the CPU support patches and uses gloo. Seeds Megatron's
     model-parallel RNG tracker from ``seed`` and then the default generators with ``seed``.
     """
-    _env_from_slurm()
+    env_from_slurm()
     if not torch.cuda.is_available():
         apply_cpu_support()
     else:

@@ -1,0 +1,121 @@
+"""Config composition and validation: every YAML under conf/, overrides, one-line errors.
+
+Run: .venv/bin/python -m pytest tests/unit/test_config.py
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trb_nemo import cli
+from trb_nemo.config.compose import default_config_dir, load_config
+from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
+
+CONF = default_config_dir()
+GROUP_OPTIONS = sorted(
+    (group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml")
+)
+
+
+def test_conf_has_groups():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    assert {"model", "parallel"} <= groups
+
+
+def test_default_config_composes_and_validates():
+    cfg = load_config()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.parallel.tensor_model_parallel_size == 2 and cfg.parallel.local_world_size == 2
+    assert cfg.model.student.eos_token_id != cfg.model.teacher.eos_token_id
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_yaml_composes_and_validates(group, option):
+    cfg = load_config([f"{group}={option}"])
+    assert isinstance(cfg, TrainConfig)
+    node = getattr(cfg, group)
+    assert node is not None
+
+
+def test_every_yaml_file_is_covered():
+    files = {p.relative_to(CONF).with_suffix("").as_posix() for p in CONF.rglob("*.yaml")}
+    covered = {"train"} | {f"{g}/{o}" for g, o in GROUP_OPTIONS}
+    assert files == covered
+
+
+def test_overrides_reach_the_typed_config():
+    cfg = load_config(["trb.eps0=0.05", "parallel.tensor_model_parallel_size=4",
+                       "parallel.num_local_ranks=4", "rollout.behavior=fixed"])
+    assert cfg.trb.eps0 == 0.05
+    assert cfg.parallel.tensor_model_parallel_size == 4
+    assert cfg.rollout.behavior == "fixed"
+
+
+@pytest.mark.parametrize(
+    "override,key,fragment",
+    [
+        ("trb.eps0=-1", "trb.eps0", ">= 0"),
+        ("trb.no_such_key=1", "trb.no_such_key", "unknown key"),
+        ("+trb.no_such_key=1", "trb.no_such_key", "unknown key"),
+        ("trb.eps0=abc", "trb.eps0", "Float"),
+        ("trb.schedule=exponential", "trb.schedule", "linear|cosine|constant|none"),
+        ("rollout.behavior=dagger", "rollout.behavior", "trb|student|fixed|skd|temperature"),
+        ("loss.kind=forward", "loss.kind", "topk|full|sampled"),
+        ("model.student.no_field=3", "model.student.no_field", "unknown key"),
+        ("model=nope", "model", "available"),
+        ("model.fp8=hybrid", "model.fp8", "transformer_engine"),
+        ("model.teacher=null", "model.teacher", "teacher"),
+        ("model.student.num_attention_heads=3", "model.student.hidden_size", "divisible"),
+    ],
+)
+def test_bad_values_name_the_key(override, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    assert err.value.key == key
+    assert fragment in err.value.reason
+    assert "\n" not in str(err.value)
+
+
+def test_cross_field_tp_must_divide_heads():
+    with pytest.raises(ConfigError) as err:
+        load_config(["parallel.tensor_model_parallel_size=8", "parallel.num_local_ranks=8"])
+    assert err.value.key == "parallel.tensor_model_parallel_size"
+    assert "num_attention_heads" in err.value.reason
+
+
+def test_cross_field_context_must_hold_prompt_and_response():
+    with pytest.raises(ConfigError) as err:
+        load_config(["rollout.max_new_tokens=1000"])
+    assert err.value.key == "model.student.max_sequence_length"
+
+
+def test_dataclass_validates_at_construction():
+    with pytest.raises(ConfigError) as err:
+        ModelSpec(num_attention_heads=4, num_query_groups=3)
+    assert err.value.key == "num_query_groups"
+
+
+def test_cli_prints_composed_config(capsys):
+    assert cli.main(["train", "--cfg", "job", "trb.eps0=0.05",
+                     "parallel.tensor_model_parallel_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "eps0: 0.05" in out
+    assert "tensor_model_parallel_size: 2" in out
+
+
+def test_cli_config_error_exits_2_in_process(capsys):
+    assert cli.main(["train", "trb.warmup_steps=-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["trb-nemo: config error: trb.warmup_steps: must be >= 0, got -3"]
+
+
+@pytest.mark.parametrize("override,key", [("trb.eps0=-1", "trb.eps0"),
+                                          ("trb.no_such_key=1", "trb.no_such_key")])
+def test_console_script_exits_2_with_one_line(override, key):
+    exe = Path(sys.executable).with_name("trb-nemo")
+    proc = subprocess.run([str(exe), "train", override], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], proc.stderr

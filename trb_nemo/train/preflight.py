@@ -1,0 +1,39 @@
+"""Checks that need the machine or the disk, run before any rank starts or model is built.
+
+The config schema checks values; this checks that what the values point at exists and can
+run here. Each failure is a ConfigError naming the key to change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from trb_nemo.config.schema import ConfigError, TrainConfig
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Raise ConfigError for anything that would fail later, after expensive start-up."""
+    if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec(
+        "transformer_engine"
+    ) is None:
+        raise ConfigError("model.transformer_impl", "transformer_engine is not installed here (it "
+                          "needs a GPU image); use model.transformer_impl=local model.fp8=null")
+    if not torch.cuda.is_available():
+        if cfg.parallel.backend == "nccl":
+            raise ConfigError("parallel.backend", "nccl needs CUDA; use parallel.backend=gloo "
+                              "(or parallel=cpu_tp2)")
+        if cfg.parallel.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", "needs Transformer Engine or Apex "
+                              "norms (GPU); set parallel.sequence_parallel=false on CPU")
+    for role in ("student", "teacher"):
+        spec = getattr(cfg.model, role)
+        if spec is None:
+            continue
+        if spec.hf_path is not None and not (Path(spec.hf_path) / "config.json").is_file():
+            raise ConfigError(f"model.{role}.hf_path", f"no config.json in {spec.hf_path!r}; point "
+                              "it at an HF checkpoint folder")
+        if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
+            raise ConfigError(f"model.{role}.checkpoint", f"{spec.checkpoint!r} does not exist")
