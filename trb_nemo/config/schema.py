@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trb_nemo.ops.schedules import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A config value a user must change. ``key`` is the dotted path, ``reason`` what is allowed."""
@@ -157,7 +159,6 @@ class ParallelConfig:
 # ------------------------------------------------------------------------------------- method
 
 
-SCHEDULES = ("linear", "cosine", "constant", "none")
 
 
 @dataclass

@@ -1,0 +1,34 @@
+"""Trust-region budget eps_k per training step k (paper Eq. 3 and the fixed-eps baseline).
+
+* ``linear``: eps0 (1 - k/K) for k < K, then 0 (pure OPD on student rollouts).
+* ``cosine``: eps0 (1 + cos(pi k / K)) / 2 for k < K, then 0.
+* ``constant``: eps0 for every k (the paper's fixed-eps blending baseline).
+* ``none``: 0 for every k (vanilla OPD).
+Steps count from k = 0 (the first optimizer update uses eps0).
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("linear", "cosine", "constant", "none")
+
+
+def eps_at(step: int, *, schedule: str, eps0: float, warmup_steps: int) -> float:
+    """eps_k for training step ``step`` >= 0."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if eps0 < 0:
+        raise ValueError(f"eps0 must be >= 0, got {eps0}")
+    if schedule == "none":
+        return 0.0
+    if schedule == "constant":
+        return float(eps0)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {'|'.join(SCHEDULES)}, got {schedule!r}")
+    if step >= warmup_steps:
+        return 0.0
+    frac = step / warmup_steps
+    if schedule == "linear":
+        return eps0 * (1.0 - frac)
+    return eps0 * 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -1,0 +1,242 @@
+"""Primitives on vocabulary-sharded logits: normalizers, global top-k, gather at ids, sampling.
+
+Shape legend: ``R`` rows (all leading dims flattened), ``V`` local vocab shard (= V_pad / TP),
+``K`` top-k, ``P`` ranks in ``vocab_group``. Layout: rank i of ``vocab_group`` holds global
+columns ``[i*V, (i+1)*V)``; ``vocab_group=None`` means the shard is the whole vocabulary.
+``vocab_size`` is the true global vocabulary: columns at or beyond it are Megatron's padding
+and are treated as probability zero everywhere. Inputs are never modified; math is fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+NEG_INF = float("-inf")
+ROW_CHUNK_BYTES = 64 * 2**20
+"""Target size of one fp32 [rows_chunk, V] temporary; rows are processed in chunks of it."""
+
+
+# ---------------------------------------------------------------------------- layout helpers
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def shard_start(v_local: int, group) -> int:
+    """Global id of this rank's first column."""
+    return group_rank(group) * v_local
+
+
+def row_chunks(num_rows: int, v_local: int):
+    """Slices of rows so that one fp32 [rows_chunk, V] temporary is about ROW_CHUNK_BYTES."""
+    step = max(1, ROW_CHUNK_BYTES // (4 * max(v_local, 1)))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def valid_columns(v_local: int, vocab_size: int | None, group, device) -> torch.Tensor | None:
+    """Bool [V]: which local columns are real tokens (None when there is no padding here)."""
+    if vocab_size is None:
+        return None
+    ids = torch.arange(v_local, device=device) + shard_start(v_local, group)
+    valid = ids < vocab_size
+    return None if bool(valid.all()) else valid
+
+
+def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> torch.Tensor:
+    """fp32 copy (or view for fp32 input without padding) with padded columns at -inf."""
+    x = logits_RV.float()
+    if valid_V is not None:
+        x = x.masked_fill(~valid_V, NEG_INF)
+    return x
+
+
+def all_gather_rows(local_RM: torch.Tensor, group) -> torch.Tensor:
+    """[R, M] on each rank -> [P, R, M] on every rank (1 all-gather; identity without a group)."""
+    if group is None:
+        return local_RM.unsqueeze(0)
+    out = local_RM.new_empty((group_size(group),) + tuple(local_RM.shape))
+    dist.all_gather_into_tensor(out, local_RM.contiguous(), group=group)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the group, out of place (identity without a group)."""
+    if group is None:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+# ------------------------------------------------------------------------- log-sum-exp stats
+
+
+def local_lse_stats(x_RV: torch.Tensor) -> torch.Tensor:
+    """[R, 2] (local max, sum exp(x - max)) of an fp32 shard; rows of all -inf give (-inf, 0)."""
+    m_R = x_RV.amax(dim=-1)
+    safe_R = torch.where(torch.isfinite(m_R), m_R, torch.zeros_like(m_R))
+    s_R = torch.exp(x_RV - safe_R.unsqueeze(-1)).sum(dim=-1)
+    return torch.stack([m_R, s_R], dim=-1)
+
+
+def combine_lse(stats_PR2: torch.Tensor) -> torch.Tensor:
+    """Global log-sum-exp [R] from every rank's (max, sumexp); identical on every rank."""
+    m_PR, s_PR = stats_PR2[..., 0], stats_PR2[..., 1]
+    big_R = m_PR.amax(dim=0)
+    safe_R = torch.where(torch.isfinite(big_R), big_R, torch.zeros_like(big_R))
+    scale_PR = torch.where(torch.isfinite(m_PR), torch.exp(m_PR - safe_R), torch.zeros_like(m_PR))
+    return safe_R + torch.log((s_PR * scale_PR).sum(dim=0))
+
+
+def logsumexp(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """log sum_v exp(z_v) over the full (true) vocabulary: [...] fp32.
+
+    Collectives: 1 all-gather of [P, R, 2]. Peak memory: one fp32 [rows_chunk, V] temporary.
+    """
+    lead, v_local = logits.shape[:-1], logits.shape[-1]
+    z_RV = logits.reshape(-1, v_local)
+    valid = valid_columns(v_local, vocab_size, vocab_group, logits.device)
+    stats = torch.cat([local_lse_stats(as_fp32_masked(z_RV[c], valid))
+                       for c in row_chunks(z_RV.shape[0], v_local)]) if z_RV.shape[0] else \
+        z_RV.new_zeros((0, 2), dtype=torch.float32)
+    return combine_lse(all_gather_rows(stats, vocab_group)).reshape(lead)
+
+
+def log_softmax(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Local shard of log softmax over the full vocabulary: [..., V] fp32; padding is -inf.
+
+    Collectives: 1 all-gather of [P, R, 2]. Memory: the fp32 output plus one chunk temporary.
+    """
+    lse = logsumexp(logits, vocab_group=vocab_group, vocab_size=vocab_size)
+    valid = valid_columns(logits.shape[-1], vocab_size, vocab_group, logits.device)
+    return as_fp32_masked(logits, valid) - lse.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------- top-k and gathering
+
+
+def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | None = None):
+    """Global top-k over the vocabulary: (values [..., K] fp32, global ids [..., K] int64).
+
+    Identical on every rank; sorted descending; ties go to the lower global id.
+    Collectives: 1 all-gather of [P, R, 2K] (values and ids, fp64 so ids stay exact).
+    """
+    lead, v_local = values.shape[:-1], values.shape[-1]
+    true_vocab = vocab_size if vocab_size is not None else v_local * group_size(vocab_group)
+    if not 0 < k <= true_vocab:
+        raise ValueError(f"top-k needs 0 < k <= vocabulary size {true_vocab}, got k={k}")
+    x_RV = as_fp32_masked(values.reshape(-1, v_local),
+                          valid_columns(v_local, vocab_size, vocab_group, values.device))
+    k_local = min(k, v_local)
+    val_RK, idx_RK = x_RV.topk(k_local, dim=-1, sorted=True)
+    ids_RK = idx_RK + shard_start(v_local, vocab_group)
+    packed = torch.cat([val_RK.double(), ids_RK.double()], dim=-1)
+    gathered_PRK2 = all_gather_rows(packed, vocab_group)
+    vals_RN = gathered_PRK2[..., :k_local].permute(1, 0, 2).reshape(x_RV.shape[0], -1)
+    ids_RN = gathered_PRK2[..., k_local:].permute(1, 0, 2).reshape(x_RV.shape[0], -1)
+    # ties -> lower global id: sort by id first, then a stable sort by value
+    order = ids_RN.argsort(dim=-1)
+    vals_RN, ids_RN = vals_RN.gather(-1, order), ids_RN.gather(-1, order)
+    order = vals_RN.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    top_vals = vals_RN.gather(-1, order).float().reshape(*lead, k)
+    top_ids = ids_RN.gather(-1, order).long().reshape(*lead, k)
+    return top_vals, top_ids
+
+
+def gather_at_ids(values: torch.Tensor, ids: torch.Tensor, *, vocab_group=None) -> torch.Tensor:
+    """values[..., ids] at global ids: [..., K] fp32, identical on every rank.
+
+    Each rank fills the ids it owns; 1 all-reduce(SUM) of [R, K]. Differentiable locally (the
+    gradient lands on the owning rank's column).
+    """
+    v_local = values.shape[-1]
+    local_ids = ids - shard_start(v_local, vocab_group)
+    mine = (local_ids >= 0) & (local_ids < v_local)
+    picked = values.float().gather(-1, local_ids.clamp(0, v_local - 1))
+    picked = torch.where(mine, picked, torch.zeros_like(picked))
+    if vocab_group is None:
+        return picked
+    return _AllReduceSum.apply(picked, vocab_group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the group forward; the gradient passes through unchanged (each rank owns its part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+# --------------------------------------------------------------------------------- sampling
+
+_MIX1 = -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64
+_MIX2 = -7723592293110705685  # 0x94d049bb133111eb as int64
+_GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15 as int64
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on int64 tensors (wrapping multiply, logical shifts)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def counter_uniform(key: int, rows_R: torch.Tensor, cols_V: torch.Tensor) -> torch.Tensor:
+    """U(0,1) fp64 [R, V] that depends only on (key, global row, global column).
+
+    Counter-based, so each rank draws only its own columns and the noise of a column does not
+    depend on how the vocabulary is sharded: TP=N samples equal TP=1 samples.
+    """
+    counter = rows_R.unsqueeze(-1) * 0x100000000 + cols_V.unsqueeze(0)  # row < 2^31, col < 2^32
+    bits = _mix64(_mix64(counter * _GOLDEN + key) + key)
+    mantissa = (bits >> 11) & ((1 << 53) - 1)
+    return (mantissa.double() + 0.5) * 2.0**-53
+
+
+def sample(
+    logprobs: torch.Tensor,
+    *,
+    generator: torch.Generator,
+    vocab_group=None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """One exact draw per row from softmax(logprobs) over the vocabulary: ids [...] int64.
+
+    Gumbel-max: argmax_v (logprobs_v + G_v), G_v = -log(-log U_v). U comes from a counter-based
+    generator keyed by one int64 drawn from ``generator``; the generator must be in the same
+    state on every rank of ``vocab_group`` (seed it from (seed, step, dp_rank), not tp_rank).
+    The result is identical on every rank and does not depend on TP. ``logprobs`` need not be
+    normalized. Collectives: 1 all-gather of [P, R, 2] (value, id) in fp64.
+    """
+    lead, v_local = logprobs.shape[:-1], logprobs.shape[-1]
+    x_RV = logprobs.reshape(-1, v_local)
+    key = int(torch.randint(-(2**62), 2**62, (1,), generator=generator, device=generator.device))
+    valid = valid_columns(v_local, vocab_size, vocab_group, logprobs.device)
+    cols_V = torch.arange(v_local, device=logprobs.device) + shard_start(v_local, vocab_group)
+    best = []
+    for c in row_chunks(x_RV.shape[0], v_local):
+        rows = torch.arange(c.start, c.stop, device=logprobs.device)
+        u = counter_uniform(key, rows, cols_V)
+        score = as_fp32_masked(x_RV[c], valid).double() - torch.log(-torch.log(u))
+        val, idx = score.max(dim=-1)
+        best.append(torch.stack([val, (idx + cols_V[0]).double()], dim=-1))
+    local_R2 = torch.cat(best) if best else x_RV.new_zeros((0, 2), dtype=torch.float64)
+    gathered_PR2 = all_gather_rows(local_R2, vocab_group)
+    winner_R = gathered_PR2[..., 0].argmax(dim=0)  # ties -> lower rank -> lower id
+    ids_R = gathered_PR2[..., 1].gather(0, winner_R.unsqueeze(0)).squeeze(0)
+    if bool(torch.isinf(gathered_PR2[..., 0].amax(dim=0)).any()):
+        raise ValueError("sample: a row has no finite log-probability")
+    return ids_R.long().reshape(lead)
