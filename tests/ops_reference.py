@@ -32,8 +32,10 @@ def behavior_logprobs(zs, zt, beta, vocab_size=None):
 def kl(la, lb):
     """KL(a || b) per row from log-probs; inf where a has mass b lacks."""
     pa = la.exp()
-    terms = torch.where(pa > 0, pa * (la - lb), torch.zeros_like(pa))
-    return terms.sum(-1)
+    support = pa > 0
+    # fill before multiplying so the unselected branch carries no inf/NaN into the gradient
+    diff = torch.where(support, la, torch.zeros_like(la)) - torch.where(support, lb, torch.zeros_like(lb))
+    return torch.where(support, pa * diff, torch.zeros_like(pa)).sum(-1)
 
 
 def kl_to_student(zs, zt, beta, vocab_size=None):

@@ -34,7 +34,7 @@ from trb_nemo.ops.vocab_parallel import (
     valid_columns,
 )
 
-FEASIBILITY_MARGIN = 1e-5
+FEASIBILITY_MARGIN = 1e-6
 """The solver aims at KL <= eps (1 - margin) - (fp32 rounding of the KL terms), so the returned
 beta is feasible for the exact (float64) KL as well; the cost in beta is ~margin * beta / 2."""
 _F32_EPS = 2.0**-23
@@ -44,6 +44,7 @@ class _RowStats:
     """Per-row quantities of one chunk that every TP rank agrees on (combined over the group).
 
     lse_s, lse_t: global log-normalizers [R]; c: E_p[r | common support] [R];
+    p_common: sum of p over the common support as computed [R];
     var_p: Var_p[r | common support] [R]; log_mass_common: log p(common support) [R];
     kl_teacher: KL(q || p) [R] (inf when supp q is not inside supp p).
     """
@@ -83,7 +84,9 @@ def _prepare(zs_RV, zt_RV, valid_V, group):
     mass = sums[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
     st.c = sums[:, 1] / mass
     st.var_p = (sums[:, 2] / mass - st.c * st.c).clamp_min(0.0)
-    st.log_mass_common = torch.log1p(-sums[:, 5].clamp(max=1.0))
+    # normalize by the computed total, so a rounding of lse_s (|z| large) cancels out
+    st.p_common = sums[:, 0]
+    st.log_mass_common = torch.log1p(-sums[:, 5] / (sums[:, 0] + sums[:, 5]).clamp_min(1e-30))
     st.log_mass_common = torch.where(sums[:, 0] > 0, st.log_mass_common,
                                      torch.full_like(mass, NEG_INF))
     st.kl_teacher = torch.where(sums[:, 3] > 0, torch.full_like(mass, math.inf), sums[:, 4])
@@ -100,7 +103,7 @@ def _kl_at(beta_R, st, lp_common, d, group):
     and KL = beta E_mu[d] - log Z keep full fp32 relative precision down to tiny budgets (the two
     terms are O(beta^2) because E_p[d] = 0). Rows where some t > 80 (e^t would overflow) take
     the max-shifted log-sum-exp form instead.
-    Collectives: 1 all-reduce(SUM) of [R, 5] (+ 1 all-gather [P, R, 4] only if a row overflows).
+    Collectives: 1 all-reduce(SUM) of [R, 6] (+ 1 all-gather [P, R, 4] only if a row overflows).
     Temporaries: two fp32 [R, V].
     """
     t = beta_R.unsqueeze(-1) * d
@@ -108,10 +111,13 @@ def _kl_at(beta_R, st, lp_common, d, group):
     overflow = (t > 80.0).any(-1).float()
     pe = p * torch.expm1(t.clamp(max=80.0))  # p (e^t - 1)
     w = p + pe  # p e^t: unnormalized mu on the common support
+    common = torch.isfinite(lp_common)
+    abs_logs = torch.where(common, lp_common.abs() + (d + st.c.unsqueeze(-1)).abs(),
+                           torch.zeros_like(lp_common))  # |log p| + |log q - log p|
     sums = torch.stack([pe.sum(-1), (w * d).sum(-1), (w * d * d).sum(-1), (w * d.abs()).sum(-1),
-                        overflow], dim=-1)
+                        overflow, (w * abs_logs).sum(-1)], dim=-1)
     sums = all_reduce_sum(sums, group)
-    pc = torch.exp(st.log_mass_common)
+    pc = st.p_common  # the same (rounded) p that E was summed with
     z = (pc + sums[:, 0]).clamp_min(torch.finfo(torch.float32).tiny)
     mean_d = sums[:, 1] / z
     var = (sums[:, 2] / z - mean_d * mean_d).clamp_min(0.0)
@@ -123,8 +129,11 @@ def _kl_at(beta_R, st, lp_common, d, group):
         var = torch.where(big, lse_var, var)
         log_z = torch.where(big, lse_log_z, log_z)
     kl = beta_R * mean_d - log_z
+    # rounding scales: absolute (the cancelling terms) and relative (log p itself is rounded
+    # to |log p| * 2^-24, e.g. for peaked rows with large logits)
     scale = beta_R * sums[:, 3] / z + st.log_mass_common.abs()
-    return kl.clamp_min(0.0), var, scale
+    relative = 4 * _F32_EPS * sums[:, 5] / z
+    return kl.clamp_min(0.0), var, scale, relative
 
 
 def _tilted_lse(beta_R, lp_common, d, group):
@@ -217,8 +226,8 @@ def _solve_chunk(zs_RV, zt_RV, eps_R, valid, group, tolerance, max_iterations):
     # pairwise-summation rounding of the KL terms over the vocabulary
     rounding = (2 + math.log2(max(2, d.shape[-1] * group_size(group)))) * _F32_EPS
     for _ in range(max_iterations):
-        kl, var, magnitude = _kl_at(x, st, lp_common, d, group)
-        target = eps_R * (1 - FEASIBILITY_MARGIN) - rounding * magnitude
+        kl, var, magnitude, relative = _kl_at(x, st, lp_common, d, group)
+        target = eps_R * (1 - FEASIBILITY_MARGIN - relative) - rounding * magnitude
         feasible = kl <= target
         lo = torch.where(~done & feasible, x, lo)
         hi = torch.where(~done & ~feasible, x, hi)
@@ -283,6 +292,6 @@ def kl_to_student(
     for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
         st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, vocab_group)
         interior = beta_R[c].clamp(1e-12, 1 - 1e-12)
-        kl, _, _ = _kl_at(interior, st, lp_common, d, vocab_group)
+        kl = _kl_at(interior, st, lp_common, d, vocab_group)[0]
         out[c] = _edge_kl(beta_R[c], st, kl)
     return out.reshape(lead)

@@ -61,9 +61,10 @@ def all_gather_rows(local_RM: torch.Tensor, group) -> torch.Tensor:
     """[R, M] on each rank -> [P, R, M] on every rank (1 all-gather; identity without a group)."""
     if group is None:
         return local_RM.unsqueeze(0)
-    out = local_RM.new_empty((group_size(group),) + tuple(local_RM.shape))
+    p = group_size(group)
+    out = local_RM.new_empty((p * local_RM.shape[0],) + tuple(local_RM.shape[1:]))
     dist.all_gather_into_tensor(out, local_RM.contiguous(), group=group)
-    return out
+    return out.view((p,) + tuple(local_RM.shape))
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:

@@ -1,0 +1,160 @@
+"""Vocab-parallel ops at TP = 2 and 4 (gloo) equal their unsharded float64 references.
+
+Vocabulary: 45 true tokens padded to 48 (Megatron-style), the two stop ids on different shards
+(keep 3 on the first rank, drop 40 on the last). Values and gradients are compared.
+Run: .venv/bin/python -m pytest tests/dist/test_ops_sharded.py
+"""
+
+import math
+
+import ops_reference as ref
+import pytest
+import torch
+import torch.distributed as dist
+from harness import spawn
+
+from trb_nemo.ops import eos, losses, trust_region, vocab_parallel
+
+pytestmark = pytest.mark.dist
+
+ROWS, V_PAD, V_TRUE, KEEP, DROP, K = 6, 48, 45, 3, 40, 5
+EPS = torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.1, 1e3])
+SAMPLE_ROWS = 200_000
+
+
+def _full_logits():
+    g = torch.Generator().manual_seed(11)
+    zs = torch.randn(ROWS, V_PAD, generator=g, dtype=torch.float64) * 3
+    zt = torch.randn(ROWS, V_PAD, generator=g, dtype=torch.float64) * 3
+    zs[:, V_TRUE:] = 50.0  # padding: must never matter
+    zt[:, V_TRUE:] = 50.0
+    zs[1, 7] = -math.inf
+    zt[2, 9] = -math.inf
+    zs[3, 0] += 40.0  # a peaked row
+    return zs, zt
+
+
+def _shard(x, world, rank):
+    v = x.shape[-1] // world
+    return x[..., rank * v:(rank + 1) * v].clone()
+
+
+def _gather_cols(local):
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _sharded_ops():
+    world, rank, grp = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    zs_full, zt_full = _full_logits()
+    zs, zt = _shard(zs_full, world, rank), _shard(zt_full, world, rank)
+    zs = eos.canonicalize(zs, keep_id=KEEP, drop_id=DROP, vocab_group=grp)
+    zt = eos.canonicalize(zt, keep_id=KEEP, drop_id=DROP, vocab_group=grp)
+    kw = dict(vocab_group=grp, vocab_size=V_TRUE)
+    out = {"zs_canon": _gather_cols(zs), "zt_canon": _gather_cols(zt)}
+    out["beta"] = trust_region.solve_beta(zs, zt, EPS, **kw)
+    out["mu"] = _gather_cols(trust_region.behavior_logprobs(zs, zt, out["beta"], **kw))
+    out["kl"] = trust_region.kl_to_student(zs, zt, out["beta"], **kw)
+    out["topk_vals"], out["topk_ids"] = vocab_parallel.topk(zs, K, **kw)
+    for kind in ("full", "topk"):
+        x = zs.clone().requires_grad_(True)
+        value = losses.reverse_kl(x, zt, kind=kind, topk=K, **kw)
+        (value * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
+        out[f"{kind}_value"], out[f"{kind}_grad"] = value, _gather_cols(x.grad)
+    lq = losses.teacher_logprobs_at(zt, out["topk_ids"], **kw)
+    out["at_ids_value"] = losses.reverse_kl_at_ids(zs, out["topk_ids"], lq, **kw)
+    out["samples"] = vocab_parallel.sample(zs, generator=torch.Generator().manual_seed(3), **kw)
+    lm_row = trust_region.behavior_logprobs(zs[4:5], zt[4:5], out["beta"][4:5], **kw)
+    many = lm_row.expand(SAMPLE_ROWS, -1)
+    out["many"] = torch.bincount(vocab_parallel.sample(many, generator=torch.Generator().manual_seed(9), **kw),
+                                 minlength=V_PAD)
+    return out
+
+
+def _reference():
+    zs, zt = _full_logits()
+    for z in (zs, zt):
+        z[:, KEEP] = torch.logaddexp(z[:, KEEP], z[:, DROP])
+        z[:, DROP] = -math.inf
+    return zs, zt
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def sharded(request):
+    return spawn(_sharded_ops, request.param)
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    return spawn(_sharded_ops, 1)[0]
+
+
+def test_every_rank_agrees(sharded):
+    for other in sharded[1:]:
+        for key in ("beta", "kl", "topk_ids", "full_value", "topk_value", "samples"):
+            assert torch.equal(sharded[0][key], other[key]), key
+
+
+def test_canonicalization_across_shards(sharded):
+    zs, zt = _reference()
+    got = sharded[0]
+    for key, want in (("zs_canon", zs), ("zt_canon", zt)):
+        finite = torch.isfinite(want[:, :V_TRUE])
+        assert torch.equal(torch.isfinite(got[key][:, :V_TRUE]), finite)
+        assert torch.allclose(got[key][:, :V_TRUE][finite], want[:, :V_TRUE][finite])
+
+
+def test_trust_region_matches_reference(sharded):
+    zs, zt = _reference()
+    got = sharded[0]
+    want_beta = ref.bisect_beta(zs, zt, EPS.double(), V_TRUE)
+    assert (got["beta"].double() - want_beta).abs().max() <= 1e-4
+    realized = ref.kl_to_student(zs, zt, got["beta"].double(), V_TRUE)
+    assert torch.all(realized <= EPS.double() * (1 + 1e-6) + 1e-12)
+    assert torch.allclose(got["kl"].double(), realized, atol=1e-5, rtol=1e-5)
+    want_mu = ref.behavior_logprobs(zs, zt, got["beta"].double(), V_TRUE)
+    finite = torch.isfinite(want_mu)
+    assert torch.equal(torch.isfinite(got["mu"]), finite)
+    assert (got["mu"].double()[finite] - want_mu[finite]).abs().max() <= 1e-5
+    assert got["beta"][0] == 0 and got["beta"][-1] == 1
+
+
+def test_losses_match_reference(sharded):
+    zs, zt = _reference()
+    got = sharded[0]
+    weights = torch.arange(1.0, ROWS + 1, dtype=torch.float64)
+    x = zs.clone().requires_grad_(True)
+    want = ref.reverse_kl_full(x, zt, V_TRUE)
+    # row 2: the teacher has no mass where the student has some, so KL = inf in both
+    finite = torch.isfinite(want)
+    assert finite.tolist() == [True, True, False, True, True, True]
+    assert torch.isinf(got["full_value"][2])
+    (want[finite] * weights[finite]).sum().backward()
+    assert torch.allclose(got["full_value"].double()[finite], want.detach()[finite], atol=1e-5)
+    assert torch.allclose(got["full_grad"][finite][:, :V_TRUE], x.grad[finite][:, :V_TRUE], atol=1e-5)
+    assert torch.all(got["full_grad"][finite][:, V_TRUE:] == 0)
+    ids = ref.masked(zs, V_TRUE).topk(K, dim=-1).indices
+    assert torch.equal(got["topk_ids"], ids)
+    y = zs.clone().requires_grad_(True)
+    value, surrogate = ref.reverse_kl_support(y, zt, ids, V_TRUE)
+    assert torch.equal(torch.isfinite(value), finite) and torch.isinf(got["topk_value"][2])
+    (surrogate[finite] * weights[finite]).sum().backward()
+    assert torch.allclose(got["topk_value"].double()[finite], value.detach()[finite], atol=1e-5)
+    assert torch.allclose(got["topk_grad"][finite][:, :V_TRUE], y.grad[finite][:, :V_TRUE], atol=1e-5)
+    assert torch.allclose(got["at_ids_value"][finite], got["topk_value"][finite], atol=1e-6)
+
+
+def test_sampling_does_not_depend_on_tp(sharded, unsharded):
+    assert torch.equal(sharded[0]["samples"], unsharded["samples"])
+    assert torch.all(sharded[0]["samples"] < V_TRUE)
+
+
+def test_sampling_chi_square_against_mu(sharded):
+    zs, zt = _reference()
+    got = sharded[0]
+    mu = ref.behavior_logprobs(zs[4:5], zt[4:5], got["beta"][4:5].double(), V_TRUE)[0].exp()
+    counts = got["many"]
+    assert counts.sum() == SAMPLE_ROWS
+    assert torch.all(counts[mu == 0] == 0)
+    assert ref.chi_square_pvalue(counts, mu) > 1e-3
