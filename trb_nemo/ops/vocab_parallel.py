@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 NEG_INF = float("-inf")
-ROW_CHUNK_BYTES = 64 * 2**20
-"""Target size of one fp32 [rows_chunk, V] temporary; rows are processed in chunks of it."""
+ROW_CHUNK_BYTES = 2 * 2**20
+"""Target size of one fp32 [rows_chunk, V] temporary (cache-sized: elementwise passes over
+smaller chunks ran 4x faster on CPU than over 64 MiB ones); rows are processed in chunks."""
 
 
 # ---------------------------------------------------------------------------- layout helpers
