@@ -6,8 +6,8 @@
 
 Shapes: rows 2048 x V 32768, and a 152k-vocabulary (Qwen3) case. TP = 1 (the whole vocabulary
 local). Timings are the median of repeats; peak memory is measured on CUDA with
-torch.cuda.max_memory_allocated and on CPU by tracking the bytes of live tensors allocated
-inside the measured call (torch's CPU allocator has no peak counter).
+torch.cuda.max_memory_allocated on CUDA; on CPU it is not reported (torch's CPU allocator has no
+peak counter, and tracking tensors from Python missed the backward's allocations).
 
 Run: .venv/bin/python benchmarks/ops.py [--rows 2048] [--repeats 3] [--device cpu|cuda]
 """
@@ -20,7 +20,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from trb_nemo.ops import losses, trust_region
 
@@ -42,43 +41,16 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-class _PeakBytes(TorchDispatchMode):
-    """Peak of live tensor bytes allocated by ops run inside the mode (CPU stand-in for a peak
-    counter): outputs are tracked with weak references until they are freed."""
-
-    def __init__(self):
-        super().__init__()
-        import weakref
-
-        self._weakref = weakref
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t._base is None:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                self._weakref.finalize(t.untyped_storage(), self._free, nbytes)
-        return out
-
-
 def peak_bytes(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with _PeakBytes() as mode:
-        fn()
-    return mode.peak
+    """Peak bytes allocated by fn on CUDA; None on CPU (no trustworthy peak counter there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def run_case(rows, vocab, repeats, device):
@@ -106,7 +78,7 @@ def run_case(rows, vocab, repeats, device):
         "shape": f"{rows}x{vocab}",
         "solve_beta / log_softmax": t_beta / t_lsm,
         "reverse_kl / cross_entropy time": t_kl / t_ce,
-        "reverse_kl / cross_entropy peak mem": m_kl / m_ce,
+        "reverse_kl / cross_entropy peak mem": None if m_ce is None else m_kl / m_ce,
         "ms": (t_lsm * 1e3, t_beta * 1e3, t_kl * 1e3, t_ce * 1e3),
     }
 
@@ -125,9 +97,11 @@ def main():
     for vocab in (32768, 151936):
         r = run_case(args.rows, vocab, args.repeats, device)
         ms = ", ".join(f"{x:.1f}" for x in r["ms"])
+        mem = r["reverse_kl / cross_entropy peak mem"]
+        mem = "n/a (CPU)" if mem is None else f"{mem:9.2f}"
         print(f"{r['shape']:>14} | {r['solve_beta / log_softmax']:8.2f}           | "
               f"{r['reverse_kl / cross_entropy time']:10.2f}              | "
-              f"{r['reverse_kl / cross_entropy peak mem']:9.2f}             | {ms}")
+              f"{mem:>9}             | {ms}")
 
 
 if __name__ == "__main__":
