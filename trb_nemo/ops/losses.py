@@ -37,6 +37,7 @@ from trb_nemo.ops.vocab_parallel import (
     gather_at_ids,
     local_lse_stats,
     row_chunks,
+    rows_lse,
     shard_start,
     valid_columns,
 )
@@ -102,9 +103,7 @@ class _SupportReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs_RV, ids_RK, teacher_logprobs_RK, valid, group):
-        stats = torch.cat([local_lse_stats(as_fp32_masked(zs_RV[c], valid))
-                           for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1])])
-        lse_s = combine_lse(all_gather_rows(stats, group))
+        lse_s = rows_lse(zs_RV, valid, group)
         lp_RK = gather_at_ids(zs_RV.detach(), ids_RK, vocab_group=group) - lse_s.unsqueeze(-1)
         w_RK = torch.softmax(lp_RK, dim=-1)
         diff_RK = lp_RK - teacher_logprobs_RK.float()
@@ -183,10 +182,7 @@ def teacher_logprobs_at(
     """
     v = teacher_logits.shape[-1]
     zt_RV = teacher_logits.detach().reshape(-1, v)
-    valid = valid_columns(v, vocab_size, vocab_group, zt_RV.device)
-    stats = torch.cat([local_lse_stats(as_fp32_masked(zt_RV[c], valid))
-                       for c in row_chunks(zt_RV.shape[0], v)])
-    lse_t = combine_lse(all_gather_rows(stats, vocab_group))
+    lse_t = rows_lse(zt_RV, valid_columns(v, vocab_size, vocab_group, zt_RV.device), vocab_group)
     ids_RK = ids.reshape(zt_RV.shape[0], -1)
     out = gather_at_ids(zt_RV, ids_RK, vocab_group=vocab_group) - lse_t.unsqueeze(-1)
     return out.reshape(ids.shape)

@@ -31,6 +31,7 @@ from trb_nemo.ops.vocab_parallel import (
     group_size,
     local_lse_stats,
     row_chunks,
+    rows_lse,
     valid_columns,
 )
 
@@ -166,6 +167,14 @@ def _flat(student_logits, teacher_logits):
     return student_logits.reshape(-1, v), teacher_logits.reshape(-1, v), student_logits.shape[:-1]
 
 
+def _inputs(student_logits, teacher_logits, per_row, name, vocab_size, group):
+    """([R, V], [R, V], [R] fp32 per-row values, valid columns, leading shape)."""
+    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
+    values_R = _per_row(per_row, lead, student_logits.device, name)
+    valid = valid_columns(zs_RV.shape[-1], vocab_size, group, zs_RV.device)
+    return zs_RV, zt_RV, values_R, valid, lead
+
+
 def _per_row(value, lead, device, name) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if bool(torch.isnan(t).any()):
@@ -197,11 +206,10 @@ def solve_beta(
     all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp. Peak memory per chunk: four fp32
     [rows_chunk, V] temporaries (masked logits as needed, log p, r - c, the tilted weights).
     """
-    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
-    eps_R = _per_row(eps, lead, student_logits.device, "eps")
+    zs_RV, zt_RV, eps_R, valid, lead = _inputs(student_logits, teacher_logits, eps, "eps",
+                                               vocab_size, vocab_group)
     if bool((eps_R < 0).any()):
         raise ValueError("eps must be >= 0")
-    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
     for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
         out[c] = _solve_chunk(zs_RV[c], zt_RV[c], eps_R[c], valid, vocab_group,
@@ -262,15 +270,14 @@ def behavior_logprobs(
     log pi_T; for 0 < beta < 1 only the common support carries mass.
     Collectives: 1 all-gather of [P, R, 2]. Memory: the fp32 output plus one temporary.
     """
-    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
-    beta_R1 = _per_row(beta, lead, student_logits.device, "beta").unsqueeze(-1)
-    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
+    zs_RV, zt_RV, beta_R, valid, _ = _inputs(student_logits, teacher_logits, beta, "beta",
+                                             vocab_size, vocab_group)
+    beta_R1 = beta_R.unsqueeze(-1)
     zs, zt = as_fp32_masked(zs_RV, valid), as_fp32_masked(zt_RV, valid)
     common = torch.isfinite(zs) & torch.isfinite(zt)
     mixed = torch.where(common, zs + beta_R1 * (zt - zs), torch.full_like(zs, NEG_INF))
     x = torch.where(beta_R1 <= 0, zs, torch.where(beta_R1 >= 1, zt, mixed))
-    stats = torch.cat([local_lse_stats(x[c]) for c in row_chunks(x.shape[0], x.shape[-1])])
-    lse = combine_lse(all_gather_rows(stats, vocab_group))
+    lse = rows_lse(x, None, vocab_group)
     return (x - lse.unsqueeze(-1)).reshape(student_logits.shape)
 
 
@@ -286,9 +293,8 @@ def kl_to_student(
 
     Collectives per row chunk: 2 to prepare + 1 all-reduce(SUM) of [R, 6].
     """
-    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
-    beta_R = _per_row(beta, lead, student_logits.device, "beta")
-    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
+    zs_RV, zt_RV, beta_R, valid, lead = _inputs(student_logits, teacher_logits, beta, "beta",
+                                                vocab_size, vocab_group)
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
     for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
         st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, vocab_group)

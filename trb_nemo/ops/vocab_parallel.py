@@ -105,10 +105,16 @@ def logsumexp(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None 
     lead, v_local = logits.shape[:-1], logits.shape[-1]
     z_RV = logits.reshape(-1, v_local)
     valid = valid_columns(v_local, vocab_size, vocab_group, logits.device)
-    stats = torch.cat([local_lse_stats(as_fp32_masked(z_RV[c], valid))
-                       for c in row_chunks(z_RV.shape[0], v_local)]) if z_RV.shape[0] else \
-        z_RV.new_zeros((0, 2), dtype=torch.float32)
-    return combine_lse(all_gather_rows(stats, vocab_group)).reshape(lead)
+    return rows_lse(z_RV, valid, vocab_group).reshape(lead)
+
+
+def rows_lse(z_RV: torch.Tensor, valid_V: torch.Tensor | None, group) -> torch.Tensor:
+    """Global log-sum-exp [R] of [R, V] shards, chunk by chunk. 1 all-gather of [P, R, 2]."""
+    if z_RV.shape[0] == 0:
+        return z_RV.new_zeros((0,), dtype=torch.float32)
+    stats = torch.cat([local_lse_stats(as_fp32_masked(z_RV[c], valid_V))
+                       for c in row_chunks(z_RV.shape[0], z_RV.shape[-1])])
+    return combine_lse(all_gather_rows(stats, group))
 
 
 def log_softmax(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None = None) -> torch.Tensor:
