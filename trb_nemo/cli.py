@@ -1,4 +1,4 @@
-"""`trb-nemo`: the command line. Subcommands: train (more arrive with their features).
+"""`trb-nemo`: the command line. Subcommands: train, convert.
 
 Config errors (unknown key, bad value, missing file) print one line and exit with code 2
 before any rank starts or any model is built.
@@ -30,6 +30,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from trb_nemo.models.convert import plan
+
+    source = args.hf_path if args.direction == "hf-to-megatron" else args.checkpoint
+    if source is None:
+        flag = "--hf-path" if args.direction == "hf-to-megatron" else "--checkpoint"
+        raise ConfigError(flag, f"is required for {args.direction}")
+    job = plan(args.direction, source, args.out, args.tp, args.pp, args.precision)
+    from trb_nemo.models.convert import run_rank
+    from trb_nemo.parallel.env import launched_externally
+    from trb_nemo.parallel.spawn import run_local_ranks
+
+    if launched_externally():
+        run_rank(job)
+    else:
+        run_local_ranks(run_rank, job.parallel.local_world_size, (job,))
+    print(f"trb-nemo: wrote {args.out} ({args.direction}, TP={args.tp} PP={args.pp})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trb-nemo", description="On-policy distillation with "
                                      "Trust-Region Behavior Blending on Megatron-Core.")
@@ -42,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-dir", default=None, help="folder holding train.yaml (default: conf/)")
     train.add_argument("--config-name", default="train", help="top-level YAML name (default: train)")
     train.set_defaults(func=_train)
+
+    convert = sub.add_parser("convert", help="HF safetensors <-> Megatron checkpoint "
+                             "(Qwen3, Qwen2, Llama)")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("--hf-path", help="HF folder (config.json + *.safetensors) to import")
+    convert.add_argument("--checkpoint", help="Megatron checkpoint folder to export")
+    convert.add_argument("--out", required=True, help="new folder to write")
+    convert.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks doing the work")
+    convert.add_argument("--pp", type=int, default=1, help="pipeline stages doing the work")
+    convert.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                         help="dtype of the Megatron weights (export always writes fp32)")
+    convert.set_defaults(func=_convert)
     return parser
 
 

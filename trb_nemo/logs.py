@@ -16,6 +16,7 @@ _NOISE = (
     r".*(Apex|Transformer Engine).*(is|are) not installed.*",
     r".*No CUDA runtime is found.*",
     r".*full scope is deprecated.*",  # TransformerConfig's cuda-graph default, unused here
+    r".*deprecating ShardedTensor.*",  # dist_checkpointing's torch_dist writer
 )
 _CPU_NOISE = (r".*CUDA_DEVICE_MAX_CONNECTIONS.*",)  # a GPU stream setting
 

@@ -68,6 +68,11 @@ class ModelSpec:
     rotary_base: float = 10000.0
     qk_layernorm: bool = False
     """Qwen3-style RMSNorm on queries and keys."""
+    qkv_bias: bool = False
+    """Qwen2-style biases on the query, key and value projections (no other linear biases)."""
+    rope_scaling_factor: float | None = None
+    """Llama-3.1-style RoPE frequency scaling factor (low/high frequency factors 1 and 4,
+    original context 8192); None = plain RoPE."""
     tie_embeddings: bool = False
     """Share the input embedding and output layer weights."""
     normalization: str = "RMSNorm"
@@ -379,6 +384,13 @@ class LauncherConfig:
 # -------------------------------------------------------------------------------------- root
 
 
+def check_same_vocab(student: ModelSpec, teacher: ModelSpec) -> None:
+    """The reverse KL compares distributions id by id: both networks need one vocabulary."""
+    _check(student.vocab_size == teacher.vocab_size, "model.teacher.vocab_size",
+           f"teacher vocabulary {teacher.vocab_size} differs from the student's "
+           f"{student.vocab_size}: student and teacher must share one tokenizer")
+
+
 @dataclass
 class TrainConfig:
     """``trb-nemo train``: the whole job. Cross-component rules are checked here."""
@@ -398,28 +410,35 @@ class TrainConfig:
     """Seed of everything not seeded above (Megatron's model-parallel RNG tracker included)."""
 
     def __post_init__(self):
-        tp = self.parallel.tensor_model_parallel_size
-        pp = self.parallel.pipeline_model_parallel_size
-        models = {"student": self.model.student, "teacher": self.model.teacher}
-        for role, spec in models.items():
-            if spec is None or spec.hf_path is not None:
-                continue  # an HF model is checked when its config.json is read
-            groups = spec.num_query_groups or spec.num_attention_heads
-            _check(spec.num_attention_heads % tp == 0 and groups % tp == 0,
-                   "parallel.tensor_model_parallel_size",
-                   f"TP={tp} must divide model.{role}.num_attention_heads="
-                   f"{spec.num_attention_heads} and its {groups} query groups")
-            _check(spec.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
-                   f"PP={pp} must divide model.{role}.num_layers={spec.num_layers}")
-            needed = self.data.max_prompt_length + self.rollout.max_new_tokens
-            _check(needed <= spec.max_sequence_length, f"model.{role}.max_sequence_length",
-                   f"must be >= data.max_prompt_length + rollout.max_new_tokens = {needed}, "
-                   f"got {spec.max_sequence_length}")
-            _check(self.loss.topk <= spec.vocab_size, "loss.topk",
-                   f"must be <= model.{role}.vocab_size={spec.vocab_size}, got {self.loss.topk}")
+        for role in ("student", "teacher"):
+            spec = getattr(self.model, role)
+            if spec is not None and spec.hf_path is None and spec.checkpoint is None:
+                self.check_model_fits(role, spec)  # the others once their architecture is read
+        if self.model.teacher is not None and self.model.teacher.hf_path is None \
+                and self.model.teacher.checkpoint is None and self.model.student.hf_path is None \
+                and self.model.student.checkpoint is None:
+            check_same_vocab(self.model.student, self.model.teacher)
         _check(self.model.teacher is not None, "model.teacher",
                f"rollout.behavior={self.rollout.behavior} distills from a teacher: set model.teacher")
-        _check(not (self.parallel.sequence_parallel and tp == 1), "parallel.sequence_parallel",
+        _check(not (self.parallel.sequence_parallel and self.parallel.tensor_model_parallel_size == 1), "parallel.sequence_parallel",
                "needs parallel.tensor_model_parallel_size > 1")
         _check(self.eval.max_new_tokens is None or self.eval.max_new_tokens > 0,
                "eval.max_new_tokens", f"must be > 0 or null, got {self.eval.max_new_tokens}")
+
+    def check_model_fits(self, role: str, spec: ModelSpec) -> None:
+        """ConfigError unless model.<role> fits the parallel layout, the context and the loss."""
+        tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        groups = spec.num_query_groups or spec.num_attention_heads
+        _check(spec.num_attention_heads % tp == 0 and groups % tp == 0,
+               "parallel.tensor_model_parallel_size",
+               f"TP={tp} must divide model.{role}.num_attention_heads="
+               f"{spec.num_attention_heads} and its {groups} query groups")
+        _check(spec.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+               f"PP={pp} must divide model.{role}.num_layers={spec.num_layers}")
+        needed = self.data.max_prompt_length + self.rollout.max_new_tokens
+        _check(needed <= spec.max_sequence_length, f"model.{role}.max_sequence_length",
+               f"must be >= data.max_prompt_length + rollout.max_new_tokens = {needed}, "
+               f"got {spec.max_sequence_length}")
+        _check(self.loss.topk <= spec.vocab_size, "loss.topk",
+               f"must be <= model.{role}.vocab_size={spec.vocab_size}, got {self.loss.topk}")

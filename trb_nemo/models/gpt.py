@@ -34,11 +34,14 @@ def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[model_cfg.precision]
 
 
-def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
+                       *, initialize: bool = True) -> TransformerConfig:
     """TransformerConfig for one network on the run's TP/PP layout.
 
-    On CPU the fused kernels are off and weights are initialized on the CPU from the full master
-    weight, so a TP=N model starts bit-identical to the TP=1 model with the same seed.
+    On CPU the fused kernels are off. ``initialize=False`` skips Megatron's random init (the
+    caller fills the weights). ``calculate_per_token_loss``: the schedule sums the loss over
+    microbatches and finalize_model_grads divides gradients by the global token count, which
+    gives the token mean over the global batch on any DP/PP layout.
     """
     dtype = compute_dtype(model_cfg)
     on_gpu = torch.cuda.is_available()
@@ -58,6 +61,7 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -65,7 +69,8 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=True,
+        perform_initialization=initialize,
+        calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -91,14 +96,15 @@ def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
     return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization=spec.normalization)
 
 
-def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig) -> GPTModel:
+def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
+              *, initialize: bool = True) -> GPTModel:
     """This rank's stage of ``spec`` as a GPTModel; parallel groups must be initialized.
 
     Output logits are vocab-parallel: ``[s, b, V_pad / TP]`` on the last pipeline stage, where
     V_pad = padded_vocab_size(spec.vocab_size, TP); columns >= spec.vocab_size are padding.
     """
     model = GPTModel(
-        config=transformer_config(spec, model_cfg, parallel),
+        config=transformer_config(spec, model_cfg, parallel, initialize=initialize),
         transformer_layer_spec=layer_spec(spec, model_cfg),
         vocab_size=padded_vocab_size(spec.vocab_size, parallel.tensor_model_parallel_size),
         max_sequence_length=spec.max_sequence_length,
@@ -107,6 +113,8 @@ def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig)
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
+        rope_scaling=spec.rope_scaling_factor is not None,
+        rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         parallel_output=True,
     )
     if torch.cuda.is_available():

@@ -72,6 +72,22 @@ def tensor_rank() -> int:
     return parallel_state.get_tensor_model_parallel_rank()
 
 
+def pipeline_rank() -> int:
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def pipeline_group() -> dist.ProcessGroup:
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def data_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group()
+
+
+def data_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
 def data_rank() -> int:
     return parallel_state.get_data_parallel_rank()
 

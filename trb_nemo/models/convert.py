@@ -1,0 +1,148 @@
+"""`trb-nemo convert`: HF safetensors <-> Megatron checkpoints (Qwen3, Qwen2, Llama).
+
+hf-to-megatron: every rank builds its TP/PP stage, reads only the HF tensors it needs (lazily,
+per tensor), keeps its slices, and the ranks save one dist_checkpointing folder together. The
+folder records the architecture and the source config.json and loads at any TP/PP layout.
+
+megatron-to-hf: every rank loads its stage; the TP ranks of data-parallel rank 0 all-gather
+each stage's tensors and TP rank 0 writes ``model-<stage>-of-<PP>.safetensors``; global rank 0
+writes the index, ``config.json`` (the source one when the checkpoint came from HF) and copies
+tokenizer files from the source HF folder when it still exists. ``transformers`` loads the result.
+
+Run on ``--tp x --pp`` local ranks (gloo on CPU) or under torchrun/srun with that world size.
+Inputs are checked before any rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
+from trb_nemo.models.hf_config import hf_config_from_spec, read_config_json, spec_from_hf_config
+from trb_nemo.models.resolve import read_model_meta, spec_from_meta
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model")
+
+
+@dataclasses.dataclass
+class ConvertJob:
+    """One conversion, validated before any rank starts."""
+
+    direction: str  # "hf-to-megatron" | "megatron-to-hf"
+    source: str
+    out: str
+    spec: ModelSpec
+    parallel: ParallelConfig
+    precision: str = "fp32"
+    hf_config: dict | None = None
+    source_hf_path: str | None = None
+
+
+def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
+         precision: str = "fp32") -> ConvertJob:
+    """Validate the inputs (ConfigError naming the flag) and describe the job."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              num_local_ranks=tp * pp)
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise ConfigError("--out", f"{out!r} exists and is not empty; choose a new folder")
+    if direction == "hf-to-megatron":
+        hf = read_config_json(source, "--hf-path")
+        spec = spec_from_hf_config(hf, ModelSpec(name=Path(source).name, hf_path=source,
+                                                 max_sequence_length=10**9), "--hf-path")
+        spec = dataclasses.replace(spec, eos_token_id=_eos(hf, spec))
+        job = ConvertJob(direction, source, out, spec, parallel, precision, hf, source)
+    elif direction == "megatron-to-hf":
+        meta = read_model_meta(source, "--checkpoint")
+        spec = spec_from_meta(meta, ModelSpec(**meta["spec"]))
+        job = ConvertJob(direction, source, out, spec, parallel, precision, meta.get("hf_config"),
+                         meta["spec"].get("hf_path"))
+    else:
+        raise ConfigError("direction", f"must be hf-to-megatron|megatron-to-hf, got {direction!r}")
+    heads, groups = spec.num_attention_heads, spec.num_query_groups or spec.num_attention_heads
+    if heads % tp or groups % tp:
+        raise ConfigError("--tp", f"must divide the {heads} attention heads and {groups} query groups")
+    if spec.num_layers % pp:
+        raise ConfigError("--pp", f"must divide the {spec.num_layers} layers")
+    return job
+
+
+def _eos(hf: dict, spec: ModelSpec) -> int:
+    eos = hf.get("eos_token_id", spec.eos_token_id)
+    eos = eos[0] if isinstance(eos, list) else eos
+    return eos if eos is not None and 0 <= eos < spec.vocab_size else 0
+
+
+def run_rank(job: ConvertJob) -> dict:
+    """The conversion on one rank (groups are initialized here and torn down at the end)."""
+    from trb_nemo.logs import quiet_third_party
+
+    quiet_third_party()
+    from trb_nemo.parallel import groups
+
+    groups.initialize(job.parallel, seed=0)
+    try:
+        model_cfg = ModelConfig(precision=job.precision, teacher=None)
+        if job.direction == "hf-to-megatron":
+            return _hf_to_megatron(job, model_cfg)
+        return _megatron_to_hf(job, model_cfg)
+    finally:
+        groups.destroy()
+
+
+def _hf_to_megatron(job: ConvertJob, model_cfg: ModelConfig) -> dict:
+    from trb_nemo.models.megatron_io import save_model
+    from trb_nemo.models.networks import build_network
+
+    model = build_network(job.spec, model_cfg, job.parallel)
+    save_model(job.out, model, dataclasses.replace(job.spec, checkpoint=None), job.hf_config)
+    return {"out": job.out, "params_local": sum(p.numel() for p in model.parameters())}
+
+
+def _megatron_to_hf(job: ConvertJob, model_cfg: ModelConfig) -> dict:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from trb_nemo.models.hf_weights import hf_tensors
+    from trb_nemo.models.networks import build_network
+    from trb_nemo.parallel import groups
+
+    spec = dataclasses.replace(job.spec, checkpoint=job.source)
+    model = build_network(spec, model_cfg, job.parallel)
+    out = Path(job.out)
+    pp, stage = job.parallel.pipeline_model_parallel_size, groups.pipeline_rank()
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if groups.data_rank() == 0:
+        tensors = hf_tensors(model, job.spec, groups.tensor_group())
+        if groups.tensor_rank() == 0:
+            save_file(tensors, str(out / f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"),
+                      metadata={"format": "pt"})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_hf_folder(job, out)
+    dist.barrier()
+    return {"out": job.out}
+
+
+def _write_hf_folder(job: ConvertJob, out: Path) -> None:
+    from safetensors import safe_open
+
+    weight_map = {}
+    for f in sorted(out.glob("model-*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            weight_map.update({k: f.name for k in h.keys()})
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config = dict(job.hf_config) if job.hf_config else hf_config_from_spec(job.spec)
+    config["torch_dtype"] = "float32"
+    config.pop("dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    src = Path(job.source_hf_path) if job.source_hf_path else None
+    for name in TOKENIZER_FILES:
+        if src is not None and (src / name).is_file():
+            shutil.copy2(src / name, out / name)

@@ -1,0 +1,144 @@
+"""HF ``config.json`` <-> :class:`ModelSpec` for the decoder families we convert.
+
+Supported: Qwen3 (QK RMSNorm), Qwen2 (QKV biases) and Llama (optionally Llama-3.1 RoPE
+scaling). All three are pre-norm RMSNorm decoders with RoPE, grouped-query attention and a
+SwiGLU MLP, which is exactly what :func:`trb_nemo.models.gpt.build_gpt` builds. Anything else
+(another architecture, a non-SiLU activation, sliding windows, other RoPE scalings, extra
+biases) is refused with a :class:`ConfigError` naming what is supported. No torch import here:
+this runs in the pre-flight, before any rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from trb_nemo.config.schema import ConfigError, ModelSpec
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+_MODEL_TYPE = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+# the only Llama-3 RoPE scaling Megatron-Core implements (rotary_pos_embedding._apply_scaling)
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+def read_config_json(folder: str, key: str) -> dict:
+    """The parsed ``folder/config.json``; ConfigError(key) when it is missing or not JSON."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(key, f"no config.json in {folder!r}; point it at an HF checkpoint folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(key, f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def architecture_of(hf: dict, key: str) -> str:
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(key, f"architecture {arch!r} is not supported; supported: "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def _rope(hf: dict, key: str) -> tuple[float, float | None]:
+    """(rope_theta, llama3 scaling factor or None) from the v4 or v5 transformers layout."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), None
+    merged = {**scaling, **params}
+    if rope_type == "llama3" and all(float(merged.get(k, -1)) == v for k, v in _LLAMA3_FIXED.items()):
+        return float(theta), float(merged["factor"])
+    raise ConfigError(key, f"RoPE scaling {rope_type!r} with {merged} is not supported; supported: "
+                      f"none, or llama3 with {_LLAMA3_FIXED}")
+
+
+def spec_from_hf_config(hf: dict, base: ModelSpec, key: str) -> ModelSpec:
+    """``base`` with the architecture fields taken from an HF config (name, paths, eos kept)."""
+    arch = architecture_of(hf, key)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(key, f"hidden_act={hf['hidden_act']!r} is not supported; supported: silu")
+    if hf.get("use_sliding_window"):
+        raise ConfigError(key, "sliding-window attention is not supported; use a checkpoint with "
+                          "use_sliding_window=false")
+    if hf.get("mlp_bias") or (arch != "Qwen2ForCausalLM" and hf.get("attention_bias")):
+        raise ConfigError(key, f"{arch} with attention_bias/mlp_bias is not supported")
+    theta, factor = _rope(hf, key)
+    heads = int(hf["num_attention_heads"])
+    try:
+        return dataclasses.replace(
+            base,
+            num_layers=int(hf["num_hidden_layers"]),
+            hidden_size=int(hf["hidden_size"]),
+            ffn_hidden_size=int(hf["intermediate_size"]),
+            num_attention_heads=heads,
+            num_query_groups=int(hf.get("num_key_value_heads") or heads),
+            kv_channels=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+            vocab_size=int(hf["vocab_size"]),
+            max_sequence_length=min(base.max_sequence_length, int(hf.get("max_position_embeddings",
+                                                                        base.max_sequence_length))),
+            rotary_base=theta,
+            rope_scaling_factor=factor,
+            qk_layernorm=arch == "Qwen3ForCausalLM",
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            normalization="RMSNorm",
+            norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e.key}", e.reason) from None
+
+
+def hf_architecture(spec: ModelSpec) -> str:
+    """The HF class a spec exports as: Qwen3 (QK norm), Qwen2 (QKV bias), else Llama."""
+    if spec.qk_layernorm and spec.qkv_bias:
+        raise ValueError("no supported HF family has both QK norm and QKV biases")
+    if spec.qk_layernorm:
+        return "Qwen3ForCausalLM"
+    return "Qwen2ForCausalLM" if spec.qkv_bias else "LlamaForCausalLM"
+
+
+def hf_config_from_spec(spec: ModelSpec) -> dict:
+    """A ``config.json`` that ``transformers`` loads as the same network."""
+    arch = hf_architecture(spec)
+    rope = {"rope_type": "default", "rope_theta": spec.rotary_base}
+    if spec.rope_scaling_factor is not None:
+        rope = {"rope_type": "llama3", "rope_theta": spec.rotary_base,
+                "factor": spec.rope_scaling_factor, **_LLAMA3_FIXED}
+    heads = spec.num_attention_heads
+    return {
+        "architectures": [arch],
+        "model_type": _MODEL_TYPE[arch],
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": spec.num_query_groups or heads,
+        "head_dim": spec.kv_channels or spec.hidden_size // heads,
+        "vocab_size": spec.vocab_size,
+        "max_position_embeddings": spec.max_sequence_length,
+        "rms_norm_eps": spec.norm_epsilon,
+        "rope_theta": spec.rotary_base,
+        "rope_parameters": rope,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "attention_bias": spec.qkv_bias,
+        "eos_token_id": spec.eos_token_id,
+        "torch_dtype": "float32",
+    }
+
+
+def tokenizer_vocab(folder: str) -> dict | None:
+    """token -> id of ``folder/tokenizer.json`` (added tokens included); None without one."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    vocab = dict(data.get("model", {}).get("vocab") or {})
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab

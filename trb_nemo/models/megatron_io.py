@@ -1,0 +1,85 @@
+"""Megatron checkpoint folders: atomic dist_checkpointing saves with our metadata file.
+
+A folder is complete exactly when it exists under its final name: every save writes into
+``<name>.tmp`` (dist_checkpointing shards from all ranks, then the metadata file written last by
+global rank 0) and rank 0 renames it after a barrier. A crash at any point leaves at most a
+``.tmp`` folder, which nothing loads. dist_checkpointing stores every tensor by its global
+(layout-free) key, so a folder saved at one TP/PP layout loads at any other.
+
+Layout of the sharded state dict: ``{"model": model.sharded_state_dict(), **extra}``; the
+training checkpoint adds the optimizer under ``"optimizer"``. Model-only loads read just the
+``"model"`` entries, so a training checkpoint is also a weights checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from trb_nemo.config.schema import ModelSpec
+from trb_nemo.models.resolve import MODEL_META
+
+
+def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict) -> Path:
+    """Collective over the world: write ``sharded_state_dict`` and ``meta`` atomically to folder."""
+    final = Path(folder)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_json_atomic(tmp / MODEL_META, meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    dist.barrier()
+    return final
+
+
+def model_meta(spec: ModelSpec, hf_config: dict | None = None, **extra) -> dict:
+    """The metadata file's content: the architecture (ModelSpec fields) and the HF source config."""
+    return {"format": 1, "spec": dataclasses.asdict(spec), "hf_config": hf_config, **extra}
+
+
+def save_model(folder: str | Path, model, spec: ModelSpec, hf_config: dict | None = None) -> Path:
+    """Weights only (collective)."""
+    return save_checkpoint(folder, {"model": model.sharded_state_dict()}, model_meta(spec, hf_config))
+
+
+@torch.no_grad()
+def load_model(folder: str | Path, model) -> None:
+    """Load the ``model`` entries of a checkpoint folder into this rank's stage (collective)."""
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+    model.load_state_dict(state["model"], strict=True)
+
+
+def read_meta(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / MODEL_META).read_text())
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
