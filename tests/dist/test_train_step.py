@@ -1,0 +1,122 @@
+"""One training step at TP=2, PP=2 and DP=2 (distributed optimizer) equals the TP=1/PP=1/DP=1
+step: loss, gradient norm and every updated weight. The teacher stays frozen.
+
+Run: .venv/bin/python -m pytest tests/dist/test_train_step.py
+"""
+
+import pytest
+import torch
+from harness import spawn_bare
+
+from trb_nemo.config.schema import LossConfig, ModelConfig, ModelSpec, OptimConfig, ParallelConfig
+
+pytestmark = pytest.mark.dist
+
+# vocab 200 pads to 256 at TP=1 and TP=2: padded columns must stay out of the loss
+STUDENT = ModelSpec(name="s", num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                    num_attention_heads=4, num_query_groups=2, vocab_size=200,
+                    max_sequence_length=32, qk_layernorm=True)
+TEACHER = ModelSpec(name="t", num_layers=2, hidden_size=96, ffn_hidden_size=192,
+                    num_attention_heads=4, vocab_size=200, max_sequence_length=32, eos_token_id=2)
+# Adam's first update is g / (|g| + eps) * lr: for a gradient entry near 0 it turns an fp32
+# summation-order difference d into up to lr * d / eps. eps = 1e-6 keeps that below 1e-7 while
+# the update of every entry still follows its gradient (a wrong gradient moves weights by ~lr).
+OPTIM = OptimConfig(lr=1e-3, lr_warmup_steps=0, clip_grad=0.05, max_steps=10, adam_eps=1e-6)
+GLOBAL_BATCH, SEQ, MICRO = 8, 12, 2
+
+
+def global_batch(seed: int = 0) -> dict:
+    """8 sequences with prompts of 3-5 tokens and responses of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, STUDENT.vocab_size, (GLOBAL_BATCH, SEQ), generator=gen)
+    prompt = torch.randint(3, 6, (GLOBAL_BATCH,), generator=gen)
+    end = torch.randint(7, SEQ + 1, (GLOBAL_BATCH,), generator=gen)
+    pos = torch.arange(SEQ)
+    # position t is trained when token t+1 is a response token: prompt-1 <= t < end-1
+    loss_mask = (pos >= prompt[:, None] - 1) & (pos < end[:, None] - 1)
+    return {"tokens": tokens, "loss_mask": loss_mask}
+
+
+def one_step(tp: int, pp: int, distopt: bool, kind: str):
+    import torch.distributed as dist
+
+    from trb_nemo.models.hf_weights import hf_tensors
+    from trb_nemo.models.networks import build_student, build_teacher, is_frozen
+    from trb_nemo.parallel import groups
+    from trb_nemo.train.optimizer import wrap_student
+    from trb_nemo.train.step import score_with_teacher, train_step
+
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              use_distributed_optimizer=distopt)
+    groups.initialize(parallel, seed=5)
+    model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
+    student = build_student(model_cfg, parallel)
+    teacher = build_teacher(model_cfg, parallel)
+    training = wrap_student(student, OPTIM, parallel)
+    batch = global_batch()
+    share = GLOBAL_BATCH // groups.data_size()
+    batch = {k: v[groups.data_rank() * share:(groups.data_rank() + 1) * share] for k, v in batch.items()}
+    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab_size=STUDENT.vocab_size)
+    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), STUDENT.vocab_size, MICRO)
+    optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
+    teacher_checks = {
+        "frozen": is_frozen(teacher),
+        "in_optimizer": any(id(p) in optimizer_params for p in teacher.parameters()),
+        "training_mode": teacher.training,
+    }
+    weights = {}
+    if groups.data_rank() == 0:
+        weights = hf_tensors(student, STUDENT, groups.tensor_group())
+        if groups.tensor_rank() != 0:
+            weights = {}
+    dist.barrier()
+    groups.destroy()
+    return metrics, weights, teacher_checks
+
+
+def _merged(results):
+    metrics = [r[0] for r in results]
+    weights = {}
+    for _, w, _ in results:
+        weights.update(w)
+    return metrics, weights, [r[2] for r in results]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {kind: _merged(spawn_bare(one_step, 1, 1, 1, False, kind)) for kind in ("full",)}
+
+
+@pytest.mark.parametrize("tp,pp,distopt", [(2, 1, False), (1, 2, False), (1, 1, True)],
+                         ids=["tp2", "pp2", "dp2-distopt"])
+def test_step_matches_single_rank(reference, tp, pp, distopt):
+    ref_metrics, ref_weights, _ = reference["full"]
+    metrics, weights, teacher_checks = _merged(spawn_bare(one_step, 2, tp, pp, distopt, "full"))
+    for m in metrics:  # every rank reports the same global numbers
+        assert m["tokens"] == ref_metrics[0]["tokens"]
+        assert abs(m["loss"] - ref_metrics[0]["loss"]) <= 1e-5, (m, ref_metrics[0])
+        assert abs(m["grad_norm"] - ref_metrics[0]["grad_norm"]) <= 1e-5 * ref_metrics[0]["grad_norm"]
+        assert m["update_ok"]
+    assert ref_metrics[0]["grad_norm"] > OPTIM.clip_grad  # clipping was exercised
+    assert weights.keys() == ref_weights.keys()
+    for name, w in ref_weights.items():
+        diff = (weights[name] - w).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max |w - w_ref| = {diff}"
+    for checks in teacher_checks:
+        assert checks == {"frozen": True, "in_optimizer": False, "training_mode": False}
+
+
+def test_reference_step_counts_prefixes_and_moves_every_weight(reference):
+    """The reference is a real step: the loss covers every response prefix, and each trained
+    matrix moved by about lr (Adam) from the layout-independent initialization."""
+    from trb_nemo.models.hf_weights import hf_shapes, random_hf_tensor
+
+    ref_metrics, ref_weights, _ = reference["full"]
+    assert ref_metrics[0]["loss"] > 0
+    assert ref_metrics[0]["tokens"] == int(global_batch()["loss_mask"].sum())
+    shapes = hf_shapes(STUDENT)
+    assert ref_weights.keys() == shapes.keys()
+    init_seed = ModelConfig().init_seed
+    for name, w in ref_weights.items():
+        moved = (w - random_hf_tensor(name, shapes[name], init_seed)).abs().max().item()
+        assert 0.5 * OPTIM.lr < moved < 1.5 * OPTIM.lr, f"{name} moved {moved}"

@@ -1,0 +1,98 @@
+"""One optimizer step of the student on a scored batch: the OPD objective (paper Sec. 1).
+
+    L(theta) = (1 / N) sum over response prefixes h in the global batch of KL(pi_theta(.|h) || pi_T(.|h))
+
+N = number of response prefixes (``loss_mask`` ones) over all data-parallel ranks: a token mean
+over the global batch, so long and short responses weigh each prefix equally and the loss does
+not depend on the DP/microbatch split (this is what DP=2 == DP=1 tests check). TRB changes only
+which prefixes are visited, never this loss.
+
+Batch (this data-parallel rank's share; the same on every TP/PP rank of its group):
+* ``tokens`` [B, S] int64, right-padded; ``loss_mask`` [B, S]: position t is trained when
+  tokens[t + 1] is a response token (the logits at t are the prefix tokens[: t + 1]).
+* teacher targets, one of:
+  ``teacher_logits`` [B, S, V_pad / TP] (last stage only): the loss ``kind`` decides (``full``
+  exact, ``topk`` on the student's current top-k);
+  ``target_ids`` + ``teacher_logprobs`` [B, S, K]: the support recorded at rollout time with
+  log pi_T there (``topk`` from decoding, or the sampled token for ``sampled``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from trb_nemo.config.schema import LossConfig
+from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, teacher_logprobs_at
+from trb_nemo.parallel import groups
+from trb_nemo.train.optimizer import StudentTraining
+from trb_nemo.train.pipeline import run_schedule, split_microbatches
+
+
+def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab_size: int) -> torch.Tensor:
+    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel)."""
+    group = groups.tensor_group()
+    if mb.get("teacher_logits") is not None:
+        return reverse_kl(logits_BSV, mb["teacher_logits"], kind=loss_cfg.kind, topk=loss_cfg.topk,
+                          vocab_group=group, vocab_size=vocab_size)
+    return reverse_kl_at_ids(logits_BSV, mb["target_ids"], mb["teacher_logprobs"],
+                             vocab_group=group, vocab_size=vocab_size)
+
+
+def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
+               vocab_size: int, micro_batch_size: int) -> dict:
+    """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
+    rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
+    ``tokens`` (global response prefixes), ``update_ok``.
+
+    Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
+    and a broadcast [2] over PP for the metrics.
+    """
+    lr = training.set_lr(step)
+    model, optimizer = training.model, training.optimizer
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    def on_logits(index, mb, logits_BSV):
+        mask = mb["loss_mask"].to(torch.float32)
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab_size) * mask).sum()
+        num_tokens = mask.sum().to(torch.int)
+        return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
+
+    reports = run_schedule(model, split_microbatches(batch, micro_batch_size), on_logits,
+                           forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for r in reports.values():
+        totals += torch.stack([r["kl_sum"].double(), r["tokens"].double()])
+    if groups.is_last_stage():
+        dist.all_reduce(totals, group=groups.data_group())
+    dist.broadcast(totals, src=dist.get_global_rank(groups.pipeline_group(),
+                                                     dist.get_world_size(groups.pipeline_group()) - 1),
+                   group=groups.pipeline_group())
+    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr, "update_ok": bool(update_ok)}
+
+
+@torch.no_grad()
+def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab_size: int,
+                       ids: torch.Tensor | None = None):
+    """The teacher's targets for a batch, forward-only on the same TP/PP layout.
+
+    ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``/``topk``); else
+    log pi_T at ``ids`` [B, S, K] fp32 (compact, for ``target_ids``). Last stage only; None on
+    other stages. Memory: one microbatch of teacher activations at a time, plus the result.
+    """
+    mbs = split_microbatches({"tokens": batch["tokens"], "ids": ids}, micro_batch_size)
+
+    def on_logits(index, mb, logits_BSV):
+        if mb["ids"] is None:
+            return logits_BSV.detach()
+        return teacher_logprobs_at(logits_BSV, mb["ids"], vocab_group=groups.tensor_group(),
+                                   vocab_size=vocab_size)
+
+    out = run_schedule(teacher, mbs, on_logits, forward_only=True)
+    if not groups.is_last_stage():
+        return None
+    return torch.cat([out[i] for i in range(len(mbs))])
