@@ -27,8 +27,15 @@ from trb_nemo.config.schema import ModelSpec
 from trb_nemo.models.resolve import MODEL_META
 
 
-def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict) -> Path:
-    """Collective over the world: write ``sharded_state_dict`` and ``meta`` atomically to folder."""
+def rank_state_path(folder: str | Path, rank: int) -> Path:
+    """Where a rank's own (not sharded) state lives in a checkpoint folder."""
+    return Path(folder) / f"rank_{rank:05d}.pt"
+
+
+def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict,
+                    rank_state: dict | None = None) -> Path:
+    """Collective over the world: write ``sharded_state_dict``, each rank's ``rank_state``
+    (torch.save, e.g. RNG states) and ``meta`` atomically to ``folder``."""
     final = Path(folder)
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
@@ -36,6 +43,8 @@ def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict) ->
         tmp.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
+    if rank_state is not None:
+        torch.save(rank_state, rank_state_path(tmp, dist.get_rank()))
     dist.barrier()
     if dist.get_rank() == 0:
         _write_json_atomic(tmp / MODEL_META, meta)
