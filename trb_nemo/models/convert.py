@@ -85,12 +85,17 @@ def run_rank(job: ConvertJob) -> dict:
 
     groups.initialize(job.parallel, seed=0)
     try:
-        model_cfg = ModelConfig(precision=job.precision, teacher=None)
-        if job.direction == "hf-to-megatron":
-            return _hf_to_megatron(job, model_cfg)
-        return _megatron_to_hf(job, model_cfg)
+        return convert_on_rank(job)
     finally:
         groups.destroy()
+
+
+def convert_on_rank(job: ConvertJob) -> dict:
+    """The conversion on one rank of an initialized job of TP x PP ranks (collective)."""
+    model_cfg = ModelConfig(precision=job.precision, teacher=None)
+    if job.direction == "hf-to-megatron":
+        return _hf_to_megatron(job, model_cfg)
+    return _megatron_to_hf(job, model_cfg)
 
 
 def _hf_to_megatron(job: ConvertJob, model_cfg: ModelConfig) -> dict:
