@@ -23,7 +23,7 @@ def rank_main(cfg: TrainConfig) -> dict:
 
 def run_train(cfg: TrainConfig) -> list[dict]:
     """Run the job on every rank; returns the per-rank results (local ranks) or this rank's."""
-    preflight(cfg)
+    cfg = preflight(cfg)
     if launched_externally():
         results = [rank_main(cfg)]
     else:

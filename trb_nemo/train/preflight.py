@@ -7,15 +7,16 @@ run here. Each failure is a ConfigError naming the key to change.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
+from trb_nemo.models.resolve import resolve_models
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Raise ConfigError for anything that would fail later, after expensive start-up."""
+def preflight(cfg: TrainConfig) -> TrainConfig:
+    """Raise ConfigError for anything that would fail later, after expensive start-up; return
+    ``cfg`` with every model's architecture resolved (HF config.json or checkpoint metadata)."""
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec(
         "transformer_engine"
     ) is None:
@@ -28,12 +29,4 @@ def preflight(cfg: TrainConfig) -> None:
         if cfg.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", "needs Transformer Engine or Apex "
                               "norms (GPU); set parallel.sequence_parallel=false on CPU")
-    for role in ("student", "teacher"):
-        spec = getattr(cfg.model, role)
-        if spec is None:
-            continue
-        if spec.hf_path is not None and not (Path(spec.hf_path) / "config.json").is_file():
-            raise ConfigError(f"model.{role}.hf_path", f"no config.json in {spec.hf_path!r}; point "
-                              "it at an HF checkpoint folder")
-        if spec.checkpoint is not None and not Path(spec.checkpoint).exists():
-            raise ConfigError(f"model.{role}.checkpoint", f"{spec.checkpoint!r} does not exist")
+    return resolve_models(cfg)

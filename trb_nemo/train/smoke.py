@@ -16,7 +16,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.logs import quiet_third_party
-from trb_nemo.models.gpt import build_gpt
+from trb_nemo.models.networks import build_student, build_teacher
 from trb_nemo.parallel import groups
 
 
@@ -52,8 +52,8 @@ def smoke(cfg: TrainConfig) -> dict:
     quiet_third_party()
     t0 = time.perf_counter()
     groups.initialize(cfg.parallel, cfg.seed)
-    student = build_gpt(cfg.model.student, cfg.model, cfg.parallel)
-    teacher = build_gpt(cfg.model.teacher, cfg.model, cfg.parallel).eval().requires_grad_(False)
+    student = build_student(cfg.model, cfg.parallel)
+    teacher = build_teacher(cfg.model, cfg.parallel)
     gen = torch.Generator().manual_seed(cfg.seed)
     seq = min(32, cfg.model.student.max_sequence_length)
     tokens_BS = torch.randint(0, cfg.model.student.vocab_size, (4, seq), generator=gen)
