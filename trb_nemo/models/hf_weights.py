@@ -160,7 +160,7 @@ def hf_tensors(model, spec: ModelSpec, tp_group) -> dict[str, torch.Tensor]:
             continue
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             full = full[: spec.vocab_size]
-        for n, t in zip(names, split(spec, full) if split else [full]):
+        for n, t in zip(names, split(spec, full) if split else [full], strict=True):
             out[n] = t.contiguous()
     return out
 

@@ -26,7 +26,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from trb_nemo.config.schema import ModelSpec
-from trb_nemo.models.megatron_io import load_model, model_meta, rank_state_path, read_meta, save_checkpoint
+from trb_nemo.models.megatron_io import (
+    load_model,
+    model_meta,
+    rank_state_path,
+    read_meta,
+    save_checkpoint,
+)
 from trb_nemo.models.resolve import MODEL_META
 from trb_nemo.train.optimizer import StudentTraining
 

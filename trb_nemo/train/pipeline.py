@@ -9,7 +9,7 @@ training (the schedule backpropagates loss_sum; see ``calculate_per_token_loss``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
