@@ -34,11 +34,13 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
     from trb_nemo.parallel import groups
     from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_training
     from trb_nemo.train.optimizer import wrap_student
+    from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.train.step import score_with_teacher, train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=True)
     groups.initialize(parallel, seed=11)
     model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
+    vocab = SharedVocab.of(model_cfg)
     training = wrap_student(build_student(model_cfg, parallel), OPTIM, parallel)
     teacher = build_teacher(model_cfg, parallel)
     start, resumed = 0, None
@@ -53,9 +55,9 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
         share = BATCH // groups.data_size()
         sl = slice(groups.data_rank() * share, (groups.data_rank() + 1) * share)
         batch = {"tokens": tokens[sl], "loss_mask": mask[sl]}
-        batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab_size=STUDENT.vocab_size)
+        batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab)
         losses[step] = train_step(training, batch, step, LossConfig(kind="full"),
-                                  STUDENT.vocab_size, MICRO)["loss"]
+                                  vocab, MICRO)["loss"]
         if step + 1 in (SAVE_AT, TOTAL):
             save_training(root, step + 1, training, STUDENT, {"data_position": step + 1}, keep_last=3)
         if kill_after is not None and step + 1 == kill_after:

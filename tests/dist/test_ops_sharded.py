@@ -62,6 +62,13 @@ def _sharded_ops():
         value = losses.reverse_kl(x, zt, kind=kind, topk=K, **kw)
         (value * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
         out[f"{kind}_value"], out[f"{kind}_grad"] = value, _gather_cols(x.grad)
+    # the gradient flows back through canonicalization to both stop ids on their own shards
+    raw = _shard(zs_full, world, rank).requires_grad_(True)
+    merged = eos.canonicalize(raw, keep_id=KEEP, drop_id=DROP, vocab_group=grp)
+    value = losses.reverse_kl(merged, zt, kind="full", **kw)
+    finite = torch.isfinite(value)
+    (value[finite] * torch.arange(1.0, ROWS + 1, dtype=torch.float64)[finite]).sum().backward()
+    out["canon_grad"] = _gather_cols(raw.grad)
     lq = losses.teacher_logprobs_at(zt, out["topk_ids"], **kw)
     out["at_ids_value"] = losses.reverse_kl_at_ids(zs, out["topk_ids"], lq, **kw)
     out["samples"] = vocab_parallel.sample(zs, generator=torch.Generator().manual_seed(3), **kw)
@@ -103,6 +110,23 @@ def test_canonicalization_across_shards(sharded):
         finite = torch.isfinite(want[:, :V_TRUE])
         assert torch.equal(torch.isfinite(got[key][:, :V_TRUE]), finite)
         assert torch.allclose(got[key][:, :V_TRUE][finite], want[:, :V_TRUE][finite])
+
+
+def test_gradient_through_canonicalization(sharded):
+    """d loss / d raw logits, with the keep and drop ids on different shards."""
+    zs_raw, _ = _full_logits()
+    _, zt = _reference()
+    x = zs_raw.clone().requires_grad_(True)
+    merged = x.clone()
+    merged[:, KEEP] = torch.logaddexp(x[:, KEEP], x[:, DROP])
+    merged[:, DROP] = -math.inf
+    want = ref.reverse_kl_full(merged, zt, V_TRUE)
+    weights = torch.arange(1.0, ROWS + 1, dtype=torch.float64)
+    finite = torch.isfinite(want)  # row 2: KL = inf (see test_losses_match_reference)
+    (want[finite] * weights[finite]).sum().backward()
+    got = sharded[0]["canon_grad"][finite]
+    assert x.grad[finite][:, DROP].abs().max() > 1e-3  # the drop id does receive gradient
+    assert torch.allclose(got[:, :V_TRUE], x.grad[finite][:, :V_TRUE], atol=1e-5)
 
 
 def test_trust_region_matches_reference(sharded):

@@ -12,12 +12,13 @@ from trb_nemo.config.schema import LossConfig, ModelConfig, ModelSpec, OptimConf
 
 pytestmark = pytest.mark.dist
 
-# vocab 200 pads to 256 at TP=1 and TP=2: padded columns must stay out of the loss
+# vocab 200 pads to 256 at TP=1 and TP=2: padded columns must stay out of the loss; the stop
+# ids (student 1, teacher 150) sit on different TP=2 shards and are merged before the loss
 STUDENT = ModelSpec(name="s", num_layers=2, hidden_size=64, ffn_hidden_size=128,
                     num_attention_heads=4, num_query_groups=2, vocab_size=200,
                     max_sequence_length=32, qk_layernorm=True)
 TEACHER = ModelSpec(name="t", num_layers=2, hidden_size=96, ffn_hidden_size=192,
-                    num_attention_heads=4, vocab_size=200, max_sequence_length=32, eos_token_id=2)
+                    num_attention_heads=4, vocab_size=200, max_sequence_length=32, eos_token_id=150)
 # Adam's first update is g / (|g| + eps) * lr: for a gradient entry near 0 it turns an fp32
 # summation-order difference d into up to lr * d / eps. eps = 1e-6 keeps that below 1e-7 while
 # the update of every entry still follows its gradient (a wrong gradient moves weights by ~lr).
@@ -44,20 +45,22 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
     from trb_nemo.models.networks import build_student, build_teacher, is_frozen
     from trb_nemo.parallel import groups
     from trb_nemo.train.optimizer import wrap_student
+    from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.train.step import score_with_teacher, train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               use_distributed_optimizer=distopt)
     groups.initialize(parallel, seed=5)
     model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
+    vocab = SharedVocab.of(model_cfg)
     student = build_student(model_cfg, parallel)
     teacher = build_teacher(model_cfg, parallel)
     training = wrap_student(student, OPTIM, parallel)
     batch = global_batch()
     share = GLOBAL_BATCH // groups.data_size()
     batch = {k: v[groups.data_rank() * share:(groups.data_rank() + 1) * share] for k, v in batch.items()}
-    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab_size=STUDENT.vocab_size)
-    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), STUDENT.vocab_size, MICRO)
+    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab)
+    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, MICRO)
     optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
     teacher_checks = {
         "frozen": is_frozen(teacher),

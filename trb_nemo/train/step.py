@@ -23,24 +23,28 @@ import torch
 import torch.distributed as dist
 
 from trb_nemo.config.schema import LossConfig
+from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, teacher_logprobs_at
 from trb_nemo.parallel import groups
 from trb_nemo.train.optimizer import StudentTraining
 from trb_nemo.train.pipeline import run_schedule, split_microbatches
 
 
-def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab_size: int) -> torch.Tensor:
-    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel)."""
+def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab) -> torch.Tensor:
+    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel), on
+    EOS-canonicalized distributions."""
     group = groups.tensor_group()
+    student = vocab.canonical(logits_BSV, group)
     if mb.get("teacher_logits") is not None:
-        return reverse_kl(logits_BSV, mb["teacher_logits"], kind=loss_cfg.kind, topk=loss_cfg.topk,
-                          vocab_group=group, vocab_size=vocab_size)
-    return reverse_kl_at_ids(logits_BSV, mb["target_ids"], mb["teacher_logprobs"],
-                             vocab_group=group, vocab_size=vocab_size)
+        teacher = vocab.canonical(mb["teacher_logits"], group)
+        return reverse_kl(student, teacher, kind=loss_cfg.kind, topk=loss_cfg.topk,
+                          vocab_group=group, vocab_size=vocab.size)
+    return reverse_kl_at_ids(student, mb["target_ids"], mb["teacher_logprobs"],
+                             vocab_group=group, vocab_size=vocab.size)
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
-               vocab_size: int, micro_batch_size: int) -> dict:
+               vocab: SharedVocab, micro_batch_size: int) -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
     ``tokens`` (global response prefixes), ``update_ok``.
@@ -55,7 +59,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
     def on_logits(index, mb, logits_BSV):
         mask = mb["loss_mask"].to(torch.float32)
-        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab_size) * mask).sum()
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab) * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 
@@ -76,12 +80,13 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
 
 @torch.no_grad()
-def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab_size: int,
+def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab: SharedVocab,
                        ids: torch.Tensor | None = None):
     """The teacher's targets for a batch, forward-only on the same TP/PP layout.
 
     ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``/``topk``); else
-    log pi_T at ``ids`` [B, S, K] fp32 (compact, for ``target_ids``). Last stage only; None on
+    log pi_T at ``ids`` [B, S, K] fp32 of the EOS-canonicalized teacher (compact, for
+    ``target_ids``). Last stage only; None on
     other stages. Memory: one microbatch of teacher activations at a time, plus the result.
     """
     mbs = split_microbatches({"tokens": batch["tokens"], "ids": ids}, micro_batch_size)
@@ -89,8 +94,9 @@ def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab_siz
     def on_logits(index, mb, logits_BSV):
         if mb["ids"] is None:
             return logits_BSV.detach()
-        return teacher_logprobs_at(logits_BSV, mb["ids"], vocab_group=groups.tensor_group(),
-                                   vocab_size=vocab_size)
+        group = groups.tensor_group()
+        return teacher_logprobs_at(vocab.canonical(logits_BSV, group), mb["ids"],
+                                   vocab_group=group, vocab_size=vocab.size)
 
     out = run_schedule(teacher, mbs, on_logits, forward_only=True)
     if not groups.is_last_stage():

@@ -1,0 +1,133 @@
+"""Behavior policies: how the next token of a rollout is drawn (``rollout.behavior``).
+
+Each policy sees, at one decode position of B rows on the last pipeline stage, the
+EOS-canonicalized vocab-parallel logits of the student ``zs [B, V_local]`` and (only when
+:meth:`needs_teacher` is true) of the teacher ``zt``, and returns a :class:`Choice`. Sampling
+is exact and TP-invariant (:func:`trb_nemo.ops.vocab_parallel.sample`); every TP rank returns
+the same ids.
+
+* ``student``: x ~ pi_S (vanilla OPD). The teacher is never run while decoding.
+* ``trb``: x ~ mu_beta ∝ pi_S^(1-beta) pi_T^beta with beta the largest value such that
+  KL(mu_beta || pi_S) <= eps_k (paper Eq. 1-2), eps_k from ``trb.schedule``. With eps_k = 0 it
+  is exactly ``student`` (same draws, no teacher forward).
+* ``fixed``: the same solver with the constant budget ``rollout.fixed_eps`` (paper baseline).
+* ``skd``: x ~ pi_S; if x is outside the teacher's global top-K it is replaced by a draw from
+  pi_T at temperature tau_T (interleaved teacher injection, paper baseline).
+* ``temperature``: x ~ softmax(z_S / tau_k), tau_k linear from tau_0 back to
+  ``rollout.temperature`` over ``rollout.temperature_warmup_steps`` (paper baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trb_nemo.config.schema import RolloutConfig, TRBConfig
+from trb_nemo.ops.schedules import eps_at
+from trb_nemo.ops.trust_region import behavior_logprobs, kl_to_student, solve_beta
+from trb_nemo.ops.vocab_parallel import sample, topk
+
+
+@dataclass
+class Choice:
+    """One decode position of B rows: ids [B] int64, beta [B], kl [B] = KL(mu || pi_S),
+    injected [B] bool (the token came from the teacher instead of the student's draw)."""
+
+    ids: torch.Tensor
+    beta: torch.Tensor
+    kl: torch.Tensor
+    injected: torch.Tensor
+
+
+def _student_only(ids):
+    zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    return Choice(ids, zeros, zeros.clone(), torch.zeros_like(ids, dtype=torch.bool))
+
+
+class StudentPolicy:
+    """Vanilla OPD: sample the student at ``temperature``."""
+
+    name = "student"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def needs_teacher(self) -> bool:
+        return False
+
+    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+        logits = zs if self.temperature == 1.0 else zs.float() / self.temperature
+        return _student_only(sample(logits, generator=generator, vocab_group=group,
+                                    vocab_size=vocab_size))
+
+
+class TrustRegionPolicy:
+    """TRB (annealed eps_k) and the fixed-eps baseline: sample mu_beta*."""
+
+    def __init__(self, name: str, eps: float, tolerance: float = 1e-6, max_iterations: int = 40):
+        self.name, self.eps = name, float(eps)
+        self.tolerance, self.max_iterations = tolerance, max_iterations
+        self._student = StudentPolicy()
+
+    def needs_teacher(self) -> bool:
+        return self.eps > 0
+
+    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+        if self.eps == 0:
+            return self._student.choose(zs, zt, generator, group, vocab_size)
+        beta = solve_beta(zs, zt, self.eps, vocab_group=group, vocab_size=vocab_size,
+                          tolerance=self.tolerance, max_iterations=self.max_iterations)
+        log_mu = behavior_logprobs(zs, zt, beta, vocab_group=group, vocab_size=vocab_size)
+        ids = sample(log_mu, generator=generator, vocab_group=group, vocab_size=vocab_size)
+        kl = kl_to_student(zs, zt, beta, vocab_group=group, vocab_size=vocab_size)
+        return Choice(ids, beta, kl, torch.zeros_like(ids, dtype=torch.bool))
+
+
+class InjectionPolicy:
+    """SKD-style interleaved teacher injection with the teacher's top-K and temperature tau_T."""
+
+    name = "skd"
+
+    def __init__(self, top_k: int, teacher_temperature: float):
+        self.top_k, self.tau = top_k, teacher_temperature
+
+    def needs_teacher(self) -> bool:
+        return True
+
+    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+        proposal = sample(zs, generator=generator, vocab_group=group, vocab_size=vocab_size)
+        _, top_ids = topk(zt, min(self.top_k, vocab_size), vocab_group=group, vocab_size=vocab_size)
+        accepted = (top_ids == proposal.unsqueeze(-1)).any(-1)
+        replacement = sample(zt.float() / self.tau, generator=generator, vocab_group=group,
+                             vocab_size=vocab_size)
+        ids = torch.where(accepted, proposal, replacement)
+        choice = _student_only(ids)
+        choice.injected = ~accepted
+        return choice
+
+
+def temperature_at(step: int, rollout: RolloutConfig) -> float:
+    """tau_k: linear from ``temperature_start`` to ``temperature`` over the warmup steps."""
+    k = rollout.temperature_warmup_steps
+    if k == 0 or step >= k:
+        return rollout.temperature
+    return rollout.temperature_start + (rollout.temperature - rollout.temperature_start) * step / k
+
+
+def policy_for(step: int, rollout: RolloutConfig, trb: TRBConfig):
+    """The behavior policy of training step ``step`` (0-based) from the config."""
+    b = rollout.behavior
+    if b == "student":
+        return StudentPolicy(rollout.temperature)
+    if b == "trb":
+        eps = eps_at(step, schedule=trb.schedule, eps0=trb.eps0, warmup_steps=trb.warmup_steps)
+        return TrustRegionPolicy("trb", eps, trb.solver_tolerance, trb.solver_max_iterations)
+    if b == "fixed":
+        return TrustRegionPolicy("fixed", rollout.fixed_eps, trb.solver_tolerance,
+                                 trb.solver_max_iterations)
+    if b == "skd":
+        return InjectionPolicy(rollout.skd_topk, rollout.skd_teacher_temperature)
+    if b == "temperature":
+        return StudentPolicy(temperature_at(step, rollout))
+    raise ValueError(f"unknown rollout.behavior {b!r}")
