@@ -91,16 +91,22 @@ class InjectionPolicy:
 
     def __init__(self, top_k: int, teacher_temperature: float):
         self.top_k, self.tau = top_k, teacher_temperature
+        self._teacher_gen = None
 
     def needs_teacher(self) -> bool:
         return True
 
     def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+        # the student's draws use ``generator`` exactly as the student policy does (same
+        # proposals for the same seed); the teacher's draws come from a stream of their own
+        if self._teacher_gen is None:
+            self._teacher_gen = torch.Generator(device=generator.device).manual_seed(
+                (generator.initial_seed() * 0x9E3779B1 + 0x5EED) % 2**63)
         proposal = sample(zs, generator=generator, vocab_group=group, vocab_size=vocab_size)
         _, top_ids = topk(zt, min(self.top_k, vocab_size), vocab_group=group, vocab_size=vocab_size)
         accepted = (top_ids == proposal.unsqueeze(-1)).any(-1)
-        replacement = sample(zt.float() / self.tau, generator=generator, vocab_group=group,
-                             vocab_size=vocab_size)
+        replacement = sample(zt.float() / self.tau, generator=self._teacher_gen,
+                             vocab_group=group, vocab_size=vocab_size)
         ids = torch.where(accepted, proposal, replacement)
         choice = _student_only(ids)
         choice.injected = ~accepted

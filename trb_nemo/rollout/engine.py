@@ -1,0 +1,156 @@
+"""Lockstep student + teacher decoding with KV caches under a behavior policy.
+
+Layout of a rollout batch (``B`` rows, ``S`` = longest prompt + ``max_new_tokens``): each row
+is its prompt then its response, right-padded with 0. Decoding starts at the shortest prompt
+length L0 (prefill of positions [0, L0) for both networks), then feeds one position per step;
+a row still inside its prompt is fed its prompt token (Megatron's static-batch scheme), so no
+row ever needs padding inside its sequence and no prefix is recomputed. A row stops after the
+canonical stop id (the student's; the teacher's is merged into it) or ``max_new_tokens``.
+
+Per-token records are indexed by the position ``t`` whose logits drew token ``t + 1`` (the
+training layout: ``loss_mask[t]`` is true for response prefixes). The teacher runs only when
+the policy needs it; then the records also carry log pi_T at the student's top-k ids (k =
+``loss.topk``), so the loss needs no second teacher pass.
+
+Ranks: every rank of the TP/PP group calls :func:`generate` with the same prompts and generator
+state. The last pipeline stage chooses tokens (all its TP ranks agree); they are broadcast over
+the pipeline group, so every rank holds the same tokens. Records are broadcast at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from trb_nemo.models.vocab import SharedVocab
+from trb_nemo.ops.losses import teacher_logprobs_at
+from trb_nemo.ops.vocab_parallel import gather_at_ids, logsumexp, topk
+from trb_nemo.parallel import groups
+from trb_nemo.rollout.kv_decoder import CachedForward
+
+RECORDS = ("beta", "kl", "injected", "student_logprob", "teacher_logprob")
+"""Per-token [B, S] fp32 records (NaN where not a response prefix or not measured)."""
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor
+    """[B, S] int64: prompt, response, 0-padding."""
+    prompt_lengths: torch.Tensor
+    """[B] int64."""
+    response_lengths: torch.Tensor
+    """[B] int64, the stop token included when emitted."""
+    loss_mask: torch.Tensor
+    """[B, S] bool: position t is a response prefix (tokens[t + 1] is a response token)."""
+    records: dict
+    """RECORDS -> [B, S] fp32 at response prefixes (NaN elsewhere); ``teacher_logprob`` is
+    log pi_T of the chosen token (NaN when the teacher did not run)."""
+    topk_ids: torch.Tensor
+    """[B, S, K] int64: the student's global top-k at each response prefix."""
+    teacher_topk_logprobs: torch.Tensor | None
+    """[B, S, K] fp32 log pi_T at ``topk_ids`` (None when the teacher did not run)."""
+    stopped: torch.Tensor
+    """[B] bool: the row ended with the stop id (not by length)."""
+    forwards: dict = field(default_factory=dict)
+    """{"student": n, "teacher": n} forward calls (a prefill counts once)."""
+    seconds: float = 0.0
+
+
+def _broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
+    pg = groups.pipeline_group()
+    size = dist.get_world_size(pg)
+    if size > 1:
+        dist.broadcast(x, src=dist.get_global_rank(pg, size - 1), group=pg)
+    return x
+
+
+@torch.no_grad()
+def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: SharedVocab,
+             max_new_tokens: int, topk_k: int, generator: torch.Generator) -> Rollout:
+    """Decode one batch of prompts with ``policy`` (see the module docstring)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    t0 = time.perf_counter()
+    device = next(student.parameters()).device
+    b = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    total = int(plen.max()) + max_new_tokens
+    tokens = torch.zeros(b, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    group, last = groups.tensor_group(), groups.is_last_stage()
+    use_teacher = policy.needs_teacher()
+    s_fwd = CachedForward(student, b, total)
+    t_fwd = CachedForward(teacher, b, total) if use_teacher else None
+    nan = torch.full((b, total), float("nan"), device=device)
+    records = {k: nan.clone() for k in RECORDS}
+    topk_ids = torch.zeros(b, total, topk_k, dtype=torch.long, device=device)
+    teacher_topk = torch.full((b, total, topk_k), float("nan"), device=device) if use_teacher else None
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
+    start = int(plen.min())
+    zs = s_fwd(tokens[:, :start])
+    zt = t_fwd(tokens[:, :start]) if use_teacher else None
+    for t in range(start, total):
+        generating = (t >= plen) & ~done  # rows that draw token t (from the prefix ending at t-1)
+        chosen = torch.zeros(b, dtype=torch.long, device=device)
+        if last:
+            chosen = _choose(policy, zs, zt, generator, vocab, group, topk_k, t - 1, generating,
+                             records, topk_ids, teacher_topk)
+        chosen = _broadcast_from_last_stage(chosen)
+        tokens[:, t] = torch.where(generating, chosen, torch.where(t < plen, tokens[:, t], 0))
+        ended = generating & (chosen == vocab.stop_id)
+        stopped |= ended
+        done |= ended | (generating & (t + 1 - plen >= max_new_tokens))
+        if bool(done.all()) or t + 1 == total:
+            break
+        zs = s_fwd(tokens[:, t:t + 1])
+        zt = t_fwd(tokens[:, t:t + 1]) if use_teacher else None
+    response = _response_lengths(tokens, plen, stopped, max_new_tokens, vocab.stop_id)
+    pos = torch.arange(total, device=device)
+    loss_mask = (pos >= plen[:, None] - 1) & (pos < (plen + response)[:, None] - 1)
+    for k in RECORDS:
+        records[k] = _broadcast_from_last_stage(records[k].contiguous())
+    topk_ids = _broadcast_from_last_stage(topk_ids)
+    if teacher_topk is not None:
+        teacher_topk = _broadcast_from_last_stage(teacher_topk)
+    return Rollout(tokens, plen, response, loss_mask, records, topk_ids, teacher_topk, stopped,
+                   {"student": s_fwd.forwards, "teacher": t_fwd.forwards if t_fwd else 0},
+                   time.perf_counter() - t0)
+
+
+def _choose(policy, zs, zt, generator, vocab, group, k, pos, generating, records, topk_ids,
+            teacher_topk):
+    """Token for every row at one step (last stage); fills the records of generating rows."""
+    zs = vocab.canonical(zs, group)
+    zt = vocab.canonical(zt, group) if zt is not None else None
+    choice = policy.choose(zs, zt, generator, group, vocab.size)
+    kw = dict(vocab_group=group)
+    lse_s = logsumexp(zs, vocab_group=group, vocab_size=vocab.size)
+    values = {"beta": choice.beta, "kl": choice.kl, "injected": choice.injected.float(),
+              "student_logprob": gather_at_ids(zs, choice.ids[:, None], **kw)[:, 0] - lse_s}
+    _, ids = topk(zs, k, vocab_group=group, vocab_size=vocab.size)
+    topk_ids[generating, pos] = ids[generating]
+    if zt is not None:
+        at = teacher_logprobs_at(zt, torch.cat([choice.ids[:, None], ids], dim=-1),
+                                 vocab_group=group, vocab_size=vocab.size)
+        values["teacher_logprob"] = at[:, 0]
+        teacher_topk[generating, pos] = at[generating, 1:]
+    for name, v in values.items():
+        records[name][generating, pos] = v[generating].float()
+    return choice.ids
+
+
+def _response_lengths(tokens, plen, stopped, max_new_tokens, stop_id):
+    """Tokens after each prompt up to and including the first stop id (or max_new_tokens)."""
+    b, total = tokens.shape
+    pos = torch.arange(total, device=tokens.device)
+    in_response = (pos >= plen[:, None]) & (pos < plen[:, None] + max_new_tokens)
+    is_stop = in_response & (tokens == stop_id)
+    first_stop = torch.where(is_stop, pos, total).min(dim=1).values
+    lengths = torch.where(stopped, first_stop - plen + 1,
+                          torch.clamp(total - plen, max=max_new_tokens))
+    return lengths
