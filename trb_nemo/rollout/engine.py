@@ -55,7 +55,8 @@ class Rollout:
     stopped: torch.Tensor
     """[B] bool: the row ended with the stop id (not by length)."""
     forwards: dict = field(default_factory=dict)
-    """{"student": n, "teacher": n} forward calls (a prefill counts once)."""
+    """Forward calls {"student", "teacher"} (a prefill counts once) and token positions fed
+    {"student_positions", "teacher_positions"} (rows x positions)."""
     seconds: float = 0.0
 
 
@@ -118,7 +119,9 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     if teacher_topk is not None:
         teacher_topk = _broadcast_from_last_stage(teacher_topk)
     return Rollout(tokens, plen, response, loss_mask, records, topk_ids, teacher_topk, stopped,
-                   {"student": s_fwd.forwards, "teacher": t_fwd.forwards if t_fwd else 0},
+                   {"student": s_fwd.forwards, "teacher": t_fwd.forwards if t_fwd else 0,
+                    "student_positions": s_fwd.positions,
+                    "teacher_positions": t_fwd.positions if t_fwd else 0},
                    time.perf_counter() - t0)
 
 

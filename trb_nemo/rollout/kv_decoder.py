@@ -29,6 +29,8 @@ class CachedForward:
         self.offset = 0
         self.forwards = 0
         """Calls made (a prefill counts once; each decode step once)."""
+        self.positions = 0
+        """Token positions fed (rows x positions per call, summed)."""
         cfg = model.config
         self._hidden = (cfg.hidden_size, cfg.params_dtype)
 
@@ -51,6 +53,7 @@ class CachedForward:
         self.context.increment_sequence_len_offset(length)
         self.offset += length
         self.forwards += 1
+        self.positions += b * length
         if not groups.is_last_stage():
             dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None

@@ -14,7 +14,7 @@ from trb_nemo.rollout.engine import Rollout
 def summarize(rollout: Rollout, eps: float | None = None) -> dict:
     """Flat dict of floats: beta mean/p10/p50/p90, realized KL mean/max (and vs eps),
     teacher-token share, teacher log-prob of visited prefixes, response lengths, tokens/s,
-    teacher forwards per generated token."""
+    teacher forward calls and teacher token positions per generated token."""
     mask = rollout.loss_mask
     n = int(mask.sum())
     out = {"rollout/tokens": float(n), "rollout/seconds": rollout.seconds,
@@ -22,7 +22,9 @@ def summarize(rollout: Rollout, eps: float | None = None) -> dict:
            "rollout/response_length_mean": float(rollout.response_lengths.float().mean()),
            "rollout/response_length_max": float(rollout.response_lengths.max()),
            "rollout/stopped_share": float(rollout.stopped.float().mean()),
-           "rollout/teacher_forwards_per_token": rollout.forwards.get("teacher", 0) / max(n, 1)}
+           "rollout/teacher_forwards_per_token": rollout.forwards.get("teacher", 0) / max(n, 1),
+           "rollout/teacher_positions_per_token":
+               rollout.forwards.get("teacher_positions", 0) / max(n, 1)}
     if n == 0:
         return out
     beta = rollout.records["beta"][mask]
