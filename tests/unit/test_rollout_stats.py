@@ -1,0 +1,41 @@
+"""Rollout aggregates on a hand-built rollout: every statistic is over response prefixes only.
+
+Run: .venv/bin/python -m pytest tests/unit/test_rollout_stats.py
+"""
+
+import math
+
+import torch
+
+from trb_nemo.rollout.engine import RECORDS, Rollout
+from trb_nemo.rollout.stats import summarize
+
+
+def _rollout():
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    nan = torch.full((2, 4), float("nan"))
+    records = {k: nan.clone() for k in RECORDS}
+    records["beta"][mask] = torch.tensor([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    records["kl"][mask] = torch.tensor([0.0, 0.01, 0.02, 0.005, 0.015, 0.02])
+    records["injected"][mask] = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    records["student_logprob"][mask] = -1.0
+    records["teacher_logprob"][mask] = torch.tensor([-2.0, -4.0, -2.0, -2.0, -2.0, -2.0])
+    return Rollout(torch.zeros(2, 5, dtype=torch.long), torch.tensor([2, 1]), torch.tensor([2, 4]),
+                   mask, records, torch.zeros(2, 4, 3, dtype=torch.long), None,
+                   torch.tensor([True, False]),
+                   {"student": 5, "teacher": 3, "student_positions": 10, "teacher_positions": 9},
+                   seconds=2.0)
+
+
+def test_summary_values():
+    s = summarize(_rollout(), eps=0.02)
+    assert s["rollout/tokens"] == 6
+    assert math.isclose(s["rollout/beta_mean"], 0.5, rel_tol=1e-6)
+    assert math.isclose(s["rollout/beta_p50"], 0.5, rel_tol=1e-6)
+    assert math.isclose(s["rollout/kl_max"], 0.02, rel_tol=1e-6)
+    assert math.isclose(s["rollout/kl_over_eps"], 1.0, rel_tol=1e-6)
+    assert math.isclose(s["rollout/teacher_token_share"], 0.5, rel_tol=1e-6)
+    assert math.isclose(s["rollout/teacher_logprob_mean"], -14 / 6, rel_tol=1e-6)
+    assert s["rollout/response_length_mean"] == 3 and s["rollout/stopped_share"] == 0.5
+    assert math.isclose(s["rollout/tokens_per_second"], 3.0, rel_tol=1e-6)
+    assert math.isclose(s["rollout/teacher_positions_per_token"], 1.5, rel_tol=1e-6)
