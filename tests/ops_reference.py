@@ -61,14 +61,19 @@ def reverse_kl_full(zs, zt, vocab_size=None):
     return kl(log_softmax(zs, vocab_size), log_softmax(zt, vocab_size))
 
 
-def reverse_kl_support(zs, zt, ids, vocab_size=None):
-    """Value sum_j w_j (lp_j - lq_j) and the surrogate whose gradient is the PG estimator."""
+def reverse_kl_support(zs, zt, ids, vocab_size=None, gradient="support"):
+    """Value sum_j w_j (lp_j - lq_j) and a surrogate with the chosen gradient: ``support`` =
+    autograd of KL(w || q) with w the student renormalized on the ids (no gradient outside
+    them); ``policy`` = the policy-gradient form sum_j w_j d_j grad lp_j."""
     lp, lq = log_softmax(zs, vocab_size), log_softmax(zt, vocab_size)
     lp_k, lq_k = lp.gather(-1, ids), lq.gather(-1, ids)
     w = torch.softmax(lp_k, dim=-1)
     coef = w * (lp_k - lq_k)
     value = coef.sum(-1)
-    surrogate = (coef.detach() * lp_k).sum(-1)
+    if gradient == "support":
+        surrogate = (w * (torch.log_softmax(lp_k, dim=-1) - lq_k)).sum(-1)
+    else:
+        surrogate = (coef.detach() * lp_k).sum(-1)
     return value, surrogate
 
 

@@ -17,6 +17,8 @@ _NOISE = (
     r".*No CUDA runtime is found.*",
     r".*full scope is deprecated.*",  # TransformerConfig's cuda-graph default, unused here
     r".*deprecating ShardedTensor.*",  # dist_checkpointing's torch_dist writer
+    r".*MimoModelConfig is experimental.*",  # imported by Megatron, unused here
+    r".*all_gather_into_tensor.*is deprecated.*",  # torch's rename; gloo lacks the new name
 )
 _CPU_NOISE = (r".*CUDA_DEVICE_MAX_CONNECTIONS.*",)  # a GPU stream setting
 

@@ -178,6 +178,30 @@ def test_topk_reverse_kl_values_and_gradients(k):
     assert torch.allclose(zs.grad, zs_ref.grad, atol=1e-5)
 
 
+def test_sampled_token_policy_gradient():
+    """k = 1 with gradient="policy": d_x (onehot(x) - p); the support gradient vanishes there."""
+    zs, zt = _logits(5, 30)
+    ids = torch.randint(0, 30, (5, 1), generator=torch.Generator().manual_seed(1))
+    lq = losses.teacher_logprobs_at(zt, ids)
+    a = zs.clone().requires_grad_(True)
+    losses.reverse_kl_at_ids(a, ids, lq, gradient="policy").sum().backward()
+    ref_z = zs.detach().clone().double().requires_grad_(True)
+    _, surrogate = ref.reverse_kl_support(ref_z, zt.double(), ids, gradient="policy")
+    surrogate.sum().backward()
+    assert torch.allclose(a.grad.double(), ref_z.grad, atol=1e-5)
+    b = zs.clone().requires_grad_(True)
+    losses.reverse_kl_at_ids(b, ids, lq).sum().backward()
+    assert b.grad.abs().max() == 0
+
+
+def test_support_gradient_leaves_other_tokens_alone():
+    zs, zt = _logits(4, 30)
+    a = zs.clone().requires_grad_(True)
+    losses.reverse_kl(a, zt, kind="topk", topk=5).sum().backward()
+    outside = torch.ones_like(a, dtype=torch.bool).scatter(-1, zs.topk(5, dim=-1).indices, False)
+    assert torch.all(a.grad[outside] == 0) and a.grad.abs().max() > 0
+
+
 def test_topk_with_all_ids_has_the_exact_gradient():
     zs, zt = _logits(3, 12)
     a = zs.clone().requires_grad_(True)

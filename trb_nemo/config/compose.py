@@ -26,9 +26,18 @@ SCHEMA_NAME = "train_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
+def project_root() -> Path:
+    """The checkout the package is installed from (editable install)."""
+    return Path(__file__).resolve().parents[2]
+
+
 def default_config_dir() -> Path:
-    """The repository's ``conf/`` (the package is installed in editable mode from the checkout)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The repository's ``conf/``."""
+    return project_root() / "conf"
+
+
+# ``${project_root:}`` in YAML: paths of files the project ships (e.g. the toy models)
+OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
 
 
 def compose_config(

@@ -7,18 +7,21 @@ behavior policy visited; TRB leaves it unchanged and uses no importance weights.
   log q_v - L): exact, local, no collective.
 * ``kind="topk"`` (paper default, k = 16): on the student's global top-k ids a_1..a_k with
   w_j = p(a_j) / sum_i p(a_i) (student probabilities renormalized on the set),
-  L = sum_j w_j (log p(a_j) - log q(a_j)) with full-vocabulary log-probs.
-  **Gradient used**: the policy-gradient form sum_j w_j (log p(a_j) - log q(a_j)) grad log p(a_j)
-  (weights and differences held constant). It is the exact reverse-KL gradient
-  sum_v p_v (log p_v - log q_v) grad log p_v restricted to the support, so it becomes exact as
-  the top-k set holds all the mass, and it is what the paper's recipe computes (verl PPO loss
-  with ratio 1 per candidate, thunlp/OPD ``student_p`` weights). Differentiating the truncated
-  value itself would add a renormalization term that moves mass in and out of the set for no
-  reason tied to the teacher. Backward: dL/dz_v = c_v [v in K] - p_v sum_j c_j with
-  c_j = w_j (log p(a_j) - log q(a_j)): local, no collective.
+  L = sum_j w_j (log p(a_j) - log q(a_j)) with full-vocabulary log-probs (the paper's value).
+  **Gradient used** (``gradient="support"``): the exact reverse-KL gradient of the renormalized
+  student on the set, dL/dz_v = w_v (d_v - L) for v in K with d_v = log p_v - log q_v, and 0
+  outside K. Why: differentiating the paper's value itself (or its policy-gradient form
+  sum_j w_j d_j grad log p(a_j), what verl-style recipes compute) also gives every token outside
+  K the gradient -p_v sum_j w_j d_j, which pushes mass *out* of the set wherever the student
+  differs from the teacher; Adam's per-parameter normalization amplifies that into growing
+  mass on tokens the teacher never emits (we measured the toy run's loss rising from 3 to 9
+  nats with it). The support gradient moves mass only among the k candidates, towards the
+  teacher, and equals the exact full-vocabulary gradient when K holds the whole vocabulary.
 * :func:`reverse_kl_at_ids`: the same estimator at given global ids with precomputed teacher
-  log-probs (what a rollout hands over), e.g. the top-k recorded while decoding, or the sampled
-  token alone (k = 1: the single-sample estimate, ``loss.kind=sampled``).
+  log-probs (what a rollout hands over), e.g. the top-k recorded while decoding. With the
+  sampled token alone (k = 1, ``loss.kind=sampled``) the support gradient vanishes, so that
+  form uses ``gradient="policy"``: the single-sample policy gradient d_x grad log p(x) (the
+  per-token OPD reward of thunlp/OPD and verl), dL/dz_v = d_x ([v = x] - p_v).
 
 Shape legend: ``R`` rows, ``V`` local vocab shard, ``K`` support size, ``P`` ranks of
 ``vocab_group``. Inputs are never modified; the math is fp32; gradients come back in the
@@ -102,31 +105,39 @@ class _SupportReverseKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, zs_RV, ids_RK, teacher_logprobs_RK, valid, group):
+    def forward(ctx, zs_RV, ids_RK, teacher_logprobs_RK, valid, group, gradient):
         lse_s = rows_lse(zs_RV, valid, group)
         lp_RK = gather_at_ids(zs_RV.detach(), ids_RK, vocab_group=group) - lse_s.unsqueeze(-1)
         w_RK = torch.softmax(lp_RK, dim=-1)
         diff_RK = lp_RK - teacher_logprobs_RK.float()
-        coef_RK = w_RK * diff_RK
-        ctx.save_for_backward(zs_RV, ids_RK, lse_s, coef_RK)
-        ctx.valid, ctx.group = valid, group
-        return coef_RK.sum(-1)
+        value_R = (w_RK * diff_RK).sum(-1)
+        if gradient == "support":  # w_v (d_v - L) on the ids, nothing elsewhere
+            coef_RK, spread_R = w_RK * (diff_RK - value_R.unsqueeze(-1)), None
+        else:  # policy: sum_j w_j d_j ([v = a_j] - p_v)
+            coef_RK = w_RK * diff_RK
+            spread_R = coef_RK.sum(-1)
+        ctx.save_for_backward(zs_RV, ids_RK, lse_s, coef_RK,
+                              spread_R if spread_R is not None else lse_s.new_zeros(0))
+        ctx.valid, ctx.group, ctx.spread = valid, group, spread_R is not None
+        return value_R
 
     @staticmethod
     def backward(ctx, grad_R):
-        zs_RV, ids_RK, lse_s, coef_RK = ctx.saved_tensors
+        zs_RV, ids_RK, lse_s, coef_RK, spread_R = ctx.saved_tensors
         v_local = zs_RV.shape[-1]
         local_ids = ids_RK - shard_start(v_local, ctx.group)
         mine = (local_ids >= 0) & (local_ids < v_local)
         grad = torch.empty_like(zs_RV)
         for c in row_chunks(zs_RV.shape[0], v_local):
-            zs = as_fp32_masked(zs_RV[c], ctx.valid)
-            p = torch.exp(zs - lse_s[c].unsqueeze(-1))
-            g = -p * coef_RK[c].sum(-1, keepdim=True)
+            if ctx.spread:
+                zs = as_fp32_masked(zs_RV[c], ctx.valid)
+                g = -torch.exp(zs - lse_s[c].unsqueeze(-1)) * spread_R[c].unsqueeze(-1)
+            else:
+                g = torch.zeros(zs_RV[c].shape, dtype=torch.float32, device=zs_RV.device)
             src = torch.where(mine[c], coef_RK[c], torch.zeros_like(coef_RK[c]))
             g.scatter_add_(-1, local_ids[c].clamp(0, v_local - 1), src)
             grad[c] = g * grad_R[c].float().unsqueeze(-1)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _flat_pair(student_logits, teacher_logits):
@@ -161,7 +172,8 @@ def reverse_kl(
         _, ids_RK = global_topk(zs_RV.detach(), topk, vocab_group=vocab_group, vocab_size=vocab_size)
         teacher_lp = teacher_logprobs_at(zt_RV.detach(), ids_RK, vocab_group=vocab_group,
                                          vocab_size=vocab_size)
-        return _SupportReverseKL.apply(zs_RV, ids_RK, teacher_lp, valid, vocab_group).reshape(lead)
+        return _SupportReverseKL.apply(zs_RV, ids_RK, teacher_lp, valid, vocab_group,
+                                       "support").reshape(lead)
     if kind == "sampled":
         raise ValueError("reverse_kl(kind='sampled') needs the sampled token ids: call "
                          "reverse_kl_at_ids(student_logits, ids[..., None], teacher_logprobs)")
@@ -195,13 +207,15 @@ def reverse_kl_at_ids(
     *,
     vocab_group=None,
     vocab_size: int | None = None,
+    gradient: str = "support",
 ) -> torch.Tensor:
     """Reverse-KL estimate on given global ids with precomputed teacher log-probs: [...] fp32.
 
     ``ids`` [..., K] int64 global token ids (e.g. the student's top-k recorded while decoding, or
     the sampled token with K = 1); ``teacher_logprobs`` [..., K] = log pi_T at those ids
     (full-vocabulary normalized). Weights are the student's probabilities renormalized on the
-    ids; gradient as for ``kind="topk"``.
+    ids. ``gradient``: ``support`` (as ``kind="topk"``) or ``policy`` (for a sampled token;
+    module docstring).
     """
     v = student_logits.shape[-1]
     zs_RV = student_logits.reshape(-1, v)
@@ -209,8 +223,10 @@ def reverse_kl_at_ids(
         raise ValueError(f"ids {tuple(ids.shape)} and teacher_logprobs "
                          f"{tuple(teacher_logprobs.shape)} must both be [..., K] over the "
                          f"student rows {tuple(student_logits.shape[:-1])}")
+    if gradient not in ("support", "policy"):
+        raise ValueError(f"gradient must be support|policy, got {gradient!r}")
     k = ids.shape[-1]
     valid = valid_columns(v, vocab_size, vocab_group, zs_RV.device)
     out = _SupportReverseKL.apply(zs_RV, ids.reshape(-1, k), teacher_logprobs.reshape(-1, k),
-                                  valid, vocab_group)
+                                  valid, vocab_group, gradient)
     return out.reshape(student_logits.shape[:-1])

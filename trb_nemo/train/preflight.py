@@ -29,4 +29,28 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         if cfg.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", "needs Transformer Engine or Apex "
                               "norms (GPU); set parallel.sequence_parallel=false on CPU")
-    return resolve_models(cfg)
+    _check_batch_layout(cfg)
+    cfg = resolve_models(cfg)
+    from trb_nemo.data.prompts import build_source
+
+    build_source(cfg)  # reads and checks every prompt
+    return cfg
+
+
+def _check_batch_layout(cfg: TrainConfig) -> None:
+    """Prompts split evenly over data-parallel ranks and sequences over microbatches."""
+    import os
+
+    from trb_nemo.parallel.env import launched_externally
+
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_externally() else \
+        cfg.parallel.local_world_size
+    dp = max(1, world // cfg.parallel.model_parallel_size)
+    o = cfg.optim
+    if o.prompts_per_step % dp:
+        raise ConfigError("optim.prompts_per_step", f"must be a multiple of the {dp} data-parallel "
+                          f"ranks, got {o.prompts_per_step}")
+    sequences = o.prompts_per_step // dp * cfg.rollout.num_rollouts_per_prompt
+    if sequences % o.micro_batch_size:
+        raise ConfigError("optim.micro_batch_size", f"must divide the {sequences} sequences per "
+                          f"data-parallel rank and step, got {o.micro_batch_size}")

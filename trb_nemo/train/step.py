@@ -39,8 +39,9 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab) ->
         teacher = vocab.canonical(mb["teacher_logits"], group)
         return reverse_kl(student, teacher, kind=loss_cfg.kind, topk=loss_cfg.topk,
                           vocab_group=group, vocab_size=vocab.size)
+    gradient = "policy" if loss_cfg.kind == "sampled" else "support"
     return reverse_kl_at_ids(student, mb["target_ids"], mb["teacher_logprobs"],
-                             vocab_group=group, vocab_size=vocab.size)
+                             vocab_group=group, vocab_size=vocab.size, gradient=gradient)
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,

@@ -1,0 +1,174 @@
+"""The training loop: TRB warmup, then pure on-policy distillation (DESIGN.md section 1).
+
+``Trainer.step`` is the method box, one call per stage:
+
+    prompts  -> rollout from the behavior policy mu_k (TRB: eps_k-trust-region blend)
+             -> teacher targets (reused from decoding when the rollout carries them)
+             -> reverse-KL loss and optimizer step on the student
+
+``Trainer.fit`` adds evaluation (pass@1 at step 0, every ``eval.interval`` steps and at the
+end), checkpoints (every ``checkpoint.interval`` steps, at the end, and when SIGTERM/SIGUSR1
+arrives, after which it exits cleanly), logging and the final report. Rerunning the same
+command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trb_nemo.config.schema import TrainConfig
+from trb_nemo.data.prompts import build_source, step_prompts
+from trb_nemo.eval.pass_at_1 import evaluate
+from trb_nemo.models.networks import build_student, build_teacher
+from trb_nemo.models.vocab import SharedVocab
+from trb_nemo.parallel import groups
+from trb_nemo.rollout.engine import Rollout, generate
+from trb_nemo.rollout.policies import policy_for
+from trb_nemo.rollout.stats import summarize
+from trb_nemo.train import stop_signal
+from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_training
+from trb_nemo.train.metrics_log import MetricsLog
+from trb_nemo.train.optimizer import wrap_student
+from trb_nemo.train.report import write_report
+from trb_nemo.train.step import score_with_teacher, train_step
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    return Path(cfg.logging.output_dir) / cfg.logging.run_name
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = run_dir_of(cfg)
+        groups.initialize(cfg.parallel, cfg.seed)
+        self.vocab = SharedVocab.of(cfg.model)
+        self.source = build_source(cfg)
+        self.training = wrap_student(build_student(cfg.model, cfg.parallel), cfg.optim, cfg.parallel)
+        self.student = self.training.model.module
+        self.teacher = build_teacher(cfg.model, cfg.parallel)
+        self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.step_k, self.resumed_from = 0, None
+        latest = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume else None
+        if latest is not None:
+            resumed = load_training(latest, self.training)
+            self.step_k, self.resumed_from = resumed.step, (latest, resumed)
+        self.log = MetricsLog(self.run_dir, cfg.logging, cfg.optim.max_steps, self.step_k)
+        if self.resumed_from:
+            folder, r = self.resumed_from
+            self.log.print(f"trb-nemo: resumed from {folder} at step {r.step}"
+                           + ("" if r.optimizer_restored else " (new TP/PP layout: Adam restarts)"))
+        stop_signal.install()
+
+    # ------------------------------------------------------------------ the method box, per step
+
+    def step(self) -> dict:
+        k = self.step_k
+        prompts = self.prompts(k)
+        policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
+        rollout = self.rollout(prompts, policy, k)
+        batch, teacher_passes = self.teacher_targets(rollout)
+        metrics = train_step(self.training, batch, k, self.cfg.loss, self.vocab,
+                             self.cfg.optim.micro_batch_size)
+        return self.step_metrics(k, policy, rollout, prompts, metrics, teacher_passes)
+
+    def prompts(self, k: int) -> list:
+        """This DP rank's prompts of step k, each repeated rollout.num_rollouts_per_prompt times."""
+        share = step_prompts(self.source, k, self.cfg.optim.prompts_per_step, groups.data_rank(),
+                             groups.data_size())
+        return [p for p in share for _ in range(self.cfg.rollout.num_rollouts_per_prompt)]
+
+    def rollout(self, prompts, policy, k: int) -> Rollout:
+        seed = self.cfg.rollout.seed * 1_000_003 + k * 1009 + groups.data_rank() * 7919 + 1
+        return generate(self.student, self.teacher, [list(p.ids) for p in prompts], policy,
+                        vocab=self.vocab, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                        topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed))
+
+    def teacher_targets(self, rollout: Rollout) -> tuple[dict, int]:
+        """The loss batch; the teacher runs a scoring pass only if decoding did not already
+        record what the loss needs. Returns (batch, number of teacher scoring passes)."""
+        kind, mask = self.cfg.loss.kind, rollout.loss_mask
+        batch = {"tokens": rollout.tokens, "loss_mask": mask}
+        mbs = self.cfg.optim.micro_batch_size
+        if kind == "full":
+            batch["teacher_logits"] = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab)
+            return batch, 1
+        if kind == "topk":
+            ids, lp = rollout.topk_ids, rollout.teacher_topk_logprobs
+        else:  # sampled: the chosen next token at each prefix
+            ids = torch.cat([rollout.tokens[:, 1:], rollout.tokens[:, :1]], dim=1).unsqueeze(-1)
+            recorded = rollout.records["teacher_logprob"].unsqueeze(-1)
+            lp = recorded if bool(torch.isfinite(recorded[mask]).all()) else None
+        passes = 0
+        if lp is None or not bool(torch.isfinite(lp[mask]).all()):
+            lp = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab, ids=ids)
+            passes = 1
+        if lp is not None:  # last stage: NaN outside response prefixes would poison the sums
+            lp = torch.where(mask.unsqueeze(-1), lp, torch.zeros_like(lp))
+        batch.update(target_ids=ids, teacher_logprobs=lp)
+        return batch, passes
+
+    def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes) -> dict:
+        correct = [self.source.check(rollout.tokens[i, len(p.ids): len(p.ids) +
+                                                    int(rollout.response_lengths[i])].tolist(), p.answer)
+                   for i, p in enumerate(prompts)]
+        eps = getattr(policy, "eps", None)
+        m = summarize(rollout, eps)
+        m.update({"rollout/reward": sum(correct) / len(correct),
+                  "rollout/temperature": getattr(policy, "temperature", 1.0),
+                  "scoring/teacher_passes": teacher_passes,
+                  "rollout/teacher_forwards": rollout.forwards["teacher"]})
+        m = _dp_mean(m)
+        m.update({f"train/{key}": v for key, v in train.items()})
+        return m
+
+    # --------------------------------------------------------------------------------- loop
+
+    def evaluate(self) -> float:
+        return evaluate(self.student, self.teacher, self.source, self.cfg, self.vocab, self.step_k)
+
+    def save(self) -> None:
+        save_training(self.checkpoint_dir, self.step_k, self.training, self.cfg.model.student,
+                      {"step": self.step_k}, self.cfg.checkpoint.keep_last)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.step_k == 0:
+            self.log.log(0, {"eval/pass@1": self.evaluate()})
+        stopped = 0
+        while self.step_k < cfg.optim.max_steps:
+            t0 = time.perf_counter()
+            metrics = self.step()
+            self.step_k += 1
+            metrics["time/step_seconds"] = time.perf_counter() - t0
+            self.log.log(self.step_k - 1, metrics, advance=True)
+            last = self.step_k == cfg.optim.max_steps
+            if last or (cfg.eval.interval and self.step_k % cfg.eval.interval == 0):
+                self.log.log(self.step_k, {"eval/pass@1": self.evaluate()})
+            stopped = stop_signal.stop_requested()
+            if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
+                self.save()
+            if stopped:
+                self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
+                               f"{self.checkpoint_dir}; rerun the same command to resume")
+                break
+        self.log.close()
+        summary = {"stopped_by_signal": stopped, "step": self.step_k}
+        if not stopped and dist.get_rank() == 0:
+            summary.update(write_report(self.run_dir, cfg))
+        groups.destroy()
+        return summary
+
+
+def _dp_mean(metrics: dict) -> dict:
+    """Mean of each metric over data-parallel ranks (1 all-reduce of [n])."""
+    if groups.data_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, group=groups.data_group())
+    return dict(zip(keys, (values / groups.data_size()).tolist(), strict=True))
