@@ -40,8 +40,8 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
         f"warmup K = {cfg.trb.warmup_steps} steps, loss `{cfg.loss.kind}`"
         f"{f' (k = {cfg.loss.topk})' if cfg.loss.kind == 'topk' else ''}, "
         f"TP = {cfg.parallel.tensor_model_parallel_size}, PP = {cfg.parallel.pipeline_model_parallel_size}.",
-        "", "| pass@1 (temperature %.1f, %d problems x %d samples) | value |" % (
-            cfg.eval.temperature, cfg.eval.num_problems, cfg.eval.num_samples),
+        "", f"| pass@1 (temperature {cfg.eval.temperature:.1f}, {cfg.eval.num_problems} problems "
+        f"x {cfg.eval.num_samples} samples) | value |",
         "|---|---|",
         f"| before training (step 0) | {_fmt(summary['pass@1_before'])} |",
         f"| after training (step {steps[-1] if steps else '-'}) | {_fmt(summary['pass@1_after'])} |",
