@@ -12,6 +12,7 @@ import pytest
 from trb_nemo import cli
 from trb_nemo.config.compose import default_config_dir, load_config
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
+from trb_nemo.train.preflight import preflight
 
 CONF = default_config_dir()
 GROUP_OPTIONS = sorted(
@@ -80,14 +81,14 @@ def test_bad_values_name_the_key(override, key, fragment):
 
 def test_cross_field_tp_must_divide_heads():
     with pytest.raises(ConfigError) as err:
-        load_config(["parallel.tensor_model_parallel_size=8", "parallel.num_local_ranks=8"])
+        preflight(load_config(["parallel.tensor_model_parallel_size=8", "parallel.num_local_ranks=8"]))
     assert err.value.key == "parallel.tensor_model_parallel_size"
     assert "num_attention_heads" in err.value.reason
 
 
 def test_cross_field_context_must_hold_prompt_and_response():
     with pytest.raises(ConfigError) as err:
-        load_config(["rollout.max_new_tokens=1000"])
+        preflight(load_config(["rollout.max_new_tokens=1000"]))
     assert err.value.key == "model.student.max_sequence_length"
 
 

@@ -29,6 +29,10 @@ def hf_folder(path, config, vocab=None):
     return str(path)
 
 
+INLINE = ["model.student.checkpoint=null", "model.teacher.checkpoint=null"]
+"""Networks described by the overrides, not by the shipped toy checkpoints."""
+
+
 def one_line_error(capsys, argv) -> str:
     assert main(argv) == EXIT_CONFIG_ERROR
     err = capsys.readouterr().err.strip().splitlines()
@@ -50,14 +54,14 @@ def test_folder_that_is_not_a_checkpoint(capsys, tmp_path):
 
 
 def test_inline_vocab_mismatch(capsys):
-    line = one_line_error(capsys, ["train", "model.teacher.vocab_size=256"])
+    line = one_line_error(capsys, ["train", *INLINE, "model.teacher.vocab_size=256"])
     assert "model.teacher.vocab_size:" in line and "share one tokenizer" in line
 
 
 def test_hf_tokenizer_mismatch(capsys, tmp_path):
     s = hf_folder(tmp_path / "s", QWEN3, {"a": 0, "b": 1})
     t = hf_folder(tmp_path / "t", QWEN3, {"a": 0, "c": 1})
-    line = one_line_error(capsys, ["train", f"model.student.hf_path={s}",
+    line = one_line_error(capsys, ["train", *INLINE, f"model.student.hf_path={s}",
                                    f"model.teacher.hf_path={t}", "parallel=cpu_tp1"])
     assert "model.teacher.hf_path:" in line and "tokenizer differs" in line
 
@@ -65,7 +69,7 @@ def test_hf_tokenizer_mismatch(capsys, tmp_path):
 def test_hf_vocab_size_mismatch(capsys, tmp_path):
     s = hf_folder(tmp_path / "s", QWEN3)
     t = hf_folder(tmp_path / "t", {**QWEN3, "vocab_size": 256})
-    line = one_line_error(capsys, ["train", f"model.student.hf_path={s}",
+    line = one_line_error(capsys, ["train", *INLINE, f"model.student.hf_path={s}",
                                    f"model.teacher.hf_path={t}", "parallel=cpu_tp1"])
     assert "model.teacher.vocab_size:" in line
 
@@ -73,7 +77,7 @@ def test_hf_vocab_size_mismatch(capsys, tmp_path):
 @pytest.mark.parametrize("command", ["train", "convert"])
 def test_unsupported_architecture(capsys, tmp_path, command):
     folder = hf_folder(tmp_path / "m", {**QWEN3, "architectures": ["MistralForCausalLM"]})
-    argv = (["train", f"model.student.hf_path={folder}"] if command == "train" else
+    argv = (["train", *INLINE, f"model.student.hf_path={folder}"] if command == "train" else
             ["convert", "hf-to-megatron", "--hf-path", folder, "--out", str(tmp_path / "o")])
     line = one_line_error(capsys, argv)
     assert "MistralForCausalLM" in line and "Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM" in line
@@ -89,7 +93,7 @@ def test_unsupported_rope_scaling_and_activation(tmp_path):
 
 def test_tp_must_divide_the_hf_heads(capsys, tmp_path):
     folder = hf_folder(tmp_path / "m", {**QWEN3, "num_key_value_heads": 1})
-    line = one_line_error(capsys, ["train", f"model.student.hf_path={folder}",
+    line = one_line_error(capsys, ["train", *INLINE, f"model.student.hf_path={folder}",
                                    f"model.teacher.hf_path={folder}"])
     assert "parallel.tensor_model_parallel_size:" in line
 

@@ -40,7 +40,8 @@ def one_line_error(capsys, argv) -> str:
 
 
 def _run(capsys, hf, prompts_file, *extra):
-    return one_line_error(capsys, ["train", f"model.student.hf_path={hf}",
+    return one_line_error(capsys, ["train", "model.student.checkpoint=null",
+                                   "model.teacher.checkpoint=null", f"model.student.hf_path={hf}",
                                    f"model.teacher.hf_path={hf}", "parallel=cpu_tp1",
                                    f"data.source={prompts_file}", *extra])
 

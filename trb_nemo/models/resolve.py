@@ -47,11 +47,11 @@ def spec_from_meta(meta: dict, base: ModelSpec) -> ModelSpec:
 
 def resolve_spec(spec: ModelSpec, key: str) -> ModelSpec:
     """The full architecture of one network (see the module docstring)."""
+    hf = read_config_json(spec.hf_path, f"{key}.hf_path") if spec.hf_path is not None else None
     if spec.checkpoint is not None:
         return spec_from_meta(read_model_meta(spec.checkpoint, f"{key}.checkpoint"), spec)
-    if spec.hf_path is not None:
-        return spec_from_hf_config(read_config_json(spec.hf_path, f"{key}.hf_path"), spec,
-                                   f"{key}.hf_path")
+    if hf is not None:
+        return spec_from_hf_config(hf, spec, f"{key}.hf_path")
     return spec
 
 
