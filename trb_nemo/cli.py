@@ -1,4 +1,4 @@
-"""`trb-nemo`: the command line. Subcommands: train, convert.
+"""`trb-nemo`: the command line. Subcommands: train, convert, compare.
 
 Config errors (unknown key, bad value, missing file) print one line and exit with code 2
 before any rank starts or any model is built.
@@ -50,6 +50,15 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.train.compare import run_compare
+
+    load_config(args.overrides)  # one-line errors before the first run starts
+    run_compare(args.overrides, args.seeds, tuple(args.behaviors))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trb-nemo", description="On-policy distillation with "
                                      "Trust-Region Behavior Blending on Megatron-Core.")
@@ -74,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                          help="dtype of the Megatron weights (export always writes fp32)")
     convert.set_defaults(func=_convert)
+
+    from trb_nemo.train.compare import BEHAVIORS
+
+    compare = sub.add_parser("compare", help="every behavior x seeds on the same config: the "
+                             "paper's Table 1 on the toy task")
+    compare.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    compare.add_argument("--behaviors", nargs="+", default=list(BEHAVIORS), choices=BEHAVIORS)
+    compare.set_defaults(func=_compare)
     return parser
 
 

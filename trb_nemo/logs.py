@@ -19,6 +19,9 @@ _NOISE = (
     r".*deprecating ShardedTensor.*",  # dist_checkpointing's torch_dist writer
     r".*MimoModelConfig is experimental.*",  # imported by Megatron, unused here
     r".*all_gather_into_tensor.*is deprecated.*",  # torch's rename; gloo lacks the new name
+    r".*argument order of load has been changed.*",  # torch.distributed.checkpoint, via Megatron
+    r".*assuming the intent is to load in a single process.*",  # its no-planner load path
+    r".*\.grad attribute of a Tensor that is not a leaf.*",  # Megatron's optimizer, harmless
 )
 _CPU_NOISE = (r".*CUDA_DEVICE_MAX_CONNECTIONS.*",)  # a GPU stream setting
 

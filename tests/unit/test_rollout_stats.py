@@ -39,3 +39,16 @@ def test_summary_values():
     assert s["rollout/response_length_mean"] == 3 and s["rollout/stopped_share"] == 0.5
     assert math.isclose(s["rollout/tokens_per_second"], 3.0, rel_tol=1e-6)
     assert math.isclose(s["rollout/teacher_positions_per_token"], 1.5, rel_tol=1e-6)
+
+
+def test_compare_table_mean_and_spread():
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.train.compare import format_table
+
+    runs = {("student", 0): [{"step": 0, "eval/pass@1": 0.1}, {"step": 5, "eval/pass@1": 0.3},
+                             {"step": 10, "eval/pass@1": 0.2}],
+            ("student", 1): [{"step": 0, "eval/pass@1": 0.1}, {"step": 5, "eval/pass@1": 0.5},
+                             {"step": 10, "eval/pass@1": 0.4}]}
+    table = format_table(runs, ["student"], [0, 1], load_config())
+    row = [line for line in table.splitlines() if line.startswith("| Vanilla OPD")][0]
+    assert row == "| Vanilla OPD | 10.0 ± 0.0 | 40.0 ± 14.1 | 30.0 ± 14.1 |"
