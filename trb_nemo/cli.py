@@ -1,4 +1,4 @@
-"""`trb-nemo`: the command line. Subcommands: train, convert, compare.
+"""`trb-nemo`: the command line. Subcommands: train, convert, compare, launch slurm.
 
 Config errors (unknown key, bad value, missing file) print one line and exit with code 2
 before any rank starts or any model is built.
@@ -59,6 +59,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from trb_nemo.launch import slurm
+
+    stages = slurm.plan_stages(args.overrides)
+    workdir = Path.cwd()
+    if args.dry_run:
+        for st in stages:
+            print(slurm.render(st, slurm.log_dir_of(st, workdir), workdir))
+        return 0
+    paths = slurm.write_scripts(stages, workdir)
+    ids = slurm.submit(paths, stages[0].cfg.launcher.env_passthrough, dict(os.environ))
+    for st, path, job in zip(stages, paths, ids, strict=True):
+        print(f"trb-nemo: submitted {st.name} stage as job {job}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trb-nemo", description="On-policy distillation with "
                                      "Trust-Region Behavior Blending on Megatron-Core.")
@@ -92,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     compare.add_argument("--behaviors", nargs="+", default=list(BEHAVIORS), choices=BEHAVIORS)
     compare.set_defaults(func=_compare)
+
+    launch = sub.add_parser("launch", help="submit the run to a cluster scheduler")
+    launch_sub = launch.add_subparsers(dest="scheduler", required=True)
+    slurm = launch_sub.add_parser("slurm", help="render sbatch script(s) and submit them",
+                                  description="Keys under launcher.* set the job; every override "
+                                  "also reaches the trainer verbatim.")
+    slurm.add_argument("overrides", nargs="*", metavar="a.b=c")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script(s), submit nothing")
+    slurm.set_defaults(func=_launch)
     return parser
 
 

@@ -135,3 +135,8 @@ def _one_line(e: Exception) -> ConfigError:
             return ConfigError(group.group(1), f"{first.split(': ', 1)[-1]}; available: "
                                                f"{', '.join(o for o in options if '=' not in o)}")
     return ConfigError(key, first)
+
+
+def composed_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (what a run saves beside its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))

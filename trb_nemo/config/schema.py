@@ -363,22 +363,54 @@ class LauncherConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
+    """GPUs requested per node (``--gpus-per-node``); 0 = a CPU job."""
+    tasks_per_node: int | None = None
+    """Ranks per node in ``srun`` mode; None = gpus_per_node (1 for a CPU job)."""
+    launch_mode: str = "srun"
+    """``srun``: one Slurm task per rank (srun forwards the warning signal to every rank);
+    ``torchrun``: one task per node running torchrun with a c10d rendezvous on the first node."""
     partition: str | None = None
     account: str | None = None
     time_limit: str = "04:00:00"
     job_name: str = "trb-nemo"
     container_image: str | None = None
+    """pyxis/enroot image (e.g. an .sqsh made from the Dockerfile); None = run in the submitting
+    environment's Python."""
     container_mounts: list[str] = field(default_factory=list)
+    container_workdir: str | None = None
+    """Working directory inside the container (the project checkout there)."""
     env_passthrough: list[str] = field(default_factory=list)
-    """Environment variables forwarded by name (secrets are never written into the script)."""
+    """Environment variables the job needs, by name (e.g. HF_TOKEN): checked at submission and
+    passed from the submitting environment; their values are never written anywhere."""
     signal_seconds_before_end: int = 300
-    """Ask Slurm for SIGUSR1 this long before the time limit: checkpoint and requeue."""
+    """Slurm sends the warning signal this long before the time limit: the trainer checkpoints,
+    the job requeues itself and resumes. 0 disables."""
+    stages: str = "one_job"
+    """``one_job``: TRB warmup and pure OPD in one job; ``chained``: a warmup job of
+    trb.warmup_steps steps, then an OPD job (``--dependency=afterok``) resuming its checkpoint."""
+    stage2_overrides: list[str] = field(default_factory=list)
+    """Extra a.b=c overrides of the OPD stage when chained (e.g. another parallel layout)."""
+    stage2_nodes: int | None = None
+    """Nodes of the OPD stage when chained; None = nodes."""
 
     def __post_init__(self):
         _positive(self.nodes, "nodes")
         _non_negative(self.gpus_per_node, "gpus_per_node")
+        if self.tasks_per_node is not None:
+            _positive(self.tasks_per_node, "tasks_per_node")
+        _one_of(self.launch_mode, ("srun", "torchrun"), "launch_mode")
+        _one_of(self.stages, ("one_job", "chained"), "stages")
         _check(bool(self.job_name), "job_name", "must not be empty")
         _non_negative(self.signal_seconds_before_end, "signal_seconds_before_end")
+        for name in self.env_passthrough:
+            _check(name.isidentifier(), "env_passthrough",
+                   f"must list variable names, got {name!r}")
+        if self.stage2_nodes is not None:
+            _positive(self.stage2_nodes, "stage2_nodes")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
 
 
 # -------------------------------------------------------------------------------------- root

@@ -6,10 +6,7 @@ Under torchrun or srun this process is one rank. Otherwise it starts
 
 from __future__ import annotations
 
-import dataclasses
-
-from omegaconf import OmegaConf
-
+from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.logs import global_rank, print0, quiet_third_party
 from trb_nemo.parallel.env import launched_externally
@@ -27,13 +24,13 @@ def rank_main(cfg: TrainConfig) -> dict:
 
 def save_composed_config(cfg: TrainConfig) -> None:
     """``<run_dir>/config.yaml``: the resolved config this run uses (rank 0)."""
-    from trb_nemo.train.trainer import run_dir_of
+    from trb_nemo.train.run_dir import run_dir_of
 
     if global_rank() != 0:
         return
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
+    (run_dir / "config.yaml").write_text(composed_yaml(cfg))
 
 
 def run_train(cfg: TrainConfig) -> list[dict]:
@@ -52,7 +49,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         print0(f"trb-nemo: stopped after step {r['step']} (signal {r['stopped_by_signal']}); "
                "checkpoint saved, rerun the same command to resume")
     elif r.get("pass@1_after") is not None:
-        from trb_nemo.train.trainer import run_dir_of
+        from trb_nemo.train.run_dir import run_dir_of
 
         print0(f"trb-nemo: done, {r['step']} steps. pass@1 {r['pass@1_before']:.3f} before -> "
                f"{r['pass@1_after']:.3f} after (best {r['pass@1_best']:.3f} at step {r['best_step']}). "

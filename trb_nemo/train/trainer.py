@@ -34,11 +34,8 @@ from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_tra
 from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.optimizer import wrap_student
 from trb_nemo.train.report import write_report
+from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
 from trb_nemo.train.step import score_with_teacher, train_step
-
-
-def run_dir_of(cfg: TrainConfig) -> Path:
-    return Path(cfg.logging.output_dir) / cfg.logging.run_name
 
 
 class Trainer:
@@ -153,6 +150,8 @@ class Trainer:
             if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
                 self.save()
             if stopped:
+                if dist.get_rank() == 0:  # the Slurm job script requeues itself on seeing it
+                    (self.run_dir / STOP_MARKER).write_text(f"{self.step_k}\n")
                 self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
                                f"{self.checkpoint_dir}; rerun the same command to resume")
                 break
