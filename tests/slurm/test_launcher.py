@@ -99,9 +99,6 @@ def _rows(run_dir: Path):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-pytestmark_slurm = pytest.mark.slurm
-
-
 @pytest.mark.slurm
 def test_two_node_run_with_a_hostile_override(slurm, tmp_path):
     marker = tmp_path / "pwned"
@@ -114,8 +111,9 @@ def test_two_node_run_with_a_hostile_override(slurm, tmp_path):
     run_dir = tmp_path / name
     rows = _rows(run_dir)
     assert [r["step"] for r in rows if "train/loss" in r] == [0, 1]
-    assert f"run_name: {name}" in (run_dir / "config.yaml").read_text() or \
-        name in (run_dir / "config.yaml").read_text()
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(run_dir / "config.yaml").logging.run_name == name  # verbatim
     assert not marker.exists()
     log = next((run_dir / "slurm").glob("*.out")).read_text()
     assert "0: " in log and "trb-nemo: done" in log
