@@ -1,6 +1,9 @@
 # trb_nemo on an NVIDIA NGC PyTorch image: CUDA, NCCL, Transformer Engine and apex come from the
 # image; the project is installed on top without replacing the image's torch.
-# Build:  docker build -t trb-nemo:latest .
+# Build:            docker build -t trb-nemo:latest .
+# For pyxis/enroot: enroot import -o trb-nemo.sqsh dockerd://trb-nemo:latest
+#                   (then launcher.container_image=/path/to/trb-nemo.sqsh; see launcher/README.md)
+# Lint (CI does):   hadolint Dockerfile
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
@@ -12,6 +15,8 @@ WORKDIR /opt/trb_nemo
 COPY pyproject.toml README.md ./
 COPY trb_nemo ./trb_nemo
 COPY conf ./conf
+COPY examples ./examples
+COPY scripts ./scripts
 
 # --no-deps for torch: keep the image's CUDA build; everything else resolves normally.
 RUN pip install --no-build-isolation --no-deps -e . \
