@@ -84,12 +84,8 @@ def render(stage: Stage, log_dir: Path, workdir: Path) -> str:
         d.append(f"#SBATCH --ntasks-per-node={ranks_per_node}")
     else:
         d.append("#SBATCH --ntasks-per-node=1          # torchrun starts the ranks of a node")
-    if la.gpus_per_node:
-        d.append(f"#SBATCH --gpus-per-node={la.gpus_per_node}")
-    if la.partition:
-        d.append(f"#SBATCH --partition={q(la.partition)}")
-    if la.account:
-        d.append(f"#SBATCH --account={q(la.account)}")
+    optional = {"gpus-per-node": la.gpus_per_node, "partition": la.partition, "account": la.account}
+    d += [f"#SBATCH --{k}={q(str(v))}" for k, v in optional.items() if v]
     d += [f"#SBATCH --time={q(la.time_limit)}",
           f"#SBATCH --output={q(str(log_dir / '%x-%j.out'))}",
           "#SBATCH --open-mode=append            # a requeued job appends to the same log",
@@ -97,15 +93,10 @@ def render(stage: Stage, log_dir: Path, workdir: Path) -> str:
     if la.signal_seconds_before_end:
         d += [f"#SBATCH --signal=B:USR1@{la.signal_seconds_before_end}   # warn this script before "
               "the time limit", "#SBATCH --requeue                     # it may requeue itself"]
-    container = []
-    if la.container_image:
-        container.append(f"--container-image={q(la.container_image)}")
-        if la.container_mounts:
-            container.append(f"--container-mounts={q(','.join(la.container_mounts))}")
-        if la.container_workdir:
-            container.append(f"--container-workdir={q(la.container_workdir)}")
-        if la.env_passthrough:
-            container.append(f"--container-env={','.join(la.env_passthrough)}")
+    pyxis = {"container-image": la.container_image, "container-mounts": ",".join(la.container_mounts),
+             "container-workdir": la.container_workdir,
+             "container-env": ",".join(la.env_passthrough)} if la.container_image else {}
+    container = [f"--{k}={q(v)}" for k, v in pyxis.items() if v]
     args = "\n".join(f"  {q(a)}" for a in ["train", *stage.overrides])
     command = " ".join(q(c) for c in _trainer_command(cfg))
     if la.launch_mode == "srun":
