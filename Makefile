@@ -13,4 +13,5 @@ test: setup
 	.venv/bin/python -m pytest
 
 lint: setup
-	.venv/bin/ruff check trb_nemo tests benchmarks
+	.venv/bin/ruff check trb_nemo tests benchmarks examples
+	.venv/bin/hadolint Dockerfile
