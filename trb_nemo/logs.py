@@ -18,7 +18,7 @@ _NOISE = (
     r".*full scope is deprecated.*",  # TransformerConfig's cuda-graph default, unused here
     r".*deprecating ShardedTensor.*",  # dist_checkpointing's torch_dist writer
     r".*MimoModelConfig is experimental.*",  # imported by Megatron, unused here
-    r".*all_gather_into_tensor.*is deprecated.*",  # torch's rename; gloo lacks the new name
+    r".*torch\.distributed\.\w+_tensor` is deprecated.*",  # torch's renames; gloo lacks the new names
     r".*argument order of load has been changed.*",  # torch.distributed.checkpoint, via Megatron
     r".*assuming the intent is to load in a single process.*",  # its no-planner load path
     r".*\.grad attribute of a Tensor that is not a leaf.*",  # Megatron's optimizer, harmless
