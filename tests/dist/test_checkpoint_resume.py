@@ -74,6 +74,8 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         spawn_bare(run, 2, str(tmp_path / "b"), 1, 2, None, False, SAVE_AT + 1)
     root = tmp_path / "b"
     assert sorted(p.name for p in root.iterdir()) == [f"step_{SAVE_AT:07d}"]
+    # the folder can move: it does not record where it was written
+    assert str(tmp_path).encode() not in (root / f"step_{SAVE_AT:07d}" / ".metadata").read_bytes()
     # what a crash in the middle of a later save leaves behind: never loaded
     (root / f"step_{SAVE_AT + 2:07d}.tmp").mkdir()
     (root / f"step_{SAVE_AT + 2:07d}.tmp" / "garbage.distcp").write_bytes(b"\0" * 64)

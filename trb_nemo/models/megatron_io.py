@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict,
         torch.save(rank_state, rank_state_path(tmp, dist.get_rank()))
     dist.barrier()
     if dist.get_rank() == 0:
+        _drop_save_path(tmp)
         _write_json_atomic(tmp / MODEL_META, meta)
         if final.exists():
             shutil.rmtree(final)
@@ -75,6 +77,21 @@ def load_model(folder: str | Path, model) -> None:
 
 def read_meta(folder: str | Path) -> dict:
     return json.loads((Path(folder) / MODEL_META).read_text())
+
+
+def _drop_save_path(folder: Path) -> None:
+    """torch.distributed.checkpoint records the absolute folder it wrote to (the ``.tmp`` name)
+    in ``.metadata``; loading never reads it. Drop it, so a folder can be moved or shipped
+    without carrying the writing machine's paths."""
+    path = folder / ".metadata"
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)
+    if getattr(metadata, "storage_meta", None) is not None:
+        metadata.storage_meta.checkpoint_id = None
+        with open(path, "wb") as f:
+            pickle.dump(metadata, f)
 
 
 def _write_json_atomic(path: Path, obj) -> None:
