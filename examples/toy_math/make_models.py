@@ -43,24 +43,21 @@ def sft_batch(seed: int, start: int, size: int, stop_id: int):
     return tokens, mask
 
 
-def pass_at_1(model, stop_id: int, problems: int, samples: int, seed: int) -> float:
-    """Mean over held-out problems of c/n correct samples at temperature 1.0."""
-    from trb_nemo.data.toy_math import EVAL_SEED_OFFSET, CharTokenizer, check, problem
+def pass_at_1(model, stop_id: int, cfg, seed: int) -> float:
+    """pass@1 at temperature 1.0 on 64 held-out problems x 4 samples (trb_nemo.eval)."""
+    from trb_nemo.config.schema import EvalConfig
+    from trb_nemo.data.prompts import ToyMathSource
+    from trb_nemo.eval.pass_at_1 import evaluate
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import StudentPolicy
 
-    tok = CharTokenizer()
-    probs = [problem(seed + EVAL_SEED_OFFSET, i) for i in range(problems)]
-    prompts = [tok.encode(p.prompt) for p in probs for _ in range(samples)]
-    ro = generate(model, model, prompts, StudentPolicy(), vocab=SharedVocab(128, stop_id, stop_id),
-                  max_new_tokens=40, topk_k=1, generator=torch.Generator().manual_seed(seed))
-    correct = [check(tok.decode(ro.tokens[i, len(prompts[i]): len(prompts[i]) + int(ro.response_lengths[i])]),
-                     probs[i // samples].answer) for i in range(len(prompts))]
-    return sum(correct) / len(correct)
+    cfg = dataclasses.replace(cfg, seed=seed,
+                              eval=EvalConfig(num_problems=64, num_samples=4, max_new_tokens=40))
+    source = ToyMathSource(seed, cfg.data.max_prompt_length)
+    return evaluate(model, model, source, cfg, SharedVocab(128, stop_id, stop_id), step=0)
 
 
-def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float | None, log) -> float:
+def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float | None, log,
+          cfg) -> float:
     """SFT with AdamW; every 100 steps measure pass@1 and stop early once it reaches target."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     score = 0.0
@@ -76,7 +73,7 @@ def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float |
         opt.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             model.eval()
-            score = pass_at_1(model, stop_id, 64, 4, seed)
+            score = pass_at_1(model, stop_id, cfg, seed)
             log(f"step {step + 1}: loss {loss.item():.4f} pass@1 {score:.3f}")
             if target is not None and score >= target:
                 break
@@ -105,7 +102,7 @@ def make(student_steps: int, teacher_max_steps: int, roles: tuple[str, ...]) -> 
         model = build_network(spec, cfg.model, cfg.parallel, cfg.model.init_seed + len(role))
         print(f"{role}: SFT")
         score = train(model, stop, steps, lr, seed=11 if role == "teacher" else 13, target=target,
-                      log=lambda m, r=role: print(f"  {r} {m}", flush=True))
+                      log=lambda m, r=role: print(f"  {r} {m}", flush=True), cfg=cfg)
         save_model(OUT / role, model, dataclasses.replace(spec, checkpoint=None))
         results[role] = score
     groups.destroy()

@@ -285,3 +285,11 @@ def test_schedules():
     assert schedules.eps_at(0, schedule="none", eps0=0.01, warmup_steps=4) == 0.0
     with pytest.raises(ValueError):
         schedules.eps_at(0, schedule="exp", eps0=0.01, warmup_steps=4)
+
+
+def test_solve_beta_and_kl_equals_the_two_calls():
+    zs, zt = _logits(6, 40)
+    eps = torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.1, 1e3])
+    beta, kl = trust_region.solve_beta_and_kl(zs, zt, eps)
+    assert torch.equal(beta, trust_region.solve_beta(zs, zt, eps))
+    assert torch.equal(kl, trust_region.kl_to_student(zs, zt, beta))

@@ -29,10 +29,8 @@ def evaluate(student, teacher, source, cfg: TrainConfig, vocab: SharedVocab, ste
         ro = generate(student, teacher, prompts, StudentPolicy(cfg.eval.temperature), vocab=vocab,
                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                       topk_k=1, generator=gen)
-        for i, prompt in enumerate(prompts):
-            start = len(prompt)
-            response = ro.tokens[i, start: start + int(ro.response_lengths[i])].tolist()
-            counts[0] += float(source.check(response, mine[i // n].answer))
+        for i in range(len(prompts)):
+            counts[0] += float(source.check(ro.response(i), mine[i // n].answer))
         counts[1] = len(prompts)
     if size > 1:
         dist.all_reduce(counts, group=groups.data_group())

@@ -74,8 +74,7 @@ def _trainer_command(cfg: TrainConfig) -> list[str]:
 def render(stage: Stage, log_dir: Path, workdir: Path) -> str:
     """The sbatch script of one stage (readable, commented, safe to edit)."""
     cfg, la = stage.cfg, stage.cfg.launcher
-    run_dir = (workdir / run_dir_of(cfg)).resolve() if not run_dir_of(cfg).is_absolute() \
-        else run_dir_of(cfg)
+    run_dir = log_dir.parent
     q = shlex.quote
     ranks_per_node = la.ranks_per_node
     d = [f"#SBATCH --job-name={q(la.job_name + ('' if stage.name == 'run' else '-' + stage.name))}",
@@ -98,16 +97,16 @@ def render(stage: Stage, log_dir: Path, workdir: Path) -> str:
              "container-env": ",".join(la.env_passthrough)} if la.container_image else {}
     container = [f"--{k}={q(v)}" for k, v in pyxis.items() if v]
     args = "\n".join(f"  {q(a)}" for a in ["train", *stage.overrides])
-    command = " ".join(q(c) for c in _trainer_command(cfg))
-    if la.launch_mode == "srun":
-        launch = (f"srun --kill-on-bad-exit=1 --label {' '.join(container)} \\\n"
-                  f"    {command} \"${{ARGS[@]}}\" &").replace("  \\", " \\")
+    torchrun = la.launch_mode == "torchrun"
+    srun = " ".join(["srun --kill-on-bad-exit=1 --label", *(["--ntasks-per-node=1"] if torchrun
+                                                            else []), *container])
+    if torchrun:
+        program = (f"torchrun --nnodes=\"$SLURM_NNODES\" --nproc-per-node={ranks_per_node} \\\n"
+                   f"    --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" "
+                   f"--rdzv-id=\"$SLURM_JOB_ID\" \\\n    -m trb_nemo.cli")
     else:
-        launch = (f"srun --kill-on-bad-exit=1 --label --ntasks-per-node=1 {' '.join(container)} \\\n"
-                  f"    torchrun --nnodes=\"$SLURM_NNODES\" --nproc-per-node={ranks_per_node} \\\n"
-                  f"    --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" "
-                  f"--rdzv-id=\"$SLURM_JOB_ID\" \\\n"
-                  f"    -m trb_nemo.cli \"${{ARGS[@]}}\" &").replace("  \\", " \\")
+        program = " ".join(q(c) for c in _trainer_command(cfg))
+    launch = f"{srun} \\\n    {program} \"${{ARGS[@]}}\" &"
     secrets = "\n".join(f': "${{{n}:?{n} must be set in the environment this job is submitted from}}"'
                         for n in la.env_passthrough) or "# (none: launcher.env_passthrough is empty)"
     return f"""#!/bin/bash
@@ -149,6 +148,7 @@ exit $rc
 
 
 def log_dir_of(stage: Stage, workdir: Path) -> Path:
+    """``<run_dir>/slurm``, absolute (a relative output_dir is taken from ``workdir``)."""
     return (workdir / run_dir_of(stage.cfg) / "slurm").resolve()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
 from trb_nemo.models.hf_config import hf_config_from_spec, read_config_json, spec_from_hf_config
-from trb_nemo.models.resolve import read_model_meta, spec_from_meta
+from trb_nemo.models.resolve import read_model_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model")
@@ -57,7 +57,7 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
         job = ConvertJob(direction, source, out, spec, parallel, precision, hf, source)
     elif direction == "megatron-to-hf":
         meta = read_model_meta(source, "--checkpoint")
-        spec = spec_from_meta(meta, ModelSpec(**meta["spec"]))
+        spec = ModelSpec(**meta["spec"])
         job = ConvertJob(direction, source, out, spec, parallel, precision, meta.get("hf_config"),
                          meta["spec"].get("hf_path"))
     else:

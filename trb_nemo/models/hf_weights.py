@@ -51,12 +51,11 @@ def _qkv_split(spec, w):
     return [t.reshape(-1, *rest) for t in (q, k, v)]
 
 
-def _pad_rows(spec, w, padded):
+def _pad_rows(w, padded):
     return torch.cat([w, w.new_zeros(padded - w.shape[0], *w.shape[1:])]) if padded > w.shape[0] else w
 
 
 # (Megatron name suffix pattern within a layer or the model, HF names, join, split)
-_ATTN = "self_attention."
 _LAYER_RULES = [
     (r"input_layernorm\.weight|self_attention\.linear_qkv\.layer_norm_weight",
      ["input_layernorm.weight"], None, None),
@@ -140,7 +139,7 @@ def load_hf_tensors(model, spec: ModelSpec, get, tp_group) -> None:
         full = join(spec, *tensors) if join else tensors[0]
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             padded = param.shape[0] * (_tp(tp_group)[0])
-            full = _pad_rows(spec, full, padded)
+            full = _pad_rows(full, padded)
         local = _local_slice(name, param, full, tp_group)
         if local.shape != param.shape:
             raise ValueError(f"{name}: HF tensors {names} give {tuple(local.shape)} on this rank, "

@@ -75,10 +75,6 @@ def load_model(folder: str | Path, model) -> None:
     model.load_state_dict(state["model"], strict=True)
 
 
-def read_meta(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / MODEL_META).read_text())
-
-
 def _drop_save_path(folder: Path) -> None:
     """torch.distributed.checkpoint records the absolute folder it wrote to (the ``.tmp`` name)
     in ``.metadata``; loading never reads it. Drop it, so a folder can be moved or shipped

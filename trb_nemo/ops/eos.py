@@ -16,7 +16,8 @@ from trb_nemo.ops.vocab_parallel import NEG_INF, shard_start
 
 
 class _ShardedMerge(torch.autograd.Function):
-    """canonicalize() across shards, with its exact gradient.
+    """canonicalize() on any shard layout (``group`` None: the whole vocabulary is local, no
+    collective), with its exact gradient.
 
     Forward: the drop column travels to the keep column's owner by an all-reduce(MAX) of [R]
     (-inf on the other ranks); z'_keep = logaddexp(z_keep, z_drop), z'_drop = -inf.
@@ -32,7 +33,8 @@ class _ShardedMerge(torch.autograd.Function):
         dropped = (logits[..., drop_local].float() if drop_local is not None
                    else torch.full(lead, NEG_INF, device=logits.device))
         dropped = dropped.contiguous()
-        dist.all_reduce(dropped, op=dist.ReduceOp.MAX, group=group)
+        if group is not None:
+            dist.all_reduce(dropped, op=dist.ReduceOp.MAX, group=group)
         out = logits.clone()
         w_keep = None
         if keep_local is not None:
@@ -56,7 +58,8 @@ class _ShardedMerge(torch.autograd.Function):
             g_keep = grad_out[..., ctx.keep_local].float()
             grad[..., ctx.keep_local] = (g_keep * w_keep).to(grad.dtype)
             to_drop = g_keep * (1.0 - w_keep)
-        dist.all_reduce(to_drop, group=ctx.group)
+        if ctx.group is not None:
+            dist.all_reduce(to_drop, group=ctx.group)
         if ctx.drop_local is not None:
             grad[..., ctx.drop_local] = to_drop.to(grad.dtype)
         return grad, None, None, None
@@ -74,13 +77,7 @@ def canonicalize(logits: torch.Tensor, *, keep_id: int, drop_id: int, vocab_grou
     start = shard_start(v_local, vocab_group)
     owns_keep = start <= keep_id < start + v_local
     owns_drop = start <= drop_id < start + v_local
-    if vocab_group is not None:
-        return _ShardedMerge.apply(logits, keep_id - start if owns_keep else None,
-                                   drop_id - start if owns_drop else None, vocab_group)
-    if not (owns_keep and owns_drop):
+    if vocab_group is None and not (owns_keep and owns_drop):
         raise ValueError(f"keep_id={keep_id} and drop_id={drop_id} must be < vocab {v_local}")
-    out = logits.clone()
-    merged = torch.logaddexp(logits[..., keep_id].float(), logits[..., drop_id].float())
-    out[..., keep_id] = merged.to(logits.dtype)
-    out[..., drop_id] = NEG_INF
-    return out
+    return _ShardedMerge.apply(logits, keep_id - start if owns_keep else None,
+                               drop_id - start if owns_drop else None, vocab_group)

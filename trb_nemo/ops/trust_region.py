@@ -206,19 +206,49 @@ def solve_beta(
     all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp. Peak memory per chunk: four fp32
     [rows_chunk, V] temporaries (masked logits as needed, log p, r - c, the tilted weights).
     """
+    return _solve(student_logits, teacher_logits, eps, vocab_group, vocab_size, tolerance,
+                  max_iterations, with_kl=False)[0]
+
+
+def solve_beta_and_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    eps,
+    *,
+    vocab_group=None,
+    vocab_size: int | None = None,
+    tolerance: float = 1e-6,
+    max_iterations: int = 40,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(solve_beta(...), kl_to_student(..., beta)) from one preparation of each row chunk: the
+    decoding hot path needs both. Collectives: solve_beta's + 1 all-reduce(SUM) [R, 6] per chunk."""
+    return _solve(student_logits, teacher_logits, eps, vocab_group, vocab_size, tolerance,
+                  max_iterations, with_kl=True)
+
+
+def _solve(student_logits, teacher_logits, eps, group, vocab_size, tolerance, max_iterations,
+           with_kl):
     zs_RV, zt_RV, eps_R, valid, lead = _inputs(student_logits, teacher_logits, eps, "eps",
-                                               vocab_size, vocab_group)
+                                               vocab_size, group)
     if bool((eps_R < 0).any()):
         raise ValueError("eps must be >= 0")
-    out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
+    beta = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
+    kl = torch.zeros_like(beta) if with_kl else None
     for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
-        out[c] = _solve_chunk(zs_RV[c], zt_RV[c], eps_R[c], valid, vocab_group,
-                              tolerance, max_iterations)
-    return out.reshape(lead)
+        st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, group)
+        beta[c] = _solve_chunk(st, lp_common, d, eps_R[c], group, tolerance, max_iterations)
+        if with_kl:
+            kl[c] = _kl_of(beta[c], st, lp_common, d, group)
+    return beta.reshape(lead), (kl.reshape(lead) if with_kl else None)
 
 
-def _solve_chunk(zs_RV, zt_RV, eps_R, valid, group, tolerance, max_iterations):
-    st, lp_common, d = _prepare(zs_RV, zt_RV, valid, group)
+def _kl_of(beta_R, st, lp_common, d, group):
+    """KL(mu_beta || p) of prepared rows, exact at the ends of [0, 1]."""
+    interior = beta_R.clamp(1e-12, 1 - 1e-12)
+    return _edge_kl(beta_R, st, _kl_at(interior, st, lp_common, d, group)[0])
+
+
+def _solve_chunk(st, lp_common, d, eps_R, group, tolerance, max_iterations):
     beta = torch.zeros_like(eps_R)
     to_one = (eps_R > 0) & (st.kl_teacher <= eps_R)
     beta = torch.where(to_one, torch.ones_like(beta), beta)
@@ -298,7 +328,5 @@ def kl_to_student(
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
     for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
         st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, vocab_group)
-        interior = beta_R[c].clamp(1e-12, 1 - 1e-12)
-        kl = _kl_at(interior, st, lp_common, d, vocab_group)[0]
-        out[c] = _edge_kl(beta_R[c], st, kl)
+        out[c] = _kl_of(beta_R[c], st, lp_common, d, vocab_group)
     return out.reshape(lead)

@@ -12,6 +12,11 @@ def launched_externally() -> bool:
     return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_PROCID" in os.environ
 
 
+def external_world_size() -> int:
+    """Ranks of a torchrun or srun launch, readable before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def env_from_slurm() -> None:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK from srun's variables (one task per rank)."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:

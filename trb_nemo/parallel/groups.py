@@ -98,3 +98,22 @@ def is_first_stage() -> bool:
 
 def is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
+
+
+def broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
+    """In place: every pipeline stage gets the last stage's ``x`` (1 broadcast; none at PP=1)."""
+    pg = pipeline_group()
+    size = dist.get_world_size(pg)
+    if size > 1:
+        dist.broadcast(x, src=dist.get_global_rank(pg, size - 1), group=pg)
+    return x
+
+
+def data_parallel_mean(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the data-parallel ranks (1 all-reduce of [n]; none at DP=1)."""
+    if data_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, group=data_group())
+    return dict(zip(keys, (t / data_size()).tolist(), strict=True))

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import teacher_logprobs_at
@@ -59,13 +58,10 @@ class Rollout:
     {"student_positions", "teacher_positions"} (rows x positions)."""
     seconds: float = 0.0
 
-
-def _broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
-    pg = groups.pipeline_group()
-    size = dist.get_world_size(pg)
-    if size > 1:
-        dist.broadcast(x, src=dist.get_global_rank(pg, size - 1), group=pg)
-    return x
+    def response(self, row: int) -> list[int]:
+        """Token ids of row ``row``'s response (the stop id included when emitted)."""
+        start = int(self.prompt_lengths[row])
+        return self.tokens[row, start: start + int(self.response_lengths[row])].tolist()
 
 
 @torch.no_grad()
@@ -101,7 +97,7 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
         if last:
             chosen = _choose(policy, zs, zt, generator, vocab, group, topk_k, t - 1, generating,
                              records, topk_ids, teacher_topk)
-        chosen = _broadcast_from_last_stage(chosen)
+        chosen = groups.broadcast_from_last_stage(chosen)
         tokens[:, t] = torch.where(generating, chosen, torch.where(t < plen, tokens[:, t], 0))
         ended = generating & (chosen == vocab.stop_id)
         stopped |= ended
@@ -114,10 +110,10 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     pos = torch.arange(total, device=device)
     loss_mask = (pos >= plen[:, None] - 1) & (pos < (plen + response)[:, None] - 1)
     for k in RECORDS:
-        records[k] = _broadcast_from_last_stage(records[k].contiguous())
-    topk_ids = _broadcast_from_last_stage(topk_ids)
+        records[k] = groups.broadcast_from_last_stage(records[k].contiguous())
+    topk_ids = groups.broadcast_from_last_stage(topk_ids)
     if teacher_topk is not None:
-        teacher_topk = _broadcast_from_last_stage(teacher_topk)
+        teacher_topk = groups.broadcast_from_last_stage(teacher_topk)
     return Rollout(tokens, plen, response, loss_mask, records, topk_ids, teacher_topk, stopped,
                    {"student": s_fwd.forwards, "teacher": t_fwd.forwards if t_fwd else 0,
                     "student_positions": s_fwd.positions,

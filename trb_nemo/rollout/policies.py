@@ -25,7 +25,7 @@ import torch
 
 from trb_nemo.config.schema import RolloutConfig, TRBConfig
 from trb_nemo.ops.schedules import eps_at
-from trb_nemo.ops.trust_region import behavior_logprobs, kl_to_student, solve_beta
+from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta_and_kl
 from trb_nemo.ops.vocab_parallel import sample, topk
 
 
@@ -76,11 +76,10 @@ class TrustRegionPolicy:
     def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
         if self.eps == 0:
             return self._student.choose(zs, zt, generator, group, vocab_size)
-        beta = solve_beta(zs, zt, self.eps, vocab_group=group, vocab_size=vocab_size,
-                          tolerance=self.tolerance, max_iterations=self.max_iterations)
+        beta, kl = solve_beta_and_kl(zs, zt, self.eps, vocab_group=group, vocab_size=vocab_size,
+                                     tolerance=self.tolerance, max_iterations=self.max_iterations)
         log_mu = behavior_logprobs(zs, zt, beta, vocab_group=group, vocab_size=vocab_size)
         ids = sample(log_mu, generator=generator, vocab_group=group, vocab_size=vocab_size)
-        kl = kl_to_student(zs, zt, beta, vocab_group=group, vocab_size=vocab_size)
         return Choice(ids, beta, kl, torch.zeros_like(ids, dtype=torch.bool))
 
 

@@ -30,10 +30,10 @@ from trb_nemo.models.megatron_io import (
     load_model,
     model_meta,
     rank_state_path,
-    read_meta,
     save_checkpoint,
 )
-from trb_nemo.models.resolve import MODEL_META
+from trb_nemo.models.resolve import MODEL_META, read_model_meta
+from trb_nemo.parallel import groups
 from trb_nemo.train.optimizer import StudentTraining
 
 _STEP = re.compile(r"step_(\d{7})")
@@ -92,11 +92,6 @@ def _materialize_adam_state(optimizer) -> None:
                                               step=torch.zeros((), dtype=torch.float32))
 
 
-def _clear_adam_state(optimizer) -> None:
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner.optimizer.state.clear()
-
-
 def _restore_adam_steps(optimizer) -> None:
     """Give each parameter its own Adam ``step`` equal to the restored param-group step.
 
@@ -125,8 +120,6 @@ def _sharded(training: StudentTraining, is_loading: bool) -> dict:
 
 
 def _layout(training: StudentTraining) -> dict:
-    from trb_nemo.parallel import groups
-
     return {"tp": dist.get_world_size(groups.tensor_group()),
             "pp": dist.get_world_size(groups.pipeline_group()),
             "dp": groups.data_size(),
@@ -165,13 +158,12 @@ def save_training(root: str | Path, step: int, training: StudentTraining, spec: 
 def load_training(folder: str | Path, training: StudentTraining) -> Resumed:
     """Restore weights, optimizer and RNG (collective; see the module docstring for what a
     layout change keeps). The optimizer's ``dp_reshardable`` format reshards only over DP."""
-    meta = read_meta(folder)
+    meta = read_model_meta(str(folder), "checkpoint.dir")
     saved, now = meta.get("layout", {}), _layout(training)
     same_model_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "distributed_optimizer"))
     if same_model_layout:
         state = dist_checkpointing.load(_sharded(training, is_loading=True), str(folder))
         training.model.module.load_state_dict(state["model"], strict=True)
-        _clear_adam_state(training.optimizer)  # load_state_dict allocates it with the saved step
         training.optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(training.optimizer)
     else:

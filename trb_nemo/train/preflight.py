@@ -11,7 +11,9 @@ import importlib.util
 import torch
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
+from trb_nemo.data.prompts import build_source
 from trb_nemo.models.resolve import resolve_models
+from trb_nemo.parallel.env import external_world_size, launched_externally
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
@@ -31,20 +33,13 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
                               "norms (GPU); set parallel.sequence_parallel=false on CPU")
     _check_batch_layout(cfg)
     cfg = resolve_models(cfg)
-    from trb_nemo.data.prompts import build_source
-
     build_source(cfg)  # reads and checks every prompt
     return cfg
 
 
 def _check_batch_layout(cfg: TrainConfig) -> None:
     """Prompts split evenly over data-parallel ranks and sequences over microbatches."""
-    import os
-
-    from trb_nemo.parallel.env import launched_externally
-
-    world = int(os.environ.get("WORLD_SIZE", "1")) if launched_externally() else \
-        cfg.parallel.local_world_size
+    world = external_world_size() if launched_externally() else cfg.parallel.local_world_size
     dp = max(1, world // cfg.parallel.model_parallel_size)
     o = cfg.optim
     if o.prompts_per_step % dp:

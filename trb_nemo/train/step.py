@@ -72,9 +72,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
         totals += torch.stack([r["kl_sum"].double(), r["tokens"].double()])
     if groups.is_last_stage():
         dist.all_reduce(totals, group=groups.data_group())
-    dist.broadcast(totals, src=dist.get_global_rank(groups.pipeline_group(),
-                                                     dist.get_world_size(groups.pipeline_group()) - 1),
-                   group=groups.pipeline_group())
+    groups.broadcast_from_last_stage(totals)
     return {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr, "update_ok": bool(update_ok)}

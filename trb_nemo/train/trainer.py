@@ -98,8 +98,7 @@ class Trainer:
             ids, lp = rollout.topk_ids, rollout.teacher_topk_logprobs
         else:  # sampled: the chosen next token at each prefix
             ids = torch.cat([rollout.tokens[:, 1:], rollout.tokens[:, :1]], dim=1).unsqueeze(-1)
-            recorded = rollout.records["teacher_logprob"].unsqueeze(-1)
-            lp = recorded if bool(torch.isfinite(recorded[mask]).all()) else None
+            lp = rollout.records["teacher_logprob"].unsqueeze(-1)  # NaN where the teacher did not run
         passes = 0
         if lp is None or not bool(torch.isfinite(lp[mask]).all()):
             lp = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab, ids=ids)
@@ -110,16 +109,14 @@ class Trainer:
         return batch, passes
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes) -> dict:
-        correct = [self.source.check(rollout.tokens[i, len(p.ids): len(p.ids) +
-                                                    int(rollout.response_lengths[i])].tolist(), p.answer)
-                   for i, p in enumerate(prompts)]
+        correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)]
         eps = getattr(policy, "eps", None)
         m = summarize(rollout, eps)
         m.update({"rollout/reward": sum(correct) / len(correct),
                   "rollout/temperature": getattr(policy, "temperature", 1.0),
                   "scoring/teacher_passes": teacher_passes,
                   "rollout/teacher_forwards": rollout.forwards["teacher"]})
-        m = _dp_mean(m)
+        m = groups.data_parallel_mean(m)
         m.update({f"train/{key}": v for key, v in train.items()})
         return m
 
@@ -161,13 +158,3 @@ class Trainer:
             summary.update(write_report(self.run_dir, cfg))
         groups.destroy()
         return summary
-
-
-def _dp_mean(metrics: dict) -> dict:
-    """Mean of each metric over data-parallel ranks (1 all-reduce of [n])."""
-    if groups.data_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, group=groups.data_group())
-    return dict(zip(keys, (values / groups.data_size()).tolist(), strict=True))
