@@ -22,125 +22,175 @@ import math
 
 import torch
 
+from trb_nemo.ops.fused import expm1, is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
     NEG_INF,
     all_gather_rows,
     all_reduce_sum,
     as_fp32_masked,
-    combine_lse,
     group_size,
-    local_lse_stats,
+    max_pair,
     row_chunks,
     rows_lse,
     valid_columns,
+    valid_count,
 )
 
 FEASIBILITY_MARGIN = 1e-6
 """The solver aims at KL <= eps (1 - margin) - (fp32 rounding of the KL terms), so the returned
 beta is feasible for the exact (float64) KL as well; the cost in beta is ~margin * beta / 2."""
 _F32_EPS = 2.0**-23
+_TINY = torch.finfo(torch.float32).tiny
+_OVERFLOW_T = 80.0  # e^t beyond this would overflow fp32 in a sum
+
+
+# ------------------------------------------------------------------------------- row kernels
+# Notation inside the kernels, per row: m_s, m_t the global maxima of the student and teacher
+# logits; a = z_S - m_s and b = z_T - m_t (<= 0); the common support is where both are finite;
+# g = b - a there, so log q - log p = r = g - (log_t - log_s) with log_s = log sum e^a.
+
+
+@kernel
+def _support_sums(zs_RV, zt_RV, max_R2):
+    """[R, 10] local sums: e^a, e^b; over the common support e^a g^k (k = 0..4) and e^b g;
+    e^b outside supp p; e^a outside supp q."""
+    a = zs_RV.float() - max_R2[:, 0:1]
+    b = zt_RV.float() - max_R2[:, 1:2]
+    in_s, in_t = a > NEG_INF, b > NEG_INF
+    common = in_s & in_t
+    es, et = torch.exp(a), torch.exp(b)
+    g = torch.where(common, b - a, 0.0)
+    pc = torch.where(common, es, 0.0)
+    pg = pc * g
+    pg2 = pg * g
+    pg3 = pg2 * g
+    return torch.stack([
+        es.sum(-1), et.sum(-1), pc.sum(-1), pg.sum(-1), pg2.sum(-1), pg3.sum(-1), (pg3 * g).sum(-1),
+        torch.where(common, et * g, 0.0).sum(-1),
+        torch.where(in_t & ~in_s, et, 0.0).sum(-1),
+        torch.where(in_s & ~in_t, es, 0.0).sum(-1),
+    ], dim=-1)
+
+
+@kernel
+def _tilt_sums(zs_RV, zt_RV, row_R5, beta_R1):
+    """[R, 9] local sums of the tilt w = p e^(beta d) on the common support, d = g - E_p[g]:
+    p, p expm1(beta d), w d, w d^2, w d^3, w |d|, w (|log p| + |r|), w (|z_S| + |z_T|) and the
+    count of beta d > 80 (where e^(beta d) would overflow)."""
+    a = zs_RV.float() - row_R5[:, 0:1]
+    b = zt_RV.float() - row_R5[:, 1:2]
+    common = (a > NEG_INF) & (b > NEG_INF)
+    lp = a - row_R5[:, 2:3]
+    g = torch.where(common, b - a, 0.0)
+    d = torch.where(common, g - row_R5[:, 3:4], 0.0)
+    p = torch.where(common, torch.exp(lp), 0.0)
+    t = beta_R1 * d
+    pe = p * expm1(t.clamp(max=_OVERFLOW_T))
+    w = p + pe
+    wd = w * d
+    wd2 = wd * d
+    abs_logs = torch.where(common, lp.abs() + (g - row_R5[:, 4:5]).abs(), 0.0)
+    abs_inputs = torch.where(common, zs_RV.float().abs() + zt_RV.float().abs(), 0.0)
+    return torch.stack([
+        p.sum(-1), pe.sum(-1), wd.sum(-1), wd2.sum(-1), (wd2 * d).sum(-1), (w * d.abs()).sum(-1),
+        (w * abs_logs).sum(-1), (w * abs_inputs).sum(-1), (t > _OVERFLOW_T).float().sum(-1),
+    ], dim=-1)
+
+
+# ------------------------------------------------------------------------------ row statistics
 
 
 class _RowStats:
     """Per-row quantities of one chunk that every TP rank agrees on (combined over the group).
 
-    lse_s, lse_t: global log-normalizers [R]; c: E_p[r | common support] [R];
-    p_common: sum of p over the common support as computed [R];
-    var_p: Var_p[r | common support] [R]; log_mass_common: log p(common support) [R];
-    kl_teacher: KL(q || p) [R] (inf when supp q is not inside supp p).
+    kernel_rows: [R, 5] (m_s, m_t, log_s, E_p[g | common], log_t - log_s) for _tilt_sums;
+    var_p, k3, k4: cumulants of g under p restricted to the common support (the first guess);
+    log_mass_common: log p(common support) [R]; kl_teacher: KL(q || p) [R] (inf when supp q
+    is not inside supp p); max_abs: |m_s| + |m_t| [R]; rounded_inputs: the inputs were wider
+    than fp32, so their rounding enters the error budget.
     """
 
 
-def _prepare(zs_RV, zt_RV, valid_V, group):
-    """fp32 masked logits and the chunk's row statistics. Collectives: 2 (gather, sum)."""
-    zs = as_fp32_masked(zs_RV, valid_V)
-    zt = as_fp32_masked(zt_RV, valid_V)
-    nan_R = (torch.isnan(zs).any(-1) | torch.isnan(zt).any(-1)).float()
-    local = torch.cat([local_lse_stats(zs), local_lse_stats(zt), nan_R.unsqueeze(-1)], dim=-1)
-    gathered = all_gather_rows(local, group)  # [P, R, 5]
-    if bool(gathered[..., 4].any()):
+def _prepare(zs_RV, zt_RV, group):
+    """Row statistics of one chunk of real columns. Collectives: all-gather [P, R, 2] (maxima)
+    + all-reduce(SUM) [R, 10]."""
+    m = max_pair(zs_RV, zt_RV, group)
+    if bool(torch.isnan(m).any()):
         raise ValueError("trust region: NaN in student or teacher logits")
+    if bool((~torch.isfinite(m)).any()):
+        raise ValueError("trust region: a row has no finite student or teacher logit, or a +inf logit")
+    local = (_support_sums(zs_RV, zt_RV, m) if zs_RV.shape[-1] > 0
+             else m.new_zeros((m.shape[0], 10)))
+    s = all_reduce_sum(local, group).double()  # [R]-sized: combine in fp64
+    log_s, log_t = torch.log(s[:, 0]), torch.log(s[:, 1])
+    pc = s[:, 2].clamp_min(_TINY)
+    mean, m2, m3, m4 = (s[:, k] / pc for k in (3, 4, 5, 6))
     st = _RowStats()
-    st.lse_s = combine_lse(gathered[..., 0:2])
-    st.lse_t = combine_lse(gathered[..., 2:4])
-    if bool((~torch.isfinite(st.lse_s) | ~torch.isfinite(st.lse_t)).any()):
-        raise ValueError("trust region: a row has no finite student or teacher logit")
-    lp = zs - st.lse_s.unsqueeze(-1)
-    lq = zt - st.lse_t.unsqueeze(-1)
-    in_s, in_t = torch.isfinite(lp), torch.isfinite(lq)
-    common = in_s & in_t
-    r = torch.where(common, lq - lp, torch.zeros_like(lp))
-    p = torch.exp(lp)  # 0 off supp p
-    q = torch.exp(lq)
-    p_common = torch.where(common, p, torch.zeros_like(p))
-    sums = torch.stack([
-        p_common.sum(-1),                                        # p(common)
-        (p_common * r).sum(-1),                                  # sum p r
-        (p_common * r * r).sum(-1),                              # sum p r^2
-        torch.where(in_t & ~in_s, q, torch.zeros_like(q)).sum(-1),  # q mass outside supp p
-        torch.where(common, q * r, torch.zeros_like(q)).sum(-1),    # KL(q || p) on common
-        torch.where(in_s & ~in_t, p, torch.zeros_like(p)).sum(-1),  # p mass outside supp q
-    ], dim=-1)
-    sums = all_reduce_sum(sums, group)
-    mass = sums[:, 0].clamp_min(torch.finfo(torch.float32).tiny)
-    st.c = sums[:, 1] / mass
-    st.var_p = (sums[:, 2] / mass - st.c * st.c).clamp_min(0.0)
-    # normalize by the computed total, so a rounding of lse_s (|z| large) cancels out
-    st.p_common = sums[:, 0]
-    st.log_mass_common = torch.log1p(-sums[:, 5] / (sums[:, 0] + sums[:, 5]).clamp_min(1e-30))
-    st.log_mass_common = torch.where(sums[:, 0] > 0, st.log_mass_common,
-                                     torch.full_like(mass, NEG_INF))
-    st.kl_teacher = torch.where(sums[:, 3] > 0, torch.full_like(mass, math.inf), sums[:, 4])
-    d = torch.where(common, r - st.c.unsqueeze(-1), torch.zeros_like(r))
-    lp_common = torch.where(common, lp, torch.full_like(lp, NEG_INF))
-    return st, lp_common, d
+    st.var_p = (m2 - mean**2).clamp_min(0.0).float()
+    st.k3 = (m3 - 3 * mean * m2 + 2 * mean**3).float()
+    st.k4 = (m4 - 4 * mean * m3 + 6 * mean**2 * m2 - 3 * mean**4 - 3 * (m2 - mean**2) ** 2).float()
+    st.kernel_rows = torch.stack([m[:, 0].double(), m[:, 1].double(), log_s, mean,
+                                  log_t - log_s], dim=-1).float()
+    mass_common = torch.log1p(-s[:, 9] / s[:, 0])
+    st.log_mass_common = torch.where(s[:, 2] > 0, mass_common,
+                                     torch.full_like(mass_common, NEG_INF)).float()
+    kl_teacher = s[:, 7] / s[:, 1] - (log_t - log_s)
+    st.kl_teacher = torch.where(s[:, 8] > 0, torch.full_like(kl_teacher, math.inf),
+                                kl_teacher.clamp_min(0.0)).float()
+    st.max_abs = m.abs().sum(-1)
+    st.rounded_inputs = zs_RV.dtype == torch.float64 or zt_RV.dtype == torch.float64
+    return st
 
 
-def _kl_at(beta_R, st, lp_common, d, group):
-    """Interior (0 < beta < 1) KL(mu_beta || p), Var_mu[r] and the scale of its rounding error.
+def _kl_at(beta_R, st, zs_RV, zt_RV, group):
+    """Interior (0 < beta < 1) KL(mu_beta || p), Var_mu[d], E_mu[(d - E_mu d)^3] and the scale
+    of their rounding error.
 
-    With t = beta d and p restricted to the common support (mass pc):
+    With t = beta d and p restricted to the common support (mass pc, as summed here):
     Z = sum p e^t = pc + E, E = sum p expm1(t) computed directly, so log Z = log pc + log1p(E/pc)
     and KL = beta E_mu[d] - log Z keep full fp32 relative precision down to tiny budgets (the two
     terms are O(beta^2) because E_p[d] = 0). Rows where some t > 80 (e^t would overflow) take
     the max-shifted log-sum-exp form instead.
-    Collectives: 1 all-reduce(SUM) of [R, 6] (+ 1 all-gather [P, R, 4] only if a row overflows).
-    Temporaries: two fp32 [R, V].
+    Collectives: 1 all-reduce(SUM) of [R, 9] (+ 1 all-gather [P, R, 4] only if a row overflows).
     """
-    t = beta_R.unsqueeze(-1) * d
-    p = torch.exp(lp_common)
-    overflow = (t > 80.0).any(-1).float()
-    pe = p * torch.expm1(t.clamp(max=80.0))  # p (e^t - 1)
-    w = p + pe  # p e^t: unnormalized mu on the common support
-    common = torch.isfinite(lp_common)
-    abs_logs = torch.where(common, lp_common.abs() + (d + st.c.unsqueeze(-1)).abs(),
-                           torch.zeros_like(lp_common))  # |log p| + |log q - log p|
-    sums = torch.stack([pe.sum(-1), (w * d).sum(-1), (w * d * d).sum(-1), (w * d.abs()).sum(-1),
-                        overflow, (w * abs_logs).sum(-1)], dim=-1)
-    sums = all_reduce_sum(sums, group)
-    pc = st.p_common  # the same (rounded) p that E was summed with
-    z = (pc + sums[:, 0]).clamp_min(torch.finfo(torch.float32).tiny)
-    mean_d = sums[:, 1] / z
-    var = (sums[:, 2] / z - mean_d * mean_d).clamp_min(0.0)
-    log_z = st.log_mass_common + torch.log1p(sums[:, 0] / pc.clamp_min(torch.finfo(torch.float32).tiny))
-    if bool(sums[:, 4].any()):
-        lse_mean, lse_var, lse_log_z = _tilted_lse(beta_R, lp_common, d, group)
-        big = sums[:, 4] > 0
+    local = (_tilt_sums(zs_RV, zt_RV, st.kernel_rows, beta_R.unsqueeze(-1))
+             if zs_RV.shape[-1] > 0 else beta_R.new_zeros((beta_R.shape[0], 9)))
+    sums = all_reduce_sum(local, group)
+    pc = sums[:, 0].clamp_min(_TINY)
+    z = (pc + sums[:, 1]).clamp_min(_TINY)
+    mean_d = sums[:, 2] / z
+    second = sums[:, 3] / z
+    var = (second - mean_d * mean_d).clamp_min(0.0)
+    third = sums[:, 4] / z - 3 * mean_d * second + 2 * mean_d**3
+    log_z = st.log_mass_common + torch.log1p(sums[:, 1] / pc)
+    if bool(sums[:, 8].any()):
+        lse_mean, lse_var, lse_log_z = _tilted_lse(beta_R, st, zs_RV, zt_RV, group)
+        big = sums[:, 8] > 0
         mean_d = torch.where(big, lse_mean, mean_d)
         var = torch.where(big, lse_var, var)
+        third = torch.where(big, torch.zeros_like(third), third)
         log_z = torch.where(big, lse_log_z, log_z)
     kl = beta_R * mean_d - log_z
     # rounding scales: absolute (the cancelling terms) and relative (log p itself is rounded
-    # to |log p| * 2^-24, e.g. for peaked rows with large logits)
-    scale = beta_R * sums[:, 3] / z + st.log_mass_common.abs()
-    relative = 4 * _F32_EPS * sums[:, 5] / z
-    return kl.clamp_min(0.0), var, scale, relative
+    # to |log p| * 2^-24, e.g. for peaked rows; fp64 inputs also to |z| * 2^-24 when cast)
+    scale = beta_R * sums[:, 5] / z + st.log_mass_common.abs()
+    abs_logs = sums[:, 6] / z
+    if st.rounded_inputs:
+        abs_logs = abs_logs + sums[:, 7] / z + st.max_abs
+    relative = 4 * _F32_EPS * abs_logs
+    return kl.clamp_min(0.0), var, third, scale, relative
 
 
-def _tilted_lse(beta_R, lp_common, d, group):
-    """Max-shifted (overflow-safe) mean, variance and log Z of the tilt. 1 all-gather [P, R, 4]."""
-    u = lp_common + beta_R.unsqueeze(-1) * d
-    m_R = u.amax(-1)
+def _tilted_lse(beta_R, st, zs_RV, zt_RV, group):
+    """Max-shifted (overflow-safe) mean, variance and log Z of the tilt (eager; only for rows
+    where some beta d > 80). Collectives: 1 all-gather [P, R, 4]."""
+    k = st.kernel_rows
+    a = zs_RV.float() - k[:, 0:1]
+    b = zt_RV.float() - k[:, 1:2]
+    common = (a > NEG_INF) & (b > NEG_INF)
+    d = torch.where(common, (b - a) - k[:, 3:4], torch.zeros_like(a))
+    u = torch.where(common, a - k[:, 2:3] + beta_R.unsqueeze(-1) * d, torch.full_like(a, NEG_INF))
+    m_R = u.amax(-1) if u.shape[-1] > 0 else beta_R.new_full(beta_R.shape, NEG_INF)
     safe = torch.where(torch.isfinite(m_R), m_R, torch.zeros_like(m_R))
     w = torch.exp(u - safe.unsqueeze(-1))
     g = all_gather_rows(torch.stack([m_R, w.sum(-1), (w * d).sum(-1), (w * d * d).sum(-1)], -1), group)
@@ -148,7 +198,7 @@ def _tilted_lse(beta_R, lp_common, d, group):
     safe_big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
     scale = torch.where(torch.isfinite(g[..., 0]), torch.exp(g[..., 0] - safe_big), torch.zeros_like(big))
     s0, s1, s2 = ((g[..., i] * scale).sum(0) for i in (1, 2, 3))
-    s0 = s0.clamp_min(torch.finfo(torch.float32).tiny)
+    s0 = s0.clamp_min(_TINY)
     mean_d = s1 / s0
     return mean_d, (s2 / s0 - mean_d * mean_d).clamp_min(0.0), safe_big + torch.log(s0)
 
@@ -168,11 +218,11 @@ def _flat(student_logits, teacher_logits):
 
 
 def _inputs(student_logits, teacher_logits, per_row, name, vocab_size, group):
-    """([R, V], [R, V], [R] fp32 per-row values, valid columns, leading shape)."""
+    """([R, V'] real columns of each shard (views), [R] fp32 per-row values, leading shape)."""
     zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
     values_R = _per_row(per_row, lead, student_logits.device, name)
-    valid = valid_columns(zs_RV.shape[-1], vocab_size, group, zs_RV.device)
-    return zs_RV, zt_RV, values_R, valid, lead
+    n = valid_count(zs_RV.shape[-1], vocab_size, group)
+    return zs_RV[:, :n], zt_RV[:, :n], values_R, lead
 
 
 def _per_row(value, lead, device, name) -> torch.Tensor:
@@ -189,25 +239,29 @@ def solve_beta(
     *,
     vocab_group=None,
     vocab_size: int | None = None,
-    tolerance: float = 1e-6,
+    tolerance: float = 1e-5,
     max_iterations: int = 40,
 ) -> torch.Tensor:
     """Largest beta in [0, 1] with KL(mu_beta || pi_S) <= eps, per row: [...] fp32.
 
     ``eps``: float or tensor broadcastable to the leading dims, >= 0. beta = 0 where eps = 0;
-    beta = 1 where KL(pi_T || pi_S) <= eps; otherwise a safeguarded Newton solve (f' = beta
-    Var_mu[r]) from the small-budget guess sqrt(2 eps / Var_p[r]), bisection when a step leaves
-    the bracket. The returned beta is the feasible end of the bracket (KL <= eps, see
-    FEASIBILITY_MARGIN) and within ``tolerance`` (relative) of the largest feasible beta.
-    All rows of a chunk iterate together and every rank takes identical branches.
+    beta = 1 where KL(pi_T || pi_S) <= eps; otherwise a safeguarded Halley solve on
+    f(beta) = KL - eps with f' = beta Var_mu[r] and f'' = Var_mu[r] + beta kappa_3,mu[r], from
+    the root of the small-budget expansion KL ~ k2 b^2/2 + k3 b^3/3 + k4 b^4/8 (cumulants of r
+    under pi_S), aiming half a tolerance below the root so that the last iterate is feasible;
+    bisection when a step leaves the bracket. The returned beta is the feasible end of the
+    bracket (KL <= eps, see FEASIBILITY_MARGIN), within ``tolerance`` (relative) of the largest
+    feasible beta. All rows of a chunk iterate together; every rank takes identical branches.
 
-    Collectives per row chunk: 2 to prepare (all-gather [P, R, 5], all-reduce [R, 6]) + 1
-    all-reduce(SUM) of [R, 6] per iteration (7 on random 32k-vocab rows at eps = 0.02), plus an
-    all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp. Peak memory per chunk: four fp32
-    [rows_chunk, V] temporaries (masked logits as needed, log p, r - c, the tilted weights).
+    Passes over the logits per row chunk: 2 to prepare + 1 per iteration (2 on random
+    32k-vocabulary rows at eps = 0.02). Collectives per chunk: all-gather [P, R, 2] and
+    all-reduce(SUM) [R, 10] to prepare, all-reduce(SUM) [R, 9] per iteration, plus an
+    all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp.
+    Memory: fused (:mod:`trb_nemo.ops.fused`), [R, 10] beyond the inputs; eagerly, about 14
+    fp32 [rows_chunk, V] temporaries (rows_chunk from ROW_CHUNK_BYTES).
     """
     return _solve(student_logits, teacher_logits, eps, vocab_group, vocab_size, tolerance,
-                  max_iterations, with_kl=False)[0]
+                  max_iterations)[0]
 
 
 def solve_beta_and_kl(
@@ -217,73 +271,93 @@ def solve_beta_and_kl(
     *,
     vocab_group=None,
     vocab_size: int | None = None,
-    tolerance: float = 1e-6,
+    tolerance: float = 1e-5,
     max_iterations: int = 40,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(solve_beta(...), kl_to_student(..., beta)) from one preparation of each row chunk: the
-    decoding hot path needs both. Collectives: solve_beta's + 1 all-reduce(SUM) [R, 6] per chunk."""
+    """(solve_beta(...), kl_to_student(..., beta)) from one solve: the decoding hot path needs
+    both, and the solver's last iterate is the returned beta, so its KL comes with no extra pass
+    or collective."""
     return _solve(student_logits, teacher_logits, eps, vocab_group, vocab_size, tolerance,
-                  max_iterations, with_kl=True)
+                  max_iterations)
 
 
-def _solve(student_logits, teacher_logits, eps, group, vocab_size, tolerance, max_iterations,
-           with_kl):
-    zs_RV, zt_RV, eps_R, valid, lead = _inputs(student_logits, teacher_logits, eps, "eps",
-                                               vocab_size, group)
+def _solve(student_logits, teacher_logits, eps, group, vocab_size, tolerance, max_iterations):
+    zs_RV, zt_RV, eps_R, lead = _inputs(student_logits, teacher_logits, eps, "eps", vocab_size,
+                                        group)
     if bool((eps_R < 0).any()):
         raise ValueError("eps must be >= 0")
     beta = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
-    kl = torch.zeros_like(beta) if with_kl else None
-    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
-        st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, group)
-        beta[c] = _solve_chunk(st, lp_common, d, eps_R[c], group, tolerance, max_iterations)
-        if with_kl:
-            kl[c] = _kl_of(beta[c], st, lp_common, d, group)
-    return beta.reshape(lead), (kl.reshape(lead) if with_kl else None)
+    kl = torch.zeros_like(beta)
+    # pairwise-summation rounding of the KL terms over the vocabulary
+    rounding = (2 + math.log2(max(2, zs_RV.shape[-1] * group_size(group)))) * _F32_EPS
+    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1], is_fused(zs_RV.device)):
+        st = _prepare(zs_RV[c], zt_RV[c], group)
+        beta[c], kl[c] = _solve_chunk(st, zs_RV[c], zt_RV[c], eps_R[c], group, tolerance,
+                                      max_iterations, rounding)
+    return beta.reshape(lead), kl.reshape(lead)
 
 
-def _kl_of(beta_R, st, lp_common, d, group):
+def _kl_of(beta_R, st, zs_RV, zt_RV, group):
     """KL(mu_beta || p) of prepared rows, exact at the ends of [0, 1]."""
     interior = beta_R.clamp(1e-12, 1 - 1e-12)
-    return _edge_kl(beta_R, st, _kl_at(interior, st, lp_common, d, group)[0])
+    return _edge_kl(beta_R, st, _kl_at(interior, st, zs_RV, zt_RV, group)[0])
 
 
-def _solve_chunk(st, lp_common, d, eps_R, group, tolerance, max_iterations):
-    beta = torch.zeros_like(eps_R)
+def _first_guess(st, eps_R):
+    """Root of the cumulant expansion KL(b) ~ k2 b^2/2 + k3 b^3/3 + k4 b^4/8 = eps (a few Newton
+    steps on [R] values from sqrt(2 eps / k2)); sqrt(2 eps / k2) where that model has no root."""
+    k2 = st.var_p.clamp_min(1e-30)
+    quadratic = torch.sqrt(2.0 * eps_R / k2)
+    x = quadratic
+    for _ in range(4):
+        f = x * x * (k2 / 2 + x * (st.k3 / 3 + x * st.k4 / 8)) - eps_R
+        f1 = x * (k2 + x * (st.k3 + x * st.k4 / 2))
+        x = torch.where(f1 > 0, x - f / f1, x)
+    model_ok = torch.isfinite(x) & (x > 0) & (x < 2 * quadratic)
+    x = torch.where(model_ok, x, quadratic)
+    return torch.where(torch.isfinite(x), x, torch.full_like(x, 0.5)).clamp(1e-7, 1 - 1e-7)
+
+
+def _solve_chunk(st, zs_RV, zt_RV, eps_R, group, tolerance, max_iterations, rounding):
+    """(beta [R], KL(mu_beta || p) [R]) of one prepared chunk (solve_beta's docstring)."""
     to_one = (eps_R > 0) & (st.kl_teacher <= eps_R)
-    beta = torch.where(to_one, torch.ones_like(beta), beta)
+    beta = torch.where(to_one, torch.ones_like(eps_R), torch.zeros_like(eps_R))
+    kl_end = torch.where(to_one, st.kl_teacher, torch.zeros_like(eps_R))
     # KL jumps to -log p(common) just above beta = 0 when supp p is not inside supp q
     jump = -st.log_mass_common
     active = (eps_R > 0) & ~to_one & (jump < eps_R)
     if not bool(active.any()):
-        return beta
-    lo = torch.zeros_like(eps_R)
-    hi = torch.ones_like(eps_R)
-    guess = torch.sqrt(2.0 * eps_R / st.var_p.clamp_min(1e-30))
-    x = torch.where(torch.isfinite(guess), guess, torch.full_like(guess, 0.5)).clamp(1e-7, 1 - 1e-7)
+        return beta, kl_end
+    lo, hi = torch.zeros_like(eps_R), torch.ones_like(eps_R)
+    kl_lo = torch.zeros_like(eps_R)
+    x = _first_guess(st, eps_R)
     done = ~active
-    # pairwise-summation rounding of the KL terms over the vocabulary
-    rounding = (2 + math.log2(max(2, d.shape[-1] * group_size(group)))) * _F32_EPS
     for _ in range(max_iterations):
-        kl, var, magnitude, relative = _kl_at(x, st, lp_common, d, group)
+        kl, var, third, magnitude, relative = _kl_at(x, st, zs_RV, zt_RV, group)
         target = eps_R * (1 - FEASIBILITY_MARGIN - relative) - rounding * magnitude
         feasible = kl <= target
         lo = torch.where(~done & feasible, x, lo)
+        kl_lo = torch.where(~done & feasible, kl, kl_lo)
         hi = torch.where(~done & ~feasible, x, hi)
-        slope = x * var
-        newton = x - (kl - target) / slope.clamp_min(1e-30)
-        # from an infeasible point, aim as far below the root as the step is long: the next
-        # iterate lands feasible, so the bracket closes from the feasible side too
-        newton = torch.where(feasible, newton, newton - (x - newton).abs())
-        gap = torch.where(feasible, newton - x, hi - lo)
-        converged = feasible & (gap.abs() <= tolerance * x.clamp_min(1e-3))
+        slope = (x * var).clamp_min(1e-30)
+        curve = var + x * third
+        # the step to the target (convergence test) and the Halley step to half a tolerance
+        # below it (the next iterate), Newton where the Halley denominator is unsafe
+        to_target = (kl - target) / slope
+        aim = kl - target + 0.5 * tolerance * x * slope
+        newton = aim / slope
+        denominator = 1 - aim * curve / (2 * slope * slope)
+        step = torch.where((denominator > 0.5) & torch.isfinite(denominator),
+                           newton / denominator, newton)
+        nxt = x - step
+        converged = feasible & (to_target.abs() <= tolerance * x.clamp_min(1e-3))
         converged |= (hi - lo) <= tolerance * lo.clamp_min(1e-3)
         done = done | converged
         if bool(done.all()):
             break
-        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
-        x = torch.where(inside, newton, 0.5 * (lo + hi))
-    return torch.where(active, lo, beta)
+        inside = (nxt > lo) & (nxt < hi) & torch.isfinite(nxt)
+        x = torch.where(inside, nxt, 0.5 * (lo + hi))
+    return torch.where(active, lo, beta), torch.where(active, kl_lo, kl_end)
 
 
 def behavior_logprobs(
@@ -300,9 +374,9 @@ def behavior_logprobs(
     log pi_T; for 0 < beta < 1 only the common support carries mass.
     Collectives: 1 all-gather of [P, R, 2]. Memory: the fp32 output plus one temporary.
     """
-    zs_RV, zt_RV, beta_R, valid, _ = _inputs(student_logits, teacher_logits, beta, "beta",
-                                             vocab_size, vocab_group)
-    beta_R1 = beta_R.unsqueeze(-1)
+    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
+    beta_R1 = _per_row(beta, lead, student_logits.device, "beta").unsqueeze(-1)
+    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
     zs, zt = as_fp32_masked(zs_RV, valid), as_fp32_masked(zt_RV, valid)
     common = torch.isfinite(zs) & torch.isfinite(zt)
     mixed = torch.where(common, zs + beta_R1 * (zt - zs), torch.full_like(zs, NEG_INF))
@@ -321,12 +395,13 @@ def kl_to_student(
 ) -> torch.Tensor:
     """KL(mu_beta || pi_S) per row: [...] fp32 (0 at beta = 0, KL(pi_T || pi_S) at beta = 1).
 
-    Collectives per row chunk: 2 to prepare + 1 all-reduce(SUM) of [R, 6].
+    Passes per row chunk: 3. Collectives per chunk: solve_beta's preparation + 1
+    all-reduce(SUM) of [R, 9].
     """
-    zs_RV, zt_RV, beta_R, valid, lead = _inputs(student_logits, teacher_logits, beta, "beta",
-                                                vocab_size, vocab_group)
+    zs_RV, zt_RV, beta_R, lead = _inputs(student_logits, teacher_logits, beta, "beta",
+                                         vocab_size, vocab_group)
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
-    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
-        st, lp_common, d = _prepare(zs_RV[c], zt_RV[c], valid, vocab_group)
-        out[c] = _kl_of(beta_R[c], st, lp_common, d, vocab_group)
+    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1], is_fused(zs_RV.device)):
+        st = _prepare(zs_RV[c], zt_RV[c], vocab_group)
+        out[c] = _kl_of(beta_R[c], st, zs_RV[c], zt_RV[c], vocab_group)
     return out.reshape(lead)

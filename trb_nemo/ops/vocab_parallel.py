@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trb_nemo.ops.fused import is_fused, kernel
+
 NEG_INF = float("-inf")
 ROW_CHUNK_BYTES = 2 * 2**20
 """Target size of one fp32 [rows_chunk, V] temporary (cache-sized: elementwise passes over
@@ -34,9 +36,11 @@ def shard_start(v_local: int, group) -> int:
     return group_rank(group) * v_local
 
 
-def row_chunks(num_rows: int, v_local: int):
-    """Slices of rows so that one fp32 [rows_chunk, V] temporary is about ROW_CHUNK_BYTES."""
-    step = max(1, ROW_CHUNK_BYTES // (4 * max(v_local, 1)))
+def row_chunks(num_rows: int, v_local: int, fused: bool = False):
+    """Slices of rows so that one fp32 [rows_chunk, V] temporary is about ROW_CHUNK_BYTES;
+    one slice of every row when the kernels are ``fused`` (they hold no [R, V] temporary)."""
+    step = num_rows if fused else max(1, ROW_CHUNK_BYTES // (4 * max(v_local, 1)))
+    step = max(step, 1)
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))
 
@@ -48,6 +52,34 @@ def valid_columns(v_local: int, vocab_size: int | None, group, device) -> torch.
     ids = torch.arange(v_local, device=device) + shard_start(v_local, group)
     valid = ids < vocab_size
     return None if bool(valid.all()) else valid
+
+
+def valid_count(v_local: int, vocab_size: int | None, group) -> int:
+    """How many local columns are real tokens. Padding sits at the end of the global
+    vocabulary, so the real columns of every shard are a prefix ``[:, :valid_count]``."""
+    if vocab_size is None:
+        return v_local
+    return max(0, min(v_local, vocab_size - shard_start(v_local, group)))
+
+
+@kernel
+def _local_max_pair(zs_RV: torch.Tensor, zt_RV: torch.Tensor) -> torch.Tensor:
+    return torch.stack([zs_RV.float().amax(-1), zt_RV.float().amax(-1)], dim=-1)
+
+
+def max_pair(zs_RV: torch.Tensor, zt_RV: torch.Tensor, group) -> torch.Tensor:
+    """Global row maxima of two [R, V] shards (real columns only): [R, 2] fp32, identical on every
+    rank. NaN where a row holds a NaN, -inf where a row has no finite logit.
+    Collectives: 1 all-gather of [P, R, 2]. Memory: none beyond [R, 2] when fused."""
+    rows = zs_RV.shape[0]
+    if zs_RV.shape[-1] == 0 or rows == 0:
+        local = torch.full((rows, 2), NEG_INF, device=zs_RV.device)
+    else:
+        local = torch.cat([_local_max_pair(zs_RV[c], zt_RV[c])
+                           for c in row_chunks(rows, zs_RV.shape[-1], is_fused(zs_RV.device))])
+    gathered = all_gather_rows(local, group)
+    nan = torch.isnan(gathered).any(0)
+    return gathered.amax(0).masked_fill(nan, float("nan"))
 
 
 def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> torch.Tensor:
