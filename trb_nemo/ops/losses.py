@@ -4,7 +4,8 @@ The OPD objective (paper Sec. 1): L = E_h [ KL(pi_theta(.|h) || pi_T(.|h)) ] at 
 behavior policy visited; TRB leaves it unchanged and uses no importance weights.
 
 * ``kind="full"``: exact, sum_v p_v (log p_v - log q_v). Backward dL/dz_v = p_v (log p_v -
-  log q_v - L): exact, local, no collective.
+  log q_v - L): exact, local, no collective. Two row kernels (:mod:`trb_nemo.ops.fused`):
+  forward reads the logits twice, backward once and writes the gradient.
 * ``kind="topk"`` (paper default, k = 16): on the student's global top-k ids a_1..a_k with
   w_j = p(a_j) / sum_i p(a_i) (student probabilities renormalized on the set),
   L = sum_j w_j (log p(a_j) - log q(a_j)) with full-vocabulary log-probs (the paper's value).
@@ -32,68 +33,84 @@ from __future__ import annotations
 
 import torch
 
+from trb_nemo.ops.fused import is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
-    all_gather_rows,
+    NEG_INF,
     all_reduce_sum,
     as_fp32_masked,
-    combine_lse,
     gather_at_ids,
-    local_lse_stats,
+    max_pair,
     row_chunks,
     rows_lse,
     shard_start,
     valid_columns,
+    valid_count,
 )
 from trb_nemo.ops.vocab_parallel import (
     topk as global_topk,
 )
 
-
-def _both_lse(zs_RV, zt_RV, valid, group):
-    """Global log-normalizers of student and teacher rows: ([R], [R]). 1 all-gather [P, R, 4]."""
-    chunks = [torch.cat([local_lse_stats(as_fp32_masked(zs_RV[c], valid)),
-                         local_lse_stats(as_fp32_masked(zt_RV[c], valid))], dim=-1)
-              for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1])]
-    g = all_gather_rows(torch.cat(chunks), group)
-    return combine_lse(g[..., 0:2]), combine_lse(g[..., 2:4])
+# a = z_S - m_s, b = z_T - m_t with the global row maxima (as in trust_region); over supp p,
+# log p - log q = (a - b) - (log_s - log_t) with log_s = log sum e^a, log_t = log sum e^b.
 
 
-def _kl_terms(zs, zt, lse_s, lse_t):
-    """p [R, V] and p (log p - log q) [R, V] with 0 where p = 0 (padding, -inf student logits)."""
-    lp = zs - lse_s.unsqueeze(-1)
-    p = torch.exp(lp)
-    diff = lp - (zt - lse_t.unsqueeze(-1))
-    return p, torch.where(p > 0, p * diff, torch.zeros_like(p)), diff
+@kernel
+def _kl_sums(zs_RV, zt_RV, max_R2):
+    """[R, 3] local sums: e^a, e^b and e^a (a - b) over supp p."""
+    a = zs_RV.float() - max_R2[:, 0:1]
+    b = zt_RV.float() - max_R2[:, 1:2]
+    es = torch.exp(a)
+    return torch.stack([es.sum(-1), torch.exp(b).sum(-1),
+                        torch.where(a > NEG_INF, es * (a - b), 0.0).sum(-1)], dim=-1)
+
+
+@kernel
+def _kl_grad(zs_RV, zt_RV, row_R4, grad_R1):
+    """dL/dz_S = g p (log p - log q - L), 0 off supp p, in the student logits' dtype.
+    row: (m_s, m_t, log_s, log_s - log_t + L)."""
+    a = zs_RV.float() - row_R4[:, 0:1]
+    b = zt_RV.float() - row_R4[:, 1:2]
+    p = torch.exp(a - row_R4[:, 2:3])
+    g = torch.where(a > NEG_INF, p * ((a - b) - row_R4[:, 3:4]) * grad_R1, 0.0)
+    return g.to(zs_RV.dtype)
 
 
 class _FullReverseKL(torch.autograd.Function):
-    """Exact reverse KL. Forward: 1 all-gather [P, R, 4] + 1 all-reduce(SUM) [R]. Backward: none.
+    """Exact reverse KL. Forward: 2 passes (maxima, sums), collectives all-gather [P, R, 2] +
+    all-reduce(SUM) [R, 3]. Backward: 1 pass, no collective.
 
-    Saves only the inputs and [R] statistics; recomputes p chunk by chunk in backward, so the
-    peak is the gradient [R, V] plus one chunk of fp32 temporaries.
+    Saves only the inputs and [R] statistics. Peak memory: fused, the gradient [R, V] alone;
+    eagerly, the gradient plus about 6 fp32 [rows_chunk, V] temporaries.
     """
 
     @staticmethod
-    def forward(ctx, zs_RV, zt_RV, valid, group):
-        lse_s, lse_t = _both_lse(zs_RV, zt_RV, valid, group)
-        kl = torch.empty(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
-        for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
-            zs, zt = as_fp32_masked(zs_RV[c], valid), as_fp32_masked(zt_RV[c], valid)
-            kl[c] = _kl_terms(zs, zt, lse_s[c], lse_t[c])[1].sum(-1)
-        kl = all_reduce_sum(kl, group)
-        ctx.save_for_backward(zs_RV, zt_RV, lse_s, lse_t, kl)
-        ctx.valid = valid
-        return kl
+    def forward(ctx, zs_RV, zt_RV, n_valid, group):
+        zs, zt = zs_RV[:, :n_valid], zt_RV[:, :n_valid]
+        m = max_pair(zs, zt, group)
+        fused = is_fused(zs.device)
+        local = (torch.cat([_kl_sums(zs[c], zt[c], m[c])
+                            for c in row_chunks(zs.shape[0], n_valid, fused)])
+                 if n_valid > 0 and zs.shape[0] > 0 else m.new_zeros((m.shape[0], 3)))
+        s = all_reduce_sum(local, group).double()  # [R]-sized: combine in fp64
+        log_s, log_t = torch.log(s[:, 0]), torch.log(s[:, 1])
+        kl = s[:, 2] / s[:, 0] - log_s + log_t
+        ctx.save_for_backward(zs_RV, zt_RV, torch.stack(
+            [m[:, 0].double(), m[:, 1].double(), log_s, log_s - log_t + kl], dim=-1).float())
+        ctx.n_valid = n_valid
+        return kl.float()
 
     @staticmethod
     def backward(ctx, grad_R):
-        zs_RV, zt_RV, lse_s, lse_t, kl = ctx.saved_tensors
+        zs_RV, zt_RV, rows_R4 = ctx.saved_tensors
+        n = ctx.n_valid
+        grad_R1 = grad_R.float().unsqueeze(-1)
+        chunks = list(row_chunks(zs_RV.shape[0], n, is_fused(zs_RV.device)))
+        if n == zs_RV.shape[-1] and len(chunks) == 1:
+            return _kl_grad(zs_RV, zt_RV, rows_R4, grad_R1), None, None, None
         grad = torch.empty_like(zs_RV)
-        for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1]):
-            zs, zt = as_fp32_masked(zs_RV[c], ctx.valid), as_fp32_masked(zt_RV[c], ctx.valid)
-            p, _, diff = _kl_terms(zs, zt, lse_s[c], lse_t[c])
-            g = p * (diff - kl[c].unsqueeze(-1))
-            grad[c] = torch.where(p > 0, g, torch.zeros_like(g)) * grad_R[c].float().unsqueeze(-1)
+        grad[:, n:] = 0
+        for c in chunks if n > 0 else ():
+            grad[c, :n] = _kl_grad(zs_RV[c, :n], zt_RV[c, :n], rows_R4[c], grad_R1[c])
         return grad, None, None, None
 
 
@@ -165,9 +182,10 @@ def reverse_kl(
     """
     zs_RV, zt_RV = _flat_pair(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
-    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
     if kind == "full":
-        return _FullReverseKL.apply(zs_RV, zt_RV.detach(), valid, vocab_group).reshape(lead)
+        n_valid = valid_count(zs_RV.shape[-1], vocab_size, vocab_group)
+        return _FullReverseKL.apply(zs_RV, zt_RV.detach(), n_valid, vocab_group).reshape(lead)
+    valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
     if kind == "topk":
         _, ids_RK = global_topk(zs_RV.detach(), topk, vocab_group=vocab_group, vocab_size=vocab_size)
         teacher_lp = teacher_logprobs_at(zt_RV.detach(), ids_RK, vocab_group=vocab_group,

@@ -288,9 +288,11 @@ def _solve(student_logits, teacher_logits, eps, group, vocab_size, tolerance, ma
         raise ValueError("eps must be >= 0")
     beta = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
     kl = torch.zeros_like(beta)
-    # pairwise-summation rounding of the KL terms over the vocabulary
-    rounding = (2 + math.log2(max(2, zs_RV.shape[-1] * group_size(group)))) * _F32_EPS
-    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1], is_fused(zs_RV.device)):
+    # pairwise-summation rounding of the KL terms over the vocabulary (the same on every rank)
+    padded_vocab = student_logits.shape[-1] * group_size(group)
+    rounding = (2 + math.log2(max(2, padded_vocab))) * _F32_EPS
+    # chunks from the padded width: every rank must make the same collectives
+    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device)):
         st = _prepare(zs_RV[c], zt_RV[c], group)
         beta[c], kl[c] = _solve_chunk(st, zs_RV[c], zt_RV[c], eps_R[c], group, tolerance,
                                       max_iterations, rounding)
@@ -401,7 +403,7 @@ def kl_to_student(
     zs_RV, zt_RV, beta_R, lead = _inputs(student_logits, teacher_logits, beta, "beta",
                                          vocab_size, vocab_group)
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
-    for c in row_chunks(zs_RV.shape[0], zs_RV.shape[-1], is_fused(zs_RV.device)):
+    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device)):
         st = _prepare(zs_RV[c], zt_RV[c], vocab_group)
         out[c] = _kl_of(beta_R[c], st, zs_RV[c], zt_RV[c], vocab_group)
     return out.reshape(lead)

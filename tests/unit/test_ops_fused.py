@@ -1,0 +1,72 @@
+"""The vocab-parallel ops with their row kernels compiled (torch.compile, C++ on this CPU) pass
+the same float64-reference and invariant checks as eagerly: the checks are imported from
+test_ops.py and run here with ``trb_nemo.ops.fused`` set to ``on``.
+
+The first test in this module pays for compiling the kernels (tens of seconds on 2 cores).
+Run: .venv/bin/python -m pytest tests/unit/test_ops_fused.py
+"""
+
+import pytest
+import torch
+from test_ops import (  # noqa: F401  (collected here, run fused)
+    _logits,
+    test_behavior_logprobs_and_kl_match_reference,
+    test_bf16_inputs_are_solved_in_fp32,
+    test_edge_cases_of_the_budget,
+    test_full_reverse_kl_finite_differences,
+    test_full_reverse_kl_values_and_gradients,
+    test_inputs_are_not_modified,
+    test_nan_and_negative_eps_raise,
+    test_padded_vocabulary_is_ignored,
+    test_peaked_and_infinite_logits,
+    test_reverse_kl_of_a_distribution_with_itself_is_zero,
+    test_solve_beta_and_kl_equals_the_two_calls,
+    test_solve_beta_hypothesis,
+    test_solve_beta_is_feasible_and_maximal,
+    test_solve_beta_per_row_eps_tensor,
+)
+
+from trb_nemo.ops import fused, losses, trust_region
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    fused.set_mode("on")
+    yield
+    fused.set_mode("auto")
+
+
+def test_kernels_really_run_compiled():
+    assert fused.is_fused(torch.device("cpu"))
+    calls = []
+    original = torch.compile
+
+    def counting(fn, **kw):
+        calls.append(fn.__name__)
+        return original(fn, **kw)
+
+    kern = fused.kernel(lambda x: x.sum(-1))
+    torch.compile = counting
+    try:
+        kern(torch.ones(2, 3))
+    finally:
+        torch.compile = original
+    assert calls == ["<lambda>"]
+
+
+def test_fused_equals_eager():
+    zs, zt = _logits(64, 300, scale=3.0, seed=5)
+    zs, zt = zs.float(), zt.float()
+    eps = torch.logspace(-5, 0.5, 64)
+    beta_f, kl_f = trust_region.solve_beta_and_kl(zs, zt, eps, vocab_size=290)
+    x = zs.clone().requires_grad_(True)
+    w = torch.arange(64.0)
+    (losses.reverse_kl(x, zt, vocab_size=290) * w).sum().backward()
+    fused.set_mode("off")
+    beta_e, kl_e = trust_region.solve_beta_and_kl(zs, zt, eps, vocab_size=290)
+    y = zs.clone().requires_grad_(True)
+    (losses.reverse_kl(y, zt, vocab_size=290) * w).sum().backward()
+    assert (beta_f - beta_e).abs().max() <= 1e-5
+    assert torch.allclose(kl_f, kl_e, rtol=1e-4, atol=1e-9)
+    assert (x.grad - y.grad).abs().max() <= 1e-5 * y.grad.abs().max(), (x.grad - y.grad).abs().max()
+    assert torch.all(x.grad[:, 290:] == 0)
