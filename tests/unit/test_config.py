@@ -69,6 +69,7 @@ def test_overrides_reach_the_typed_config():
         ("model.fp8=hybrid", "model.fp8", "transformer_engine"),
         ("model.teacher=null", "model.teacher", "teacher"),
         ("model.student.num_attention_heads=3", "model.student.hidden_size", "divisible"),
+        ("parallel.fused_ops=yes", "parallel.fused_ops", "auto|on|off"),
     ],
 )
 def test_bad_values_name_the_key(override, key, fragment):
@@ -90,6 +91,16 @@ def test_cross_field_context_must_hold_prompt_and_response():
     with pytest.raises(ConfigError) as err:
         preflight(load_config(["rollout.max_new_tokens=1000"]))
     assert err.value.key == "model.student.max_sequence_length"
+
+
+def test_fused_ops_on_needs_a_compiler(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler in an empty folder
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError) as err:
+        load_config(["parallel.fused_ops=on"])
+    assert err.value.key == "parallel.fused_ops" and "C++ compiler" in err.value.reason
+    monkeypatch.undo()
+    assert load_config(["parallel.fused_ops=on"]).parallel.fused_ops == "on"
 
 
 def test_dataclass_validates_at_construction():

@@ -9,6 +9,8 @@ fails at composition. Value ranges and cross-field rules live in ``__post_init__
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field
 
 from trb_nemo.ops.schedules import SCHEDULES
@@ -140,9 +142,19 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs Transformer Engine or Apex norms; not on CPU)."""
     timeout_minutes: int = 10
     """Collective timeout; a rank stuck longer than this fails the job instead of hanging."""
+    fused_ops: str = "auto"
+    """Row kernels of the vocab-parallel ops (trust region, reverse KL) compiled by
+    torch.compile into one fused pass each: ``auto`` (on CUDA), ``on`` (CPU too; needs a C++
+    compiler, compiles for tens of seconds) or ``off`` (eager torch)."""
 
     def __post_init__(self):
         _positive(self.tensor_model_parallel_size, "tensor_model_parallel_size")
+        _one_of(self.fused_ops, ("auto", "on", "off"), "fused_ops")
+        if self.fused_ops == "on":
+            compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+            _check(any(shutil.which(c) for c in compilers), "fused_ops",
+                   "'on' compiles kernels with a C++ compiler and none is on PATH "
+                   f"(looked for {', '.join(compilers)}); install one or use auto/off")
         _positive(self.pipeline_model_parallel_size, "pipeline_model_parallel_size")
         _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
         _positive(self.timeout_minutes, "timeout_minutes")

@@ -72,12 +72,21 @@ def kernel(fn):
 
 
 def expm1(t: torch.Tensor) -> torch.Tensor:
-    """e^t - 1 with full relative precision near 0, from vectorized exp and log (Kahan's trick:
-    with u = e^t rounded, (u - 1) t / log u cancels u's rounding; see Higham, Accuracy and
-    Stability of Numerical Algorithms, 1.14.1). torch.expm1 runs scalar on CPU (about 9x slower
-    than exp there) and the compiled CPU backend has no vector expm1.
+    """e^t - 1 with full relative precision near 0 (<= 2e-7 relative in fp32), vectorized.
+
+    torch.expm1 runs scalar on CPU (about 9x slower than exp there) and the compiled CPU backend
+    has no vector expm1. Eagerly: Kahan's trick, (u - 1) t / log u with u = e^t rounded, which
+    cancels u's rounding (Higham, Accuracy and Stability of Numerical Algorithms, 1.14.1).
+    Compiled: a degree-9 Taylor polynomial for |t| < 0.5 (truncation < 3e-10 relative), cheaper
+    than the log and division there.
     """
     u = torch.exp(t)
     um1 = u - 1.0
-    small = torch.where(um1 == 0.0, t, um1 * t / torch.log(u))
+    if torch.compiler.is_compiling():
+        poly = 1.0 + t * (1.0 / 9.0)
+        for k in (8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0):
+            poly = 1.0 + t * (1.0 / k) * poly  # multiply: vector division is slow
+        small = t * poly
+    else:
+        small = torch.where(um1 == 0.0, t, um1 * t / torch.log(u))
     return torch.where(t.abs() < 0.5, small, um1)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from trb_nemo.config.schema import ConfigError, ParallelConfig
+from trb_nemo.ops import fused
 from trb_nemo.parallel.cpu_support import apply_cpu_support
 from trb_nemo.parallel.env import env_from_slurm
 
@@ -29,7 +30,8 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun, srun or the local spawner). On a
     machine without CUDA it first applies the CPU support patches and uses gloo. Seeds Megatron's
-    model-parallel RNG tracker from ``seed`` and then the default generators with ``seed``.
+    model-parallel RNG tracker from ``seed`` and then the default generators with ``seed``, and
+    sets how the vocab-parallel ops run (``parallel.fused_ops``).
     """
     env_from_slurm()
     if not torch.cuda.is_available():
@@ -53,6 +55,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    fused.set_mode(parallel.fused_ops)
 
 
 def destroy() -> None:
