@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -50,23 +51,40 @@ buffer; a kernel's values are cheap to recompute, so every one stays in register
 a 7-sum kernel went from 133 ms to 34 ms on 2048 x 32768 fp32, 2 CPU threads)."""
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled variants per kernel: one per input dtype, contiguity and 0/1-size specialization
+(Dynamo's default of 8 is reached by a test suite that mixes fp64, fp32, bf16, padded views
+and single rows)."""
+
+
 def kernel(fn):
     """Run ``fn(x_RV, ...)`` compiled (one fused pass) or eagerly, per :func:`is_fused`.
 
     Kernels take tensors only (per-row constants as [R, k] tensors, never Python floats, so one
-    compiled graph serves every value) and run without autograd.
+    compiled graph serves every value) and run without autograd. A kernel that cannot be
+    compiled here (no compiler, Dynamo refuses) warns once and runs eagerly from then on.
     """
     compiled = None
+    broken = False
 
     @functools.wraps(fn)
     def run(*tensors):
-        nonlocal compiled
+        nonlocal compiled, broken
+        tensors = [t.detach() for t in tensors]  # no autograd state for Dynamo to inspect
         with torch.no_grad():
-            if not is_fused(tensors[0].device):
+            if broken or not is_fused(tensors[0].device):
                 return fn(*tensors)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_NEVER_REALIZE)
-            return compiled(*tensors)
+            try:
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return compiled(*tensors)
+            except Exception as err:  # compiler or Dynamo failure: the eager kernel is exact too
+                broken = True
+                warnings.warn(f"trb_nemo.ops.fused: {fn.__name__} runs eagerly from now on; "
+                              f"compiling it failed: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}", stacklevel=2)
+                return fn(*tensors)
 
     return run
 
