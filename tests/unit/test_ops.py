@@ -69,6 +69,20 @@ def test_peaked_and_infinite_logits():
         _check_beta(zs, zt, eps)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_very_peaked_rows_with_huge_tilts(seed):
+    """Logit scales 30..100 (near one-hot rows): beta d exceeds 88 on tokens the student gives
+    e^-200 and the teacher likes, yet the tilted weights p e^(beta d) stay small; the budget
+    still holds to 1e-6 relative. Inputs are fp32 values (fp64 ones are rounded first)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 30.0 + 70.0 * torch.rand(1, generator=g).item()
+    vocab = int(torch.randint(50, 300, (1,), generator=g))
+    zs = (torch.randn(8, vocab, generator=g, dtype=torch.float64) * scale).float().double()
+    zt = (torch.randn(8, vocab, generator=g, dtype=torch.float64) * scale).float().double()
+    eps = 10 ** (torch.rand(8, generator=g, dtype=torch.float64) * 7 - 6)
+    _check_beta(zs, zt, eps)
+
+
 def test_bf16_inputs_are_solved_in_fp32():
     zs, zt = _logits(8, 64)
     zs16, zt16 = zs.bfloat16(), zt.bfloat16()

@@ -26,6 +26,7 @@ from test_ops import (  # noqa: F401  (collected here, run fused)
     test_solve_beta_hypothesis,
     test_solve_beta_is_feasible_and_maximal,
     test_solve_beta_per_row_eps_tensor,
+    test_very_peaked_rows_with_huge_tilts,
 )
 
 from trb_nemo.ops import fused, losses, trust_region

@@ -13,7 +13,9 @@ when q puts mass where p has none.
 
 Shape legend: ``R`` rows (leading dims flattened), ``V`` local vocab shard, ``P`` ranks of
 ``vocab_group`` (None = the whole vocabulary is local). ``vocab_size`` = true vocabulary size;
-padded columns carry no probability. Inputs are never modified; all math is fp32.
+padded columns carry no probability. Inputs are never modified; all math is fp32: fp64 logits
+are rounded to fp32 first, and the guarantees (feasibility, maximality) hold for the rounded
+logits (the rounding of |z| ~ 1e3 moves the KL by about 1e-5 relative).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-from trb_nemo.ops.fused import expm1, is_fused, kernel
+from trb_nemo.ops.fused import SMALL, expm1_small, is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
     NEG_INF,
     all_gather_rows,
@@ -41,7 +43,9 @@ FEASIBILITY_MARGIN = 1e-6
 beta is feasible for the exact (float64) KL as well; the cost in beta is ~margin * beta / 2."""
 _F32_EPS = 2.0**-23
 _TINY = torch.finfo(torch.float32).tiny
-_OVERFLOW_T = 80.0  # e^t beyond this would overflow fp32 in a sum
+_OVERFLOW = 40.0
+"""A row where some log p + beta d exceeds this (log Z > 40: KL far beyond any budget) takes the
+max-shifted form; below it, V e^40 |d|^3 stays far inside fp32."""
 
 
 # ------------------------------------------------------------------------------- row kernels
@@ -74,9 +78,13 @@ def _support_sums(zs_RV, zt_RV, max_R2):
 
 @kernel
 def _tilt_sums(zs_RV, zt_RV, row_R5, beta_R1):
-    """[R, 9] local sums of the tilt w = p e^(beta d) on the common support, d = g - E_p[g]:
-    p, p expm1(beta d), w d, w d^2, w d^3, w |d|, w (|log p| + |r|), w (|z_S| + |z_T|) and the
-    count of beta d > 80 (where e^(beta d) would overflow)."""
+    """[R, 8] local sums of the tilt w = p e^t, t = beta d, on the common support, d = g - E_p[g]:
+    p, p (e^t - 1), w d, w d^2, w d^3, w |d|, w (|log p| + |r|) and the count of log p + t > 40
+    (where the sums could overflow fp32).
+
+    p (e^t - 1) is p expm1(t) for |t| < 0.5 (full relative precision for small budgets) and
+    e^(log p + t) - p beyond, which cannot overflow where p e^t is representable (t alone can
+    exceed 88 on peaked rows: a token with p = 1e-80 that the teacher likes)."""
     a = zs_RV.float() - row_R5[:, 0:1]
     b = zt_RV.float() - row_R5[:, 1:2]
     common = (a > NEG_INF) & (b > NEG_INF)
@@ -85,15 +93,15 @@ def _tilt_sums(zs_RV, zt_RV, row_R5, beta_R1):
     d = torch.where(common, g - row_R5[:, 3:4], 0.0)
     p = torch.where(common, torch.exp(lp), 0.0)
     t = beta_R1 * d
-    pe = p * expm1(t.clamp(max=_OVERFLOW_T))
+    log_w = torch.where(common, lp + t, NEG_INF)
+    pe = torch.where(t.abs() < SMALL, p * expm1_small(t), torch.exp(log_w.clamp(max=_OVERFLOW)) - p)
     w = p + pe
     wd = w * d
     wd2 = wd * d
     abs_logs = torch.where(common, lp.abs() + (g - row_R5[:, 4:5]).abs(), 0.0)
-    abs_inputs = torch.where(common, zs_RV.float().abs() + zt_RV.float().abs(), 0.0)
     return torch.stack([
         p.sum(-1), pe.sum(-1), wd.sum(-1), wd2.sum(-1), (wd2 * d).sum(-1), (w * d.abs()).sum(-1),
-        (w * abs_logs).sum(-1), (w * abs_inputs).sum(-1), (t > _OVERFLOW_T).float().sum(-1),
+        (w * abs_logs).sum(-1), (log_w > _OVERFLOW).float().sum(-1),
     ], dim=-1)
 
 
@@ -106,8 +114,7 @@ class _RowStats:
     kernel_rows: [R, 5] (m_s, m_t, log_s, E_p[g | common], log_t - log_s) for _tilt_sums;
     var_p, k3, k4: cumulants of g under p restricted to the common support (the first guess);
     log_mass_common: log p(common support) [R]; kl_teacher: KL(q || p) [R] (inf when supp q
-    is not inside supp p); max_abs: |m_s| + |m_t| [R]; rounded_inputs: the inputs were wider
-    than fp32, so their rounding enters the error budget.
+    is not inside supp p); mean_r_abs: |E_p[r]| [R].
     """
 
 
@@ -137,8 +144,7 @@ def _prepare(zs_RV, zt_RV, group):
     kl_teacher = s[:, 7] / s[:, 1] - (log_t - log_s)
     st.kl_teacher = torch.where(s[:, 8] > 0, torch.full_like(kl_teacher, math.inf),
                                 kl_teacher.clamp_min(0.0)).float()
-    st.max_abs = m.abs().sum(-1)
-    st.rounded_inputs = zs_RV.dtype == torch.float64 or zt_RV.dtype == torch.float64
+    st.mean_r_abs = (mean - (log_t - log_s)).abs().float()
     return st
 
 
@@ -147,14 +153,14 @@ def _kl_at(beta_R, st, zs_RV, zt_RV, group):
     of their rounding error.
 
     With t = beta d and p restricted to the common support (mass pc, as summed here):
-    Z = sum p e^t = pc + E, E = sum p expm1(t) computed directly, so log Z = log pc + log1p(E/pc)
-    and KL = beta E_mu[d] - log Z keep full fp32 relative precision down to tiny budgets (the two
-    terms are O(beta^2) because E_p[d] = 0). Rows where some t > 80 (e^t would overflow) take
-    the max-shifted log-sum-exp form instead.
-    Collectives: 1 all-reduce(SUM) of [R, 9] (+ 1 all-gather [P, R, 4] only if a row overflows).
+    Z = sum p e^t = pc + E, E = sum p (e^t - 1) computed directly (see _tilt_sums), so
+    log Z = log pc + log1p(E/pc) and KL = beta E_mu[d] - log Z keep full fp32 relative precision
+    down to tiny budgets (the two terms are O(beta^2) because E_p[d] = 0). Rows where some
+    log p + t > 40 take the max-shifted log-sum-exp form instead.
+    Collectives: 1 all-reduce(SUM) of [R, 8] (+ 1 all-gather [P, R, 4] only if a row overflows).
     """
     local = (_tilt_sums(zs_RV, zt_RV, st.kernel_rows, beta_R.unsqueeze(-1))
-             if zs_RV.shape[-1] > 0 else beta_R.new_zeros((beta_R.shape[0], 9)))
+             if zs_RV.shape[-1] > 0 else beta_R.new_zeros((beta_R.shape[0], 8)))
     sums = all_reduce_sum(local, group)
     pc = sums[:, 0].clamp_min(_TINY)
     z = (pc + sums[:, 1]).clamp_min(_TINY)
@@ -163,21 +169,18 @@ def _kl_at(beta_R, st, zs_RV, zt_RV, group):
     var = (second - mean_d * mean_d).clamp_min(0.0)
     third = sums[:, 4] / z - 3 * mean_d * second + 2 * mean_d**3
     log_z = st.log_mass_common + torch.log1p(sums[:, 1] / pc)
-    if bool(sums[:, 8].any()):
+    if bool(sums[:, 7].any()):
         lse_mean, lse_var, lse_log_z = _tilted_lse(beta_R, st, zs_RV, zt_RV, group)
-        big = sums[:, 8] > 0
+        big = sums[:, 7] > 0
         mean_d = torch.where(big, lse_mean, mean_d)
         var = torch.where(big, lse_var, var)
         third = torch.where(big, torch.zeros_like(third), third)
         log_z = torch.where(big, lse_log_z, log_z)
     kl = beta_R * mean_d - log_z
-    # rounding scales: absolute (the cancelling terms) and relative (log p itself is rounded
-    # to |log p| * 2^-24, e.g. for peaked rows; fp64 inputs also to |z| * 2^-24 when cast)
+    # rounding scales: absolute (the cancelling terms) and relative (log p, r and t are rounded
+    # to their magnitude * 2^-24, e.g. for peaked rows; |t| <= |r| + |E_p r|)
     scale = beta_R * sums[:, 5] / z + st.log_mass_common.abs()
-    abs_logs = sums[:, 6] / z
-    if st.rounded_inputs:
-        abs_logs = abs_logs + sums[:, 7] / z + st.max_abs
-    relative = 4 * _F32_EPS * abs_logs
+    relative = 4 * _F32_EPS * (sums[:, 6] / z + st.mean_r_abs)
     return kl.clamp_min(0.0), var, third, scale, relative
 
 
@@ -255,7 +258,7 @@ def solve_beta(
 
     Passes over the logits per row chunk: 2 to prepare + 1 per iteration (2 on random
     32k-vocabulary rows at eps = 0.02). Collectives per chunk: all-gather [P, R, 2] and
-    all-reduce(SUM) [R, 10] to prepare, all-reduce(SUM) [R, 9] per iteration, plus an
+    all-reduce(SUM) [R, 10] to prepare, all-reduce(SUM) [R, 8] per iteration, plus an
     all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp.
     Memory: fused (:mod:`trb_nemo.ops.fused`), [R, 10] beyond the inputs; eagerly, about 14
     fp32 [rows_chunk, V] temporaries (rows_chunk from ROW_CHUNK_BYTES).
@@ -398,7 +401,7 @@ def kl_to_student(
     """KL(mu_beta || pi_S) per row: [...] fp32 (0 at beta = 0, KL(pi_T || pi_S) at beta = 1).
 
     Passes per row chunk: 3. Collectives per chunk: solve_beta's preparation + 1
-    all-reduce(SUM) of [R, 9].
+    all-reduce(SUM) of [R, 8].
     """
     zs_RV, zt_RV, beta_R, lead = _inputs(student_logits, teacher_logits, beta, "beta",
                                          vocab_size, vocab_group)
