@@ -1,7 +1,8 @@
 """Vocab-parallel ops at TP = 2 and 4 (gloo) equal their unsharded float64 references.
 
 Vocabulary: 45 true tokens padded to 48 (Megatron-style), the two stop ids on different shards
-(keep 3 on the first rank, drop 40 on the last). Values and gradients are compared.
+(keep 3 on the first rank, drop 40 on the last). Values and gradients are compared, also with
+the op kernels compiled at TP = 2 (``tp2-fused``).
 Run: .venv/bin/python -m pytest tests/dist/test_ops_sharded.py
 """
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from harness import spawn
 
-from trb_nemo.ops import eos, losses, trust_region, vocab_parallel
+from trb_nemo.ops import eos, fused, losses, trust_region, vocab_parallel
 
 pytestmark = pytest.mark.dist
 
@@ -87,9 +88,16 @@ def _reference():
     return zs, zt
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def _sharded_ops_fused():
+    fused.set_mode("on")  # the row kernels compiled (the CUDA default), collectives between them
+    return _sharded_ops()
+
+
+@pytest.fixture(scope="module", params=[(2, False), (4, False), (2, True)],
+                ids=["tp2", "tp4", "tp2-fused"])
 def sharded(request):
-    return spawn(_sharded_ops, request.param)
+    world, compiled = request.param
+    return spawn(_sharded_ops_fused if compiled else _sharded_ops, world, timeout_s=600)
 
 
 @pytest.fixture(scope="module")
