@@ -57,8 +57,10 @@ RECOMPILE_LIMIT = 64
 and single rows)."""
 
 
-# renamed from cache_size_limit in torch 2.7; the project allows torch >= 2.6
-_LIMIT_KEY = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+def _limit_key() -> str:
+    """Dynamo's recompile-limit setting (named cache_size_limit before torch 2.7)."""
+    config = torch._dynamo.config
+    return "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
 
 
 def kernel(fn):
@@ -81,7 +83,7 @@ def kernel(fn):
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_NEVER_REALIZE)
             try:
-                with torch._dynamo.config.patch(**{_LIMIT_KEY: RECOMPILE_LIMIT}):
+                with torch._dynamo.config.patch(**{_limit_key(): RECOMPILE_LIMIT}):
                     return compiled(*tensors)
             except Exception as err:  # compiler or Dynamo failure: the eager kernel is exact too
                 broken = True
