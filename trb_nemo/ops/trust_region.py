@@ -44,8 +44,9 @@ beta is feasible for the exact (float64) KL as well; the cost in beta is ~margin
 _F32_EPS = 2.0**-23
 _TINY = torch.finfo(torch.float32).tiny
 _OVERFLOW = 40.0
-"""A row where some log p + beta d exceeds this (log Z > 40: KL far beyond any budget) takes the
-max-shifted form; below it, V e^40 |d|^3 stays far inside fp32."""
+"""A row where some log p + beta d exceeds this takes the max-shifted form (then Z > e^40 while
+E_p[beta d] = 0: mu is far from p and its KL needs no fp32 subtlety); below it, V e^40 |d|^3
+stays far inside fp32."""
 
 
 # ------------------------------------------------------------------------------- row kernels
