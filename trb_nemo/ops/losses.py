@@ -31,11 +31,12 @@ student logits' dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from trb_nemo.ops.fused import is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
-    NEG_INF,
     all_reduce_sum,
     as_fp32_masked,
     gather_at_ids,
@@ -60,8 +61,9 @@ def _kl_sums(zs_RV, zt_RV, max_R2):
     a = zs_RV.float() - max_R2[:, 0:1]
     b = zt_RV.float() - max_R2[:, 1:2]
     es = torch.exp(a)
-    return torch.stack([es.sum(-1), torch.exp(b).sum(-1),
-                        torch.where(a > NEG_INF, es * (a - b), 0.0).sum(-1)], dim=-1)
+    # off supp p: 0 * (-inf or NaN) = NaN -> 0; where q = 0 < p: +inf stays (KL = inf)
+    term = torch.nan_to_num(es * (a - b), nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return torch.stack([es.sum(-1), torch.exp(b).sum(-1), term.sum(-1)], dim=-1)
 
 
 @kernel
@@ -71,7 +73,9 @@ def _kl_grad(zs_RV, zt_RV, row_R4, grad_R1):
     a = zs_RV.float() - row_R4[:, 0:1]
     b = zt_RV.float() - row_R4[:, 1:2]
     p = torch.exp(a - row_R4[:, 2:3])
-    g = torch.where(a > NEG_INF, p * ((a - b) - row_R4[:, 3:4]) * grad_R1, 0.0)
+    # off supp p: 0 * (-inf or NaN) = NaN -> 0 (arithmetic: a bool-mask where is slower on CPU)
+    g = torch.nan_to_num(p * ((a - b) - row_R4[:, 3:4]), nan=0.0, posinf=math.inf,
+                         neginf=-math.inf) * grad_R1
     return g.to(zs_RV.dtype)
 
 
