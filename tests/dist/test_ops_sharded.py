@@ -190,3 +190,41 @@ def test_sampling_chi_square_against_mu(sharded):
     assert counts.sum() == SAMPLE_ROWS
     assert torch.all(counts[mu == 0] == 0)
     assert ref.chi_square_pvalue(counts, mu) > 1e-3
+
+
+SMALL_VOCAB = 30  # at TP = 4 over 48 padded columns, the last rank holds only padding
+
+
+def _ops_with_an_all_padding_rank(compiled):
+    fused.set_mode("on" if compiled else "off")
+    world, rank, grp = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
+    zs_full, zt_full = _full_logits()
+    zs, zt = _shard(zs_full, world, rank), _shard(zt_full, world, rank)
+    kw = dict(vocab_group=grp, vocab_size=SMALL_VOCAB)
+    beta, kl = trust_region.solve_beta_and_kl(zs, zt, EPS, **kw)
+    x = zs.clone().requires_grad_(True)
+    value = losses.reverse_kl(x, zt, **kw)
+    (value * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
+    return beta, kl, value, _gather_cols(x.grad)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "fused"])
+def test_a_rank_with_only_padding(compiled):
+    out = spawn(_ops_with_an_all_padding_rank, 4, compiled, timeout_s=600)
+    zs, zt = _full_logits()
+    beta, kl, value, grad = out[0]
+    for other in out[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out[0], other))
+    want = ref.bisect_beta(zs, zt, EPS, SMALL_VOCAB)
+    assert (beta.double() - want).abs().max() <= 1e-4
+    realized = ref.kl_to_student(zs, zt, beta.double(), SMALL_VOCAB)
+    assert torch.all(realized <= EPS.double() * (1 + 1e-6) + 1e-12)
+    assert torch.allclose(kl.double(), realized, rtol=1e-4, atol=1e-8)
+    x = zs.clone().requires_grad_(True)
+    want_value = ref.reverse_kl_full(x, zt, SMALL_VOCAB)
+    finite = torch.isfinite(want_value)
+    (want_value[finite] * torch.arange(1.0, ROWS + 1, dtype=torch.float64)[finite]).sum().backward()
+    assert torch.equal(torch.isfinite(value), finite)
+    assert torch.allclose(value.double()[finite], want_value.detach()[finite], atol=1e-5)
+    assert torch.allclose(grad[finite][:, :SMALL_VOCAB], x.grad[finite][:, :SMALL_VOCAB], atol=1e-5)
+    assert torch.all(grad[:, SMALL_VOCAB:] == 0)

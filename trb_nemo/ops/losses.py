@@ -5,7 +5,7 @@ behavior policy visited; TRB leaves it unchanged and uses no importance weights.
 
 * ``kind="full"``: exact, sum_v p_v (log p_v - log q_v). Backward dL/dz_v = p_v (log p_v -
   log q_v - L): exact, local, no collective. Two row kernels (:mod:`trb_nemo.ops.fused`):
-  forward reads the logits twice, backward once and writes the gradient.
+  forward reads the logits once, backward once and writes the gradient.
 * ``kind="topk"`` (paper default, k = 16): on the student's global top-k ids a_1..a_k with
   w_j = p(a_j) / sum_i p(a_i) (student probabilities renormalized on the set),
   L = sum_j w_j (log p(a_j) - log q(a_j)) with full-vocabulary log-probs (the paper's value).
@@ -37,10 +37,11 @@ import torch
 
 from trb_nemo.ops.fused import is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
-    all_reduce_sum,
+    NEG_INF,
+    all_gather_rows,
     as_fp32_masked,
     gather_at_ids,
-    max_pair,
+    max_shift,
     row_chunks,
     rows_lse,
     shard_start,
@@ -56,14 +57,18 @@ from trb_nemo.ops.vocab_parallel import (
 
 
 @kernel
-def _kl_sums(zs_RV, zt_RV, max_R2):
-    """[R, 3] local sums: e^a, e^b and e^a (a - b) over supp p."""
-    a = zs_RV.float() - max_R2[:, 0:1]
-    b = zt_RV.float() - max_R2[:, 1:2]
+def _kl_sums(zs_RV, zt_RV):
+    """[R, 5] of one shard, in one read of it: m_s, m_t (the shard's maxima), then with them
+    sums of e^a, e^b and e^a (a - b) over supp p."""
+    zs, zt = zs_RV.float(), zt_RV.float()
+    m_s, m_t = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
+    a = zs - torch.where(torch.isfinite(m_s), m_s, 0.0)
+    b = zt - torch.where(torch.isfinite(m_t), m_t, 0.0)
     es = torch.exp(a)
     # off supp p: 0 * (-inf or NaN) = NaN -> 0; where q = 0 < p: +inf stays (KL = inf)
     term = torch.nan_to_num(es * (a - b), nan=0.0, posinf=math.inf, neginf=-math.inf)
-    return torch.stack([es.sum(-1), torch.exp(b).sum(-1), term.sum(-1)], dim=-1)
+    return torch.stack([m_s[:, 0], m_t[:, 0], es.sum(-1), torch.exp(b).sum(-1), term.sum(-1)],
+                       dim=-1)
 
 
 @kernel
@@ -80,8 +85,8 @@ def _kl_grad(zs_RV, zt_RV, row_R4, grad_R1):
 
 
 class _FullReverseKL(torch.autograd.Function):
-    """Exact reverse KL. Forward: 2 passes (maxima, sums), collectives all-gather [P, R, 2] +
-    all-reduce(SUM) [R, 3]. Backward: 1 pass, no collective.
+    """Exact reverse KL. Forward: 1 pass, 1 all-gather of [P, R, 5]. Backward: 1 pass, no
+    collective.
 
     Saves only the inputs and [R] statistics. Peak memory: fused, the gradient [R, V] alone;
     eagerly, the gradient plus about 6 fp32 [rows_chunk, V] temporaries.
@@ -90,16 +95,25 @@ class _FullReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs_RV, zt_RV, n_valid, group):
         zs, zt = zs_RV[:, :n_valid], zt_RV[:, :n_valid]
-        m = max_pair(zs, zt, group)
-        fused = is_fused(zs.device)
-        local = (torch.cat([_kl_sums(zs[c], zt[c], m[c])
-                            for c in row_chunks(zs.shape[0], n_valid, fused)])
-                 if n_valid > 0 and zs.shape[0] > 0 else m.new_zeros((m.shape[0], 3)))
-        s = all_reduce_sum(local, group).double()  # [R]-sized: combine in fp64
-        log_s, log_t = torch.log(s[:, 0]), torch.log(s[:, 1])
-        kl = s[:, 2] / s[:, 0] - log_s + log_t
+        rows = zs.shape[0]
+        if n_valid > 0 and rows > 0:
+            local = torch.cat([_kl_sums(zs[c], zt[c])
+                               for c in row_chunks(rows, n_valid, is_fused(zs.device))])
+        else:  # this rank holds only padding
+            local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs.device),
+                               torch.zeros((rows, 3), device=zs.device)], dim=-1)
+        g = all_gather_rows(local, group).double()  # [P, R, 5]; [R]-sized math in fp64
+        m_s, sc_s = max_shift(g[..., 0])
+        m_t, sc_t = max_shift(g[..., 1])
+        s_s, s_t = (g[..., 2] * sc_s).sum(0), (g[..., 3] * sc_t).sum(0)
+        # each rank's a - b used its own maxima: shift to the global ones
+        shift = (g[..., 0] - m_s) - (g[..., 1] - m_t)
+        shift = torch.where(sc_s > 0, shift, torch.zeros_like(shift))
+        a_minus_b = ((g[..., 4] + shift * g[..., 2]) * sc_s).sum(0)
+        log_s, log_t = torch.log(s_s), torch.log(s_t)
+        kl = a_minus_b / s_s - log_s + log_t
         ctx.save_for_backward(zs_RV, zt_RV, torch.stack(
-            [m[:, 0].double(), m[:, 1].double(), log_s, log_s - log_t + kl], dim=-1).float())
+            [m_s, m_t, log_s, log_s - log_t + kl], dim=-1).float())
         ctx.n_valid = n_valid
         return kl.float()
 

@@ -31,7 +31,7 @@ from trb_nemo.ops.vocab_parallel import (
     all_reduce_sum,
     as_fp32_masked,
     group_size,
-    max_pair,
+    max_shift,
     row_chunks,
     rows_lse,
     valid_columns,
@@ -50,17 +50,21 @@ stays far inside fp32."""
 
 
 # ------------------------------------------------------------------------------- row kernels
-# Notation inside the kernels, per row: m_s, m_t the global maxima of the student and teacher
-# logits; a = z_S - m_s and b = z_T - m_t (<= 0); the common support is where both are finite;
-# g = b - a there, so log q - log p = r = g - (log_t - log_s) with log_s = log sum e^a.
+# Notation inside the kernels, per row: m_s, m_t the maxima of the student and teacher logits
+# (the shard's own in _support_sums, the global ones in _tilt_sums); a = z_S - m_s and
+# b = z_T - m_t (<= 0); the common support is where both are finite; g = b - a there, so
+# log q - log p = r = g - (log_t - log_s) with log_s = log sum e^a (global maxima).
 
 
 @kernel
-def _support_sums(zs_RV, zt_RV, max_R2):
-    """[R, 10] local sums: e^a, e^b; over the common support e^a g^k (k = 0..4) and e^b g;
-    e^b outside supp p; e^a outside supp q."""
-    a = zs_RV.float() - max_R2[:, 0:1]
-    b = zt_RV.float() - max_R2[:, 1:2]
+def _support_sums(zs_RV, zt_RV):
+    """[R, 12] of one shard, in one read of it (the maxima, then sums while the row is cached):
+    m_s, m_t, then with the shard's own maxima: sums of e^a, e^b; over the common support e^a g^k
+    (k = 0..4) and e^b g; e^b outside supp p; e^a outside supp q."""
+    zs, zt = zs_RV.float(), zt_RV.float()
+    m_s, m_t = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
+    a = zs - torch.where(torch.isfinite(m_s), m_s, 0.0)
+    b = zt - torch.where(torch.isfinite(m_t), m_t, 0.0)
     in_s, in_t = a > NEG_INF, b > NEG_INF
     common = in_s & in_t
     es, et = torch.exp(a), torch.exp(b)
@@ -70,6 +74,7 @@ def _support_sums(zs_RV, zt_RV, max_R2):
     pg2 = pg * g
     pg3 = pg2 * g
     return torch.stack([
+        m_s[:, 0], m_t[:, 0],
         es.sum(-1), et.sum(-1), pc.sum(-1), pg.sum(-1), pg2.sum(-1), pg3.sum(-1), (pg3 * g).sum(-1),
         torch.where(common, et * g, 0.0).sum(-1),
         torch.where(in_t & ~in_s, et, 0.0).sum(-1),
@@ -120,30 +125,49 @@ class _RowStats:
 
 
 def _prepare(zs_RV, zt_RV, group):
-    """Row statistics of one chunk of real columns. Collectives: all-gather [P, R, 2] (maxima)
-    + all-reduce(SUM) [R, 10]."""
-    m = max_pair(zs_RV, zt_RV, group)
-    if bool(torch.isnan(m).any()):
+    """Row statistics of one chunk of real columns: one pass over the logits.
+    Collectives: 1 all-gather of [P, R, 12]."""
+    rows = zs_RV.shape[0]
+    if zs_RV.shape[-1] > 0:
+        local = _support_sums(zs_RV, zt_RV)
+    else:  # this rank holds only padding
+        local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs_RV.device),
+                           torch.zeros((rows, 10), device=zs_RV.device)], dim=-1)
+    gathered = all_gather_rows(local, group).double()  # [P, R, 12]; [R]-sized math in fp64
+    m_s, sc_s = max_shift(gathered[..., 0])
+    m_t, sc_t = max_shift(gathered[..., 1])
+    if bool(torch.isnan(m_s).any() | torch.isnan(m_t).any()):
         raise ValueError("trust region: NaN in student or teacher logits")
-    if bool((~torch.isfinite(m)).any()):
+    if bool((~torch.isfinite(m_s) | ~torch.isfinite(m_t)).any()):
         raise ValueError("trust region: a row has no finite student or teacher logit, or a +inf logit")
-    local = (_support_sums(zs_RV, zt_RV, m) if zs_RV.shape[-1] > 0
-             else m.new_zeros((m.shape[0], 10)))
-    s = all_reduce_sum(local, group).double()  # [R]-sized: combine in fp64
-    log_s, log_t = torch.log(s[:, 0]), torch.log(s[:, 1])
-    pc = s[:, 2].clamp_min(_TINY)
-    mean, m2, m3, m4 = (s[:, k] / pc for k in (3, 4, 5, 6))
+    # each rank's g is b - a with its own maxima: g_global = g_local + delta
+    delta = (gathered[..., 1] - m_t) - (gathered[..., 0] - m_s)
+    delta = torch.where((sc_s > 0) & (sc_t > 0), delta, torch.zeros_like(delta))
+    es, et, pc, p1, p2, p3, p4, qg, q_out, p_out = (gathered[..., k] for k in range(2, 12))
+    qc = et - q_out  # e^b on the common support
+
+    def total(x, scale):
+        return (x * scale).sum(0)
+
+    s_s, s_t, pc = total(es, sc_s), total(et, sc_t), total(pc, sc_s).clamp_min(_TINY)
+    d1, d2, d3, d4 = delta, delta**2, delta**3, delta**4
+    mean = total(p1 + d1 * gathered[..., 4], sc_s) / pc  # E_p[g_global | common]
+    m2 = total(p2 + 2 * d1 * p1 + d2 * gathered[..., 4], sc_s) / pc
+    m3 = total(p3 + 3 * d1 * p2 + 3 * d2 * p1 + d3 * gathered[..., 4], sc_s) / pc
+    m4 = total(p4 + 4 * d1 * p3 + 6 * d2 * p2 + 4 * d3 * p1 + d4 * gathered[..., 4], sc_s) / pc
+    q_common_g = total(qg + d1 * qc, sc_t)
+    q_outside, p_outside = total(q_out, sc_t), total(p_out, sc_s)
+    log_s, log_t = torch.log(s_s), torch.log(s_t)
     st = _RowStats()
     st.var_p = (m2 - mean**2).clamp_min(0.0).float()
     st.k3 = (m3 - 3 * mean * m2 + 2 * mean**3).float()
     st.k4 = (m4 - 4 * mean * m3 + 6 * mean**2 * m2 - 3 * mean**4 - 3 * (m2 - mean**2) ** 2).float()
-    st.kernel_rows = torch.stack([m[:, 0].double(), m[:, 1].double(), log_s, mean,
-                                  log_t - log_s], dim=-1).float()
-    mass_common = torch.log1p(-s[:, 9] / s[:, 0])
-    st.log_mass_common = torch.where(s[:, 2] > 0, mass_common,
+    st.kernel_rows = torch.stack([m_s, m_t, log_s, mean, log_t - log_s], dim=-1).float()
+    mass_common = torch.log1p(-p_outside / s_s)
+    st.log_mass_common = torch.where(total(gathered[..., 4], sc_s) > 0, mass_common,
                                      torch.full_like(mass_common, NEG_INF)).float()
-    kl_teacher = s[:, 7] / s[:, 1] - (log_t - log_s)
-    st.kl_teacher = torch.where(s[:, 8] > 0, torch.full_like(kl_teacher, math.inf),
+    kl_teacher = q_common_g / s_t - (log_t - log_s)
+    st.kl_teacher = torch.where(q_outside > 0, torch.full_like(kl_teacher, math.inf),
                                 kl_teacher.clamp_min(0.0)).float()
     st.mean_r_abs = (mean - (log_t - log_s)).abs().float()
     return st
@@ -257,9 +281,9 @@ def solve_beta(
     bracket (KL <= eps, see FEASIBILITY_MARGIN), within ``tolerance`` (relative) of the largest
     feasible beta. All rows of a chunk iterate together; every rank takes identical branches.
 
-    Passes over the logits per row chunk: 2 to prepare + 1 per iteration (2 on random
-    32k-vocabulary rows at eps = 0.02). Collectives per chunk: all-gather [P, R, 2] and
-    all-reduce(SUM) [R, 10] to prepare, all-reduce(SUM) [R, 8] per iteration, plus an
+    Passes over the logits per row chunk: 1 to prepare + 1 per iteration (2 on random
+    32k-vocabulary rows at eps = 0.02). Collectives per chunk: all-gather [P, R, 12] to
+    prepare, all-reduce(SUM) [R, 8] per iteration, plus an
     all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp.
     Memory: fused (:mod:`trb_nemo.ops.fused`), [R, 10] beyond the inputs; eagerly, about 14
     fp32 [rows_chunk, V] temporaries (rows_chunk from ROW_CHUNK_BYTES).

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trb_nemo.ops.fused import is_fused, kernel
-
 NEG_INF = float("-inf")
 ROW_CHUNK_BYTES = 2 * 2**20
 """Target size of one fp32 [rows_chunk, V] temporary (cache-sized: elementwise passes over
@@ -62,26 +60,6 @@ def valid_count(v_local: int, vocab_size: int | None, group) -> int:
     return max(0, min(v_local, vocab_size - shard_start(v_local, group)))
 
 
-@kernel
-def _local_max_pair(zs_RV: torch.Tensor, zt_RV: torch.Tensor) -> torch.Tensor:
-    return torch.stack([zs_RV.float().amax(-1), zt_RV.float().amax(-1)], dim=-1)
-
-
-def max_pair(zs_RV: torch.Tensor, zt_RV: torch.Tensor, group) -> torch.Tensor:
-    """Global row maxima of two [R, V] shards (real columns only): [R, 2] fp32, identical on every
-    rank. NaN where a row holds a NaN, -inf where a row has no finite logit.
-    Collectives: 1 all-gather of [P, R, 2]. Memory: none beyond [R, 2] when fused."""
-    rows = zs_RV.shape[0]
-    if zs_RV.shape[-1] == 0 or rows == 0:
-        local = torch.full((rows, 2), NEG_INF, device=zs_RV.device)
-    else:
-        local = torch.cat([_local_max_pair(zs_RV[c], zt_RV[c])
-                           for c in row_chunks(rows, zs_RV.shape[-1], is_fused(zs_RV.device))])
-    gathered = all_gather_rows(local, group)
-    nan = torch.isnan(gathered).any(0)
-    return gathered.amax(0).masked_fill(nan, float("nan"))
-
-
 def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> torch.Tensor:
     """fp32 copy (or view for fp32 input without padding) with padded columns at -inf."""
     x = logits_RV.float()
@@ -120,13 +98,20 @@ def local_lse_stats(x_RV: torch.Tensor) -> torch.Tensor:
     return torch.stack([m_R, s_R], dim=-1)
 
 
-def combine_lse(stats_PR2: torch.Tensor) -> torch.Tensor:
-    """Global log-sum-exp [R] from every rank's (max, sumexp); identical on every rank."""
-    m_PR, s_PR = stats_PR2[..., 0], stats_PR2[..., 1]
+def max_shift(m_PR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sums each rank took relative to its own row maximum m: (global maximum M [R], scale
+    exp(m - M) [P, R], 0 for a rank whose row is all -inf). NaN in m propagates to M."""
     big_R = m_PR.amax(dim=0)
     safe_R = torch.where(torch.isfinite(big_R), big_R, torch.zeros_like(big_R))
-    scale_PR = torch.where(torch.isfinite(m_PR), torch.exp(m_PR - safe_R), torch.zeros_like(m_PR))
-    return safe_R + torch.log((s_PR * scale_PR).sum(dim=0))
+    scale_PR = torch.where(m_PR > NEG_INF, torch.exp(m_PR - safe_R), torch.zeros_like(m_PR))
+    return big_R, scale_PR
+
+
+def combine_lse(stats_PR2: torch.Tensor) -> torch.Tensor:
+    """Global log-sum-exp [R] from every rank's (max, sumexp); identical on every rank."""
+    big_R, scale_PR = max_shift(stats_PR2[..., 0])
+    safe_R = torch.where(torch.isfinite(big_R), big_R, torch.zeros_like(big_R))
+    return safe_R + torch.log((stats_PR2[..., 1] * scale_PR).sum(dim=0))
 
 
 def logsumexp(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None = None) -> torch.Tensor:
