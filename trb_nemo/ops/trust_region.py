@@ -285,7 +285,7 @@ def solve_beta(
     32k-vocabulary rows at eps = 0.02). Collectives per chunk: all-gather [P, R, 12] to
     prepare, all-reduce(SUM) [R, 8] per iteration, plus an
     all-gather [P, R, 4] in an iteration where some row's tilt would overflow exp.
-    Memory: fused (:mod:`trb_nemo.ops.fused`), [R, 10] beyond the inputs; eagerly, about 14
+    Memory: fused (:mod:`trb_nemo.ops.fused`), [P, R, 12] beyond the inputs; eagerly, about 14
     fp32 [rows_chunk, V] temporaries (rows_chunk from ROW_CHUNK_BYTES).
     """
     return _solve(student_logits, teacher_logits, eps, vocab_group, vocab_size, tolerance,
@@ -425,7 +425,7 @@ def kl_to_student(
 ) -> torch.Tensor:
     """KL(mu_beta || pi_S) per row: [...] fp32 (0 at beta = 0, KL(pi_T || pi_S) at beta = 1).
 
-    Passes per row chunk: 3. Collectives per chunk: solve_beta's preparation + 1
+    Passes per row chunk: 2. Collectives per chunk: solve_beta's preparation + 1
     all-reduce(SUM) of [R, 8].
     """
     zs_RV, zt_RV, beta_R, lead = _inputs(student_logits, teacher_logits, beta, "beta",
