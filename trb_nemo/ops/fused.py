@@ -23,17 +23,19 @@ import warnings
 import torch
 
 MODES = ("auto", "on", "off")
-_mode = os.environ.get("TRB_NEMO_FUSED_OPS", "auto")
-if _mode not in MODES:
-    raise ValueError(f"TRB_NEMO_FUSED_OPS must be one of {'|'.join(MODES)}, got {_mode!r}")
+_mode = "auto"
 
 
 def set_mode(mode: str) -> None:
     """auto | on | off (module docstring)."""
     global _mode
     if mode not in MODES:
-        raise ValueError(f"fused ops mode must be one of {'|'.join(MODES)}, got {mode!r}")
+        raise ValueError(f"fused ops mode (TRB_NEMO_FUSED_OPS, parallel.fused_ops) must be one "
+                         f"of {'|'.join(MODES)}, got {mode!r}")
     _mode = mode
+
+
+set_mode(os.environ.get("TRB_NEMO_FUSED_OPS", "auto"))
 
 
 def is_fused(device: torch.device) -> bool:
@@ -57,10 +59,11 @@ RECOMPILE_LIMIT = 64
 and single rows)."""
 
 
-def _limit_key() -> str:
-    """Dynamo's recompile-limit setting (named cache_size_limit before torch 2.7)."""
+def _recompile_limit():
+    """A context raising Dynamo's recompile limit (named cache_size_limit before torch 2.7)."""
     config = torch._dynamo.config
-    return "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{key: RECOMPILE_LIMIT})
 
 
 def kernel(fn):
@@ -70,20 +73,21 @@ def kernel(fn):
     compiled graph serves every value) and run without autograd. A kernel that cannot be
     compiled here (no compiler, Dynamo refuses) warns once and runs eagerly from then on.
     """
-    compiled = None
+    compiled = limit = None
     broken = False
 
     @functools.wraps(fn)
     def run(*tensors):
-        nonlocal compiled, broken
+        nonlocal compiled, limit, broken
         tensors = [t.detach() for t in tensors]  # no autograd state for Dynamo to inspect
         with torch.no_grad():
             if broken or not is_fused(tensors[0].device):
                 return fn(*tensors)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_NEVER_REALIZE)
+                limit = _recompile_limit()
             try:
-                with torch._dynamo.config.patch(**{_limit_key(): RECOMPILE_LIMIT}):
+                with limit:
                     return compiled(*tensors)
             except Exception as err:  # compiler or Dynamo failure: the eager kernel is exact too
                 broken = True

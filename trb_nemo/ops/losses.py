@@ -37,11 +37,10 @@ import torch
 
 from trb_nemo.ops.fused import is_fused, kernel
 from trb_nemo.ops.vocab_parallel import (
-    NEG_INF,
-    all_gather_rows,
     as_fp32_masked,
     gather_at_ids,
-    max_shift,
+    gather_pair_sums,
+    own_max_shift,
     row_chunks,
     rows_lse,
     shard_start,
@@ -60,10 +59,8 @@ from trb_nemo.ops.vocab_parallel import (
 def _kl_sums(zs_RV, zt_RV):
     """[R, 5] of one shard, in one read of it: m_s, m_t (the shard's maxima), then with them
     sums of e^a, e^b and e^a (a - b) over supp p."""
-    zs, zt = zs_RV.float(), zt_RV.float()
-    m_s, m_t = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
-    a = zs - torch.where(torch.isfinite(m_s), m_s, 0.0)
-    b = zt - torch.where(torch.isfinite(m_t), m_t, 0.0)
+    m_s, a = own_max_shift(zs_RV)
+    m_t, b = own_max_shift(zt_RV)
     es = torch.exp(a)
     # off supp p: 0 * (-inf or NaN) = NaN -> 0; where q = 0 < p: +inf stays (KL = inf)
     term = torch.nan_to_num(es * (a - b), nan=0.0, posinf=math.inf, neginf=-math.inf)
@@ -94,26 +91,15 @@ class _FullReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs_RV, zt_RV, n_valid, group):
-        zs, zt = zs_RV[:, :n_valid], zt_RV[:, :n_valid]
-        rows = zs.shape[0]
-        if n_valid > 0 and rows > 0:
-            local = torch.cat([_kl_sums(zs[c], zt[c])
-                               for c in row_chunks(rows, n_valid, is_fused(zs.device))])
-        else:  # this rank holds only padding
-            local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs.device),
-                               torch.zeros((rows, 3), device=zs.device)], dim=-1)
-        g = all_gather_rows(local, group).double()  # [P, R, 5]; [R]-sized math in fp64
-        m_s, sc_s = max_shift(g[..., 0])
-        m_t, sc_t = max_shift(g[..., 1])
-        s_s, s_t = (g[..., 2] * sc_s).sum(0), (g[..., 3] * sc_t).sum(0)
-        # each rank's a - b used its own maxima: shift to the global ones
-        shift = (g[..., 0] - m_s) - (g[..., 1] - m_t)
-        shift = torch.where(sc_s > 0, shift, torch.zeros_like(shift))
-        a_minus_b = ((g[..., 4] + shift * g[..., 2]) * sc_s).sum(0)
+        ps = gather_pair_sums(_kl_sums, zs_RV[:, :n_valid], zt_RV[:, :n_valid], 3, group)
+        s_s, s_t, a_minus_b = (ps.sums[..., k] for k in range(3))
+        # each rank's a - b used its own maxima: (a - b)_global = (a - b)_local - delta
+        a_minus_b = ((a_minus_b - ps.delta * s_s) * ps.scale_s).sum(0)
+        s_s, s_t = (s_s * ps.scale_s).sum(0), (s_t * ps.scale_t).sum(0)
         log_s, log_t = torch.log(s_s), torch.log(s_t)
         kl = a_minus_b / s_s - log_s + log_t
         ctx.save_for_backward(zs_RV, zt_RV, torch.stack(
-            [m_s, m_t, log_s, log_s - log_t + kl], dim=-1).float())
+            [ps.m_s, ps.m_t, log_s, log_s - log_t + kl], dim=-1).float())
         ctx.n_valid = n_valid
         return kl.float()
 

@@ -30,8 +30,10 @@ from trb_nemo.ops.vocab_parallel import (
     all_gather_rows,
     all_reduce_sum,
     as_fp32_masked,
+    gather_pair_sums,
     group_size,
     max_shift,
+    own_max_shift,
     row_chunks,
     rows_lse,
     valid_columns,
@@ -61,10 +63,8 @@ def _support_sums(zs_RV, zt_RV):
     """[R, 12] of one shard, in one read of it (the maxima, then sums while the row is cached):
     m_s, m_t, then with the shard's own maxima: sums of e^a, e^b; over the common support e^a g^k
     (k = 0..4) and e^b g; e^b outside supp p; e^a outside supp q."""
-    zs, zt = zs_RV.float(), zt_RV.float()
-    m_s, m_t = zs.amax(-1, keepdim=True), zt.amax(-1, keepdim=True)
-    a = zs - torch.where(torch.isfinite(m_s), m_s, 0.0)
-    b = zt - torch.where(torch.isfinite(m_t), m_t, 0.0)
+    m_s, a = own_max_shift(zs_RV)
+    m_t, b = own_max_shift(zt_RV)
     in_s, in_t = a > NEG_INF, b > NEG_INF
     common = in_s & in_t
     es, et = torch.exp(a), torch.exp(b)
@@ -127,34 +127,26 @@ class _RowStats:
 def _prepare(zs_RV, zt_RV, group):
     """Row statistics of one chunk of real columns: one pass over the logits.
     Collectives: 1 all-gather of [P, R, 12]."""
-    rows = zs_RV.shape[0]
-    if zs_RV.shape[-1] > 0:
-        local = _support_sums(zs_RV, zt_RV)
-    else:  # this rank holds only padding
-        local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs_RV.device),
-                           torch.zeros((rows, 10), device=zs_RV.device)], dim=-1)
-    gathered = all_gather_rows(local, group).double()  # [P, R, 12]; [R]-sized math in fp64
-    m_s, sc_s = max_shift(gathered[..., 0])
-    m_t, sc_t = max_shift(gathered[..., 1])
+    ps = gather_pair_sums(_support_sums, zs_RV, zt_RV, 10, group)
+    m_s, m_t, sc_s, sc_t = ps.m_s, ps.m_t, ps.scale_s, ps.scale_t
     if bool(torch.isnan(m_s).any() | torch.isnan(m_t).any()):
         raise ValueError("trust region: NaN in student or teacher logits")
     if bool((~torch.isfinite(m_s) | ~torch.isfinite(m_t)).any()):
         raise ValueError("trust region: a row has no finite student or teacher logit, or a +inf logit")
-    # each rank's g is b - a with its own maxima: g_global = g_local + delta
-    delta = (gathered[..., 1] - m_t) - (gathered[..., 0] - m_s)
-    delta = torch.where((sc_s > 0) & (sc_t > 0), delta, torch.zeros_like(delta))
-    es, et, pc, p1, p2, p3, p4, qg, q_out, p_out = (gathered[..., k] for k in range(2, 12))
+    es, et, pc_P, p1, p2, p3, p4, qg, q_out, p_out = ps.sums.unbind(-1)  # each [P, R]
     qc = et - q_out  # e^b on the common support
 
     def total(x, scale):
         return (x * scale).sum(0)
 
-    s_s, s_t, pc = total(es, sc_s), total(et, sc_t), total(pc, sc_s).clamp_min(_TINY)
-    d1, d2, d3, d4 = delta, delta**2, delta**3, delta**4
-    mean = total(p1 + d1 * gathered[..., 4], sc_s) / pc  # E_p[g_global | common]
-    m2 = total(p2 + 2 * d1 * p1 + d2 * gathered[..., 4], sc_s) / pc
-    m3 = total(p3 + 3 * d1 * p2 + 3 * d2 * p1 + d3 * gathered[..., 4], sc_s) / pc
-    m4 = total(p4 + 4 * d1 * p3 + 6 * d2 * p2 + 4 * d3 * p1 + d4 * gathered[..., 4], sc_s) / pc
+    # each rank's g is b - a with its own maxima: g_global = g_local + delta (binomial moments)
+    d1, d2, d3, d4 = ps.delta, ps.delta**2, ps.delta**3, ps.delta**4
+    s_s, s_t, pc = total(es, sc_s), total(et, sc_t), total(pc_P, sc_s)
+    pc_safe = pc.clamp_min(_TINY)
+    mean = total(p1 + d1 * pc_P, sc_s) / pc_safe  # E_p[g_global | common]
+    m2 = total(p2 + 2 * d1 * p1 + d2 * pc_P, sc_s) / pc_safe
+    m3 = total(p3 + 3 * d1 * p2 + 3 * d2 * p1 + d3 * pc_P, sc_s) / pc_safe
+    m4 = total(p4 + 4 * d1 * p3 + 6 * d2 * p2 + 4 * d3 * p1 + d4 * pc_P, sc_s) / pc_safe
     q_common_g = total(qg + d1 * qc, sc_t)
     q_outside, p_outside = total(q_out, sc_t), total(p_out, sc_s)
     log_s, log_t = torch.log(s_s), torch.log(s_t)
@@ -164,7 +156,7 @@ def _prepare(zs_RV, zt_RV, group):
     st.k4 = (m4 - 4 * mean * m3 + 6 * mean**2 * m2 - 3 * mean**4 - 3 * (m2 - mean**2) ** 2).float()
     st.kernel_rows = torch.stack([m_s, m_t, log_s, mean, log_t - log_s], dim=-1).float()
     mass_common = torch.log1p(-p_outside / s_s)
-    st.log_mass_common = torch.where(total(gathered[..., 4], sc_s) > 0, mass_common,
+    st.log_mass_common = torch.where(pc > 0, mass_common,
                                      torch.full_like(mass_common, NEG_INF)).float()
     kl_teacher = q_common_g / s_t - (log_t - log_s)
     st.kl_teacher = torch.where(q_outside > 0, torch.full_like(kl_teacher, math.inf),
@@ -210,8 +202,8 @@ def _kl_at(beta_R, st, zs_RV, zt_RV, group):
 
 
 def _tilted_lse(beta_R, st, zs_RV, zt_RV, group):
-    """Max-shifted (overflow-safe) mean, variance and log Z of the tilt (eager; only for rows
-    where some beta d > 80). Collectives: 1 all-gather [P, R, 4]."""
+    """Max-shifted (overflow-safe) mean, variance and log Z of the tilt (eager; only called when
+    some row has log p + beta d > 40). Collectives: 1 all-gather [P, R, 4]."""
     k = st.kernel_rows
     a = zs_RV.float() - k[:, 0:1]
     b = zt_RV.float() - k[:, 1:2]
@@ -222,13 +214,12 @@ def _tilted_lse(beta_R, st, zs_RV, zt_RV, group):
     safe = torch.where(torch.isfinite(m_R), m_R, torch.zeros_like(m_R))
     w = torch.exp(u - safe.unsqueeze(-1))
     g = all_gather_rows(torch.stack([m_R, w.sum(-1), (w * d).sum(-1), (w * d * d).sum(-1)], -1), group)
-    big = g[..., 0].amax(0)
-    safe_big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
-    scale = torch.where(torch.isfinite(g[..., 0]), torch.exp(g[..., 0] - safe_big), torch.zeros_like(big))
+    big, scale = max_shift(g[..., 0])
     s0, s1, s2 = ((g[..., i] * scale).sum(0) for i in (1, 2, 3))
     s0 = s0.clamp_min(_TINY)
     mean_d = s1 / s0
-    return mean_d, (s2 / s0 - mean_d * mean_d).clamp_min(0.0), safe_big + torch.log(s0)
+    log_z = torch.where(torch.isfinite(big), big, torch.zeros_like(big)) + torch.log(s0)
+    return mean_d, (s2 / s0 - mean_d * mean_d).clamp_min(0.0), log_z
 
 
 def _edge_kl(beta_R, st, interior_kl):

@@ -9,8 +9,12 @@ and are treated as probability zero everywhere. Inputs are never modified; math 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
+
+from trb_nemo.ops.fused import is_fused
 
 NEG_INF = float("-inf")
 ROW_CHUNK_BYTES = 2 * 2**20
@@ -105,6 +109,50 @@ def max_shift(m_PR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     safe_R = torch.where(torch.isfinite(big_R), big_R, torch.zeros_like(big_R))
     scale_PR = torch.where(m_PR > NEG_INF, torch.exp(m_PR - safe_R), torch.zeros_like(m_PR))
     return big_R, scale_PR
+
+
+def own_max_shift(z_RV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m [R, 1], z - m) in fp32 with the row's own maximum (no shift for an all -inf row). Plain
+    torch, for use inside a row kernel."""
+    z = z_RV.float()
+    m = z.amax(-1, keepdim=True)
+    return m, z - torch.where(torch.isfinite(m), m, 0.0)
+
+
+class PairSums(NamedTuple):
+    """Every rank's sums of one [R, V] student/teacher shard pair, taken relative to that rank's
+    own row maxima, with what rescales them to the global maxima."""
+
+    sums: torch.Tensor
+    """[P, R, K] fp64, each rank's sums as its kernel returned them."""
+    m_s: torch.Tensor
+    """[R] global row maximum of z_S (NaN if a row holds NaN)."""
+    scale_s: torch.Tensor
+    """[P, R] exp(rank maximum - global maximum) for sums weighted by e^(z_S - max)."""
+    m_t: torch.Tensor
+    scale_t: torch.Tensor
+    delta: torch.Tensor
+    """[P, R] (b - a) with the global maxima minus (b - a) with the rank's own, where
+    a = z_S - max, b = z_T - max; 0 on a rank without finite logits in the row."""
+
+
+def gather_pair_sums(row_kernel, zs_RV, zt_RV, num_sums: int, group) -> PairSums:
+    """Run ``row_kernel(zs, zt) -> [R, 2 + K]`` (the shard's own maxima of z_S and z_T, then K
+    sums taken relative to them) over row chunks and gather it. A rank holding only padding
+    contributes maxima -inf and zero sums. Collectives: 1 all-gather of [P, R, 2 + K]."""
+    rows, width = zs_RV.shape
+    if width > 0 and rows > 0:
+        local = torch.cat([row_kernel(zs_RV[c], zt_RV[c])
+                           for c in row_chunks(rows, width, is_fused(zs_RV.device))])
+    else:
+        local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs_RV.device),
+                           torch.zeros((rows, num_sums), device=zs_RV.device)], dim=-1)
+    gathered = all_gather_rows(local, group).double()  # [R]-sized math in fp64
+    m_s, scale_s = max_shift(gathered[..., 0])
+    m_t, scale_t = max_shift(gathered[..., 1])
+    delta = (gathered[..., 1] - m_t) - (gathered[..., 0] - m_s)
+    delta = torch.where((scale_s > 0) & (scale_t > 0), delta, torch.zeros_like(delta))
+    return PairSums(gathered[..., 2:], m_s, scale_s, m_t, scale_t, delta)
 
 
 def combine_lse(stats_PR2: torch.Tensor) -> torch.Tensor:
