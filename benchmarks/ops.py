@@ -81,12 +81,12 @@ def operations(zs, zt, labels):
     return {"solve_beta": beta, "log_softmax": lsm, "reverse_kl": kl, "cross_entropy": ce}
 
 
-def peak_bytes(name, rows, vocab, mode, device):
-    """Extra peak memory of one call of operation ``name`` beyond its inputs (module docstring)."""
+def peak_bytes(name, ops, rows, vocab, mode, device):
+    """Extra peak memory of one call of operation ``name`` beyond its inputs (module docstring);
+    ``ops`` are the run's operations (used on CUDA; a CPU measurement makes its own process)."""
     if device.type == "cuda":
         fused.set_mode(mode)
-        zs, zt, labels = make_logits(rows, vocab, device)
-        fn = operations(zs, zt, labels)[name]
+        fn = ops[name]
         fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -125,14 +125,14 @@ def run_case(rows, vocab, repeats, device, modes):
     ops = operations(zs, zt, labels)
     t_lsm = timed(ops["log_softmax"], device, repeats)
     t_ce = timed(ops["cross_entropy"], device, repeats)
-    m_ce = peak_bytes("cross_entropy", rows, vocab, "off", device)
+    m_ce = peak_bytes("cross_entropy", ops, rows, vocab, "off", device)
     result = {"shape": f"{rows}x{vocab}", "ms log_softmax": t_lsm * 1e3,
               "ms cross_entropy": t_ce * 1e3, "MiB cross_entropy": m_ce / 2**20}
     for mode in modes:
         fused.set_mode(mode)
         t_beta = timed(ops["solve_beta"], device, repeats)
         t_kl = timed(ops["reverse_kl"], device, repeats)
-        m_kl = peak_bytes("reverse_kl", rows, vocab, mode, device)
+        m_kl = peak_bytes("reverse_kl", ops, rows, vocab, mode, device)
         result[mode] = {
             "solve_beta / log_softmax": t_beta / t_lsm,
             "reverse_kl / cross_entropy time": t_kl / t_ce,
