@@ -51,13 +51,20 @@ def test_a_kernel_that_cannot_compile_warns_and_runs_eagerly():
     def data_dependent(x):  # .item() in a branch: Dynamo cannot capture it as one graph
         return x.sum(-1) if x.sum().item() > 0 else -x.sum(-1)
 
+    from trb_nemo.ops.vocab_parallel import row_chunks
+
     k = fused.kernel(data_dependent)
     x = torch.randn(4, 5)
-    with pytest.warns(UserWarning, match="data_dependent runs eagerly"):
+    cpu = torch.device("cpu")
+    assert len(list(row_chunks(4096, 151936, fused.is_fused(cpu)))) == 1  # fused: all rows
+    with pytest.warns(UserWarning, match="data_dependent failed to compile"):
         assert torch.equal(k(x), data_dependent(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # stays eager: no second warning
         assert torch.equal(k(-x), data_dependent(-x))
+    # every caller now chunks rows for the eager kernels, not the all-rows fused chunk
+    assert not fused.is_fused(cpu)
+    assert len(list(row_chunks(4096, 151936, fused.is_fused(cpu)))) > 1
 
 
 def test_fused_equals_eager():

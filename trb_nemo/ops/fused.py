@@ -24,23 +24,29 @@ import torch
 
 MODES = ("auto", "on", "off")
 _mode = "auto"
+_fell_back = False
+"""A kernel failed to compile in this process: every kernel runs eagerly from then on, and
+callers chunk rows for the eager path (:func:`is_fused` is the one answer to both), instead of
+handing an eager kernel the all-rows chunk meant for a fused one (tens of GB of fp32
+temporaries at a 152k vocabulary)."""
 
 
 def set_mode(mode: str) -> None:
-    """auto | on | off (module docstring)."""
-    global _mode
+    """auto | on | off (module docstring); also forgets an earlier compile failure."""
+    global _mode, _fell_back
     if mode not in MODES:
         raise ValueError(f"fused ops mode (TRB_NEMO_FUSED_OPS, parallel.fused_ops) must be one "
                          f"of {'|'.join(MODES)}, got {mode!r}")
-    _mode = mode
+    _mode, _fell_back = mode, False
 
 
 set_mode(os.environ.get("TRB_NEMO_FUSED_OPS", "auto"))
 
 
 def is_fused(device: torch.device) -> bool:
-    """Whether kernels run compiled for tensors on ``device``."""
-    return _mode == "on" or (_mode == "auto" and device.type == "cuda")
+    """Whether kernels run compiled for tensors on ``device`` (False after a compile failure).
+    Callers size their row chunks by it (``vocab_parallel.row_chunks``)."""
+    return not _fell_back and (_mode == "on" or (_mode == "auto" and device.type == "cuda"))
 
 
 _NEVER_REALIZE = {
@@ -71,17 +77,19 @@ def kernel(fn):
 
     Kernels take tensors only (per-row constants as [R, k] tensors, never Python floats, so one
     compiled graph serves every value) and run without autograd. A kernel that cannot be
-    compiled here (no compiler, Dynamo refuses) warns once and runs eagerly from then on.
+    compiled here (no compiler, Dynamo refuses) warns once, and from then on every kernel of the
+    process runs eagerly (a compile failure is a property of the environment, the same on every
+    rank, so ranks keep chunking rows alike and making the same collectives).
     """
     compiled = limit = None
-    broken = False
 
     @functools.wraps(fn)
     def run(*tensors):
-        nonlocal compiled, limit, broken
+        global _fell_back
+        nonlocal compiled, limit
         tensors = [t.detach() for t in tensors]  # no autograd state for Dynamo to inspect
         with torch.no_grad():
-            if broken or not is_fused(tensors[0].device):
+            if not is_fused(tensors[0].device):
                 return fn(*tensors)
             if compiled is None:
                 compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_NEVER_REALIZE)
@@ -90,9 +98,9 @@ def kernel(fn):
                 with limit:
                     return compiled(*tensors)
             except Exception as err:  # compiler or Dynamo failure: the eager kernel is exact too
-                broken = True
-                warnings.warn(f"trb_nemo.ops.fused: {fn.__name__} runs eagerly from now on; "
-                              f"compiling it failed: {type(err).__name__}: "
+                _fell_back = True
+                warnings.warn(f"trb_nemo.ops.fused: {fn.__name__} failed to compile, so the op "
+                              f"kernels run eagerly from now on: {type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}", stacklevel=2)
                 return fn(*tensors)
 
