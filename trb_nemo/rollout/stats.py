@@ -28,7 +28,8 @@ def summarize(rollout: Rollout, eps: float | None = None) -> dict:
     if n == 0:
         return out
     beta = rollout.records["beta"][mask]
-    q = torch.quantile(beta.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    q = torch.quantile(beta.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64,
+                                                   device=beta.device))
     kl = rollout.records["kl"][mask]
     out.update({"rollout/beta_mean": float(beta.mean()), "rollout/beta_p10": float(q[0]),
                 "rollout/beta_p50": float(q[1]), "rollout/beta_p90": float(q[2]),
