@@ -32,8 +32,8 @@ def _bench(tp: int, prompts: int, max_new: int, repeats: int, eps0: float):
     torch.set_num_threads(1)
     cfg = load_config(["parallel=cpu_tp1"])
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
-    groups.initialize(parallel, seed=0)
-    student, teacher = build_student(cfg.model, parallel).eval(), build_teacher(cfg.model, parallel)
+    pg = groups.initialize(parallel, seed=0)
+    student, teacher = build_student(cfg.model, parallel, pg), build_teacher(cfg.model, parallel, pg)
     vocab = SharedVocab.of(cfg.model)
     gen = torch.Generator().manual_seed(0)
     batch = [torch.randint(3, vocab.size, (int(n),), generator=gen).tolist()
@@ -45,7 +45,7 @@ def _bench(tp: int, prompts: int, max_new: int, repeats: int, eps0: float):
         rates, per_token, positions = [], [], []
         for r in range(repeats + 1):
             ro = generate(student, teacher, batch, policy, vocab=vocab, max_new_tokens=max_new,
-                          topk_k=cfg.loss.topk, generator=torch.Generator().manual_seed(r))
+                          topk_k=cfg.loss.topk, generator=torch.Generator().manual_seed(r), pg=pg)
             n = int(ro.loss_mask.sum())
             if r > 0:  # the first run warms up
                 rates.append(n / ro.seconds)

@@ -21,7 +21,7 @@ def log_softmax(z, vocab_size=None):
 def behavior_logprobs(zs, zt, beta, vocab_size=None):
     """log mu_beta with the exact support rules (beta=0 -> p, beta=1 -> q, else common support)."""
     lp, lq = log_softmax(zs, vocab_size), log_softmax(zt, vocab_size)
-    beta = torch.as_tensor(beta, dtype=torch.float64).expand(lp.shape[:-1]).unsqueeze(-1)
+    beta = torch.as_tensor(beta, dtype=torch.float64, device=lp.device).expand(lp.shape[:-1]).unsqueeze(-1)
     common = torch.isfinite(lp) & torch.isfinite(lq)
     mixed = torch.where(common, (1 - beta) * torch.where(common, lp, 0) + beta * torch.where(common, lq, 0),
                         torch.full_like(lp, NEG_INF))
@@ -45,9 +45,9 @@ def kl_to_student(zs, zt, beta, vocab_size=None):
 def bisect_beta(zs, zt, eps, vocab_size=None, halvings=60):
     """Largest feasible beta per row by bisection on [0, 1] (60 halvings), float64."""
     lead = zs.shape[:-1]
-    eps = torch.as_tensor(eps, dtype=torch.float64).expand(lead)
-    lo = torch.zeros(lead, dtype=torch.float64)
-    hi = torch.ones(lead, dtype=torch.float64)
+    eps = torch.as_tensor(eps, dtype=torch.float64, device=zs.device).expand(lead)
+    lo = torch.zeros(lead, dtype=torch.float64, device=zs.device)
+    hi = torch.ones(lead, dtype=torch.float64, device=zs.device)
     full = kl_to_student(zs, zt, 1.0, vocab_size)
     for _ in range(halvings):
         mid = (lo + hi) / 2

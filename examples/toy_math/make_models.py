@@ -43,7 +43,7 @@ def sft_batch(seed: int, start: int, size: int, stop_id: int):
     return tokens, mask
 
 
-def pass_at_1(model, stop_id: int, cfg, seed: int) -> float:
+def pass_at_1(model, stop_id: int, cfg, seed: int, pg) -> float:
     """pass@1 at temperature 1.0 on 64 held-out problems x 4 samples (trb_nemo.eval)."""
     from trb_nemo.config.schema import EvalConfig
     from trb_nemo.data.prompts import ToyMathSource
@@ -53,11 +53,11 @@ def pass_at_1(model, stop_id: int, cfg, seed: int) -> float:
     cfg = dataclasses.replace(cfg, seed=seed,
                               eval=EvalConfig(num_problems=64, num_samples=4, max_new_tokens=40))
     source = ToyMathSource(seed, cfg.data.max_prompt_length)
-    return evaluate(model, model, source, cfg, SharedVocab(128, stop_id, stop_id), step=0)
+    return evaluate(model, model, source, cfg, SharedVocab(128, stop_id, stop_id), step=0, pg=pg)
 
 
 def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float | None, log,
-          cfg) -> float:
+          cfg, pg) -> float:
     """SFT with AdamW; every 100 steps measure pass@1 and stop early once it reaches target."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     score = 0.0
@@ -72,8 +72,7 @@ def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float |
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            model.eval()
-            score = pass_at_1(model, stop_id, cfg, seed)
+            score = pass_at_1(model, stop_id, cfg, seed, pg)
             log(f"step {step + 1}: loss {loss.item():.4f} pass@1 {score:.3f}")
             if target is not None and score >= target:
                 break
@@ -92,17 +91,17 @@ def make(student_steps: int, teacher_max_steps: int, roles: tuple[str, ...]) -> 
     torch.set_num_threads(2)
     cfg = load_config(["parallel=cpu_tp1", "model.student.checkpoint=null",
                        "model.teacher.checkpoint=null"])
-    groups.initialize(cfg.parallel, seed=cfg.seed)
+    pg = groups.initialize(cfg.parallel, seed=cfg.seed)
     results = {}
     for role, stop, steps, lr, target in (("teacher", TEACHER_STOP, teacher_max_steps, 2e-3, 0.95),
                                           ("student", STUDENT_STOP, student_steps, 2e-3, None)):
         if role not in roles:
             continue
         spec = getattr(cfg.model, role)
-        model = build_network(spec, cfg.model, cfg.parallel, cfg.model.init_seed + len(role))
+        model = build_network(spec, cfg.model, cfg.parallel, pg, cfg.model.init_seed + len(role))
         print(f"{role}: SFT")
         score = train(model, stop, steps, lr, seed=11 if role == "teacher" else 13, target=target,
-                      log=lambda m, r=role: print(f"  {r} {m}", flush=True), cfg=cfg)
+                      log=lambda m, r=role: print(f"  {r} {m}", flush=True), cfg=cfg, pg=pg)
         save_model(OUT / role, model, dataclasses.replace(spec, checkpoint=None))
         results[role] = score
     groups.destroy()

@@ -38,31 +38,32 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
     from trb_nemo.train.step import score_with_teacher, train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=True)
-    groups.initialize(parallel, seed=11)
+    pg = groups.initialize(parallel, seed=11)
     model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
     vocab = SharedVocab.of(model_cfg)
-    training = wrap_student(build_student(model_cfg, parallel), OPTIM, parallel)
-    teacher = build_teacher(model_cfg, parallel)
+    training = wrap_student(build_student(model_cfg, parallel, pg), OPTIM, parallel)
+    teacher = build_teacher(model_cfg, parallel, pg)
     start, resumed = 0, None
     if resume:
-        resumed = load_training(latest_checkpoint(root), training)
+        resumed = load_training(latest_checkpoint(root), training, pg)
         start = resumed.step
     losses = {}
     for step in range(start, stop_after or TOTAL):
         # the batch draws from the global RNG, so a resume must restore it to match
         tokens = torch.randint(3, STUDENT.vocab_size, (BATCH, SEQ))
         mask = torch.rand(BATCH, SEQ) < 0.7
-        share = BATCH // groups.data_size()
-        sl = slice(groups.data_rank() * share, (groups.data_rank() + 1) * share)
+        share = BATCH // pg.dp_size
+        sl = slice(pg.dp_rank * share, (pg.dp_rank + 1) * share)
         batch = {"tokens": tokens[sl], "loss_mask": mask[sl]}
-        batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab)
+        batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab, pg=pg)
         losses[step] = train_step(training, batch, step, LossConfig(kind="full"),
-                                  vocab, MICRO)["loss"]
+                                  vocab, MICRO, pg)["loss"]
         if step + 1 in (SAVE_AT, TOTAL):
-            save_training(root, step + 1, training, STUDENT, {"data_position": step + 1}, keep_last=3)
+            save_training(root, step + 1, training, STUDENT, {"data_position": step + 1},
+                          keep_last=3, pg=pg)
         if kill_after is not None and step + 1 == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-    weights = hf_tensors(training.model.module, STUDENT, groups.tensor_group())
+    weights = hf_tensors(training.model.module, STUDENT, pg.tensor)
     dist.barrier()
     groups.destroy()
     return {"losses": losses, "weights": weights, "resumed": resumed and vars(resumed)}

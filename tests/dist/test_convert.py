@@ -75,23 +75,24 @@ def convert_and_run(tp: int, pp: int, root: str, export: bool):
         src, mg = f"{root}/{family}-hf", f"{root}/{family}-mg-tp{tp}pp{pp}"
         job = plan("hf-to-megatron", src, mg, tp, pp)
         if family == FAMILIES[0]:
-            groups.initialize(job.parallel, seed=0)
-        convert_on_rank(job)
+            pg = groups.initialize(job.parallel, seed=0)
+        convert_on_rank(job, pg)
         spec = dataclasses.replace(job.spec, checkpoint=mg)
         from trb_nemo.config.schema import ModelConfig
 
-        model = build_network(spec, ModelConfig(precision="fp32", teacher=None), job.parallel).eval()
+        model = build_network(spec, ModelConfig(precision="fp32", teacher=None), job.parallel,
+                              pg).eval()
         with torch.no_grad():
-            res = run_schedule(model, [{"tokens": tokens()}], lambda i, mb, z: z.detach(),
+            res = run_schedule(model, [{"tokens": tokens()}], lambda i, mb, z: z.detach(), pg,
                                forward_only=True)
         if res:  # last stage: gather the vocab shards
             local = res[0].contiguous()
             parts = [torch.empty_like(local) for _ in range(tp)]
-            dist.all_gather(parts, local, group=groups.tensor_group())
+            dist.all_gather(parts, local, group=pg.tensor)
             out[family] = torch.cat(parts, dim=-1)[..., :VOCAB]
         if export:
             back = plan("megatron-to-hf", mg, f"{root}/{family}-back-tp{tp}pp{pp}", tp, pp)
-            convert_on_rank(back)
+            convert_on_rank(back, pg)
     dist.barrier()
     groups.destroy()
     return out

@@ -18,14 +18,12 @@ SPEC = ModelSpec(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attentio
 
 
 def _loss_and_full_grads(tp: int):
-    from megatron.core import parallel_state
-
     from trb_nemo.models.gpt import build_gpt
     from trb_nemo.parallel import groups
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp)
-    groups.initialize(parallel, seed=1234)
-    model = build_gpt(SPEC, ModelConfig(precision="fp32"), parallel)
+    pg = groups.initialize(parallel, seed=1234)
+    model = build_gpt(SPEC, ModelConfig(precision="fp32"), parallel, pg)
     gen = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, SPEC.vocab_size, (2, 16), generator=gen)
     labels = torch.randint(0, SPEC.vocab_size, (2, 16), generator=gen)
@@ -34,7 +32,7 @@ def _loss_and_full_grads(tp: int):
     loss = loss_bs.float().mean()
     loss.backward()
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = pg.tensor
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.detach().clone()

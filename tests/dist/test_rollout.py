@@ -65,11 +65,11 @@ class ForcedStop:
         return choice
 
 
-def _models(parallel):
+def _models(parallel, pg):
     from trb_nemo.models.networks import build_student, build_teacher
 
     cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
-    student, teacher = build_student(cfg, parallel).eval(), build_teacher(cfg, parallel)
+    student, teacher = build_student(cfg, parallel, pg), build_teacher(cfg, parallel, pg)
     with torch.no_grad():  # sharper distributions than the N(0, 0.02) init gives
         for model, scale in ((student, 40.0), (teacher, 60.0)):
             if model.decoder.final_layernorm is not None:  # last pipeline stage
@@ -77,25 +77,26 @@ def _models(parallel):
     return cfg, student, teacher
 
 
-def _rollout(student, teacher, policy, prompts=PROMPTS, seed=0, max_new=MAX_NEW):
+def _rollout(student, teacher, policy, pg, prompts=PROMPTS, seed=0, max_new=MAX_NEW):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.rollout.engine import generate
 
     cfg = ModelConfig(student=STUDENT, teacher=TEACHER)
     return generate(student, teacher, prompts, policy, vocab=SharedVocab.of(cfg),
                     max_new_tokens=max_new, topk_k=TOPK,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=torch.Generator().manual_seed(seed), pg=pg)
 
 
-def _kv_vs_recompute(student):
+def _kv_vs_recompute(student, pg):
     """max |cached decode logits - full forward logits| over positions 4..19 (last stage)."""
     from trb_nemo.rollout.kv_decoder import CachedForward
     from trb_nemo.train.pipeline import run_schedule
 
     toks = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = run_schedule(student, [{"tokens": toks}], lambda i, mb, z: z.detach(), forward_only=True)
-    cached = CachedForward(student, 3, 32)
+        full = run_schedule(student, [{"tokens": toks}], lambda i, mb, z: z.detach(), pg,
+                            forward_only=True)
+    cached = CachedForward(student, 3, 32, pg)
     outs = [cached(toks[:, :5])] + [cached(toks[:, t:t + 1]) for t in range(5, 20)]
     if not full:
         return None
@@ -113,28 +114,29 @@ def run_layout(tp, pp, full_suite):
     from trb_nemo.rollout.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    groups.initialize(parallel, seed=3)
-    _, student, teacher = _models(parallel)
-    out = {"kv_diff": _kv_vs_recompute(student),
-           "trb": _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS)))}
+    pg = groups.initialize(parallel, seed=3)
+    _, student, teacher = _models(parallel, pg)
+    student.eval()
+    out = {"kv_diff": _kv_vs_recompute(student, pg),
+           "trb": _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg))}
     if full_suite:
-        out["trb_again"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS)))
-        out["student"] = _plain(_rollout(student, teacher, StudentPolicy()))
-        out["trb_eps0"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", 0.0)))
-        out["trb_huge"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", 1e3)))
-        out["teacher"] = _plain(_rollout(student, teacher, TeacherSampler()))
-        out["skd_all"] = _plain(_rollout(student, teacher, InjectionPolicy(100, 0.5)))
-        out["skd_one"] = _plain(_rollout(student, teacher, InjectionPolicy(1, 0.5)))
-        out["temperature_1"] = _plain(_rollout(student, teacher, StudentPolicy(1.0)))
-        out["temperature_low"] = _plain(_rollout(student, teacher, StudentPolicy(0.3)))
-        out["forced_stop"] = _plain(_rollout(student, teacher, ForcedStop()))
+        out["trb_again"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg))
+        out["student"] = _plain(_rollout(student, teacher, StudentPolicy(), pg))
+        out["trb_eps0"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", 0.0), pg))
+        out["trb_huge"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", 1e3), pg))
+        out["teacher"] = _plain(_rollout(student, teacher, TeacherSampler(), pg))
+        out["skd_all"] = _plain(_rollout(student, teacher, InjectionPolicy(100, 0.5), pg))
+        out["skd_one"] = _plain(_rollout(student, teacher, InjectionPolicy(1, 0.5), pg))
+        out["temperature_1"] = _plain(_rollout(student, teacher, StudentPolicy(1.0), pg))
+        out["temperature_low"] = _plain(_rollout(student, teacher, StudentPolicy(0.3), pg))
+        out["forced_stop"] = _plain(_rollout(student, teacher, ForcedStop(), pg))
     if tp == 2:
-        out["chi"] = _chi_square_counts(student, teacher)
+        out["chi"] = _chi_square_counts(student, teacher, pg)
     groups.destroy()
     return out
 
 
-def _chi_square_counts(student, teacher):
+def _chi_square_counts(student, teacher, pg):
     """First-token counts of 100k trb rollouts of one prompt, and mu_beta at that prefix."""
     import torch.distributed as dist
 
@@ -147,13 +149,13 @@ def _chi_square_counts(student, teacher):
     prompt = [21, 22, 23]
     counts = torch.zeros(256, dtype=torch.long)  # the padded vocabulary at TP=2
     for chunk in range(CHI_CHUNKS):
-        r = _rollout(student, teacher, TrustRegionPolicy("trb", EPS), [prompt] * CHI_ROWS,
+        r = _rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg, [prompt] * CHI_ROWS,
                      seed=100 + chunk, max_new=1)
         counts += torch.bincount(r.tokens[:, len(prompt)], minlength=256)
     vocab = SharedVocab.of(ModelConfig(student=STUDENT, teacher=TEACHER))
-    grp = groups.tensor_group()
-    zs = vocab.canonical(CachedForward(student, 1, 8)(torch.tensor([prompt])), grp)
-    zt = vocab.canonical(CachedForward(teacher, 1, 8)(torch.tensor([prompt])), grp)
+    grp = pg.tensor
+    zs = vocab.canonical(CachedForward(student, 1, 8, pg)(torch.tensor([prompt])), grp)
+    zt = vocab.canonical(CachedForward(teacher, 1, 8, pg)(torch.tensor([prompt])), grp)
     beta = solve_beta(zs, zt, EPS, vocab_group=grp, vocab_size=100)
     log_mu = behavior_logprobs(zs, zt, beta, vocab_group=grp, vocab_size=100)
     parts = [torch.empty_like(log_mu) for _ in range(dist.get_world_size(grp))]

@@ -50,17 +50,17 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               use_distributed_optimizer=distopt)
-    groups.initialize(parallel, seed=5)
+    pg = groups.initialize(parallel, seed=5)
     model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
     vocab = SharedVocab.of(model_cfg)
-    student = build_student(model_cfg, parallel)
-    teacher = build_teacher(model_cfg, parallel)
+    student = build_student(model_cfg, parallel, pg)
+    teacher = build_teacher(model_cfg, parallel, pg)
     training = wrap_student(student, OPTIM, parallel)
     batch = global_batch()
-    share = GLOBAL_BATCH // groups.data_size()
-    batch = {k: v[groups.data_rank() * share:(groups.data_rank() + 1) * share] for k, v in batch.items()}
-    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab)
-    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, MICRO)
+    share = GLOBAL_BATCH // pg.dp_size
+    batch = {k: v[pg.dp_rank * share:(pg.dp_rank + 1) * share] for k, v in batch.items()}
+    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab, pg=pg)
+    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, MICRO, pg)
     optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
     teacher_checks = {
         "frozen": is_frozen(teacher),
@@ -68,9 +68,9 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
         "training_mode": teacher.training,
     }
     weights = {}
-    if groups.data_rank() == 0:
-        weights = hf_tensors(student, STUDENT, groups.tensor_group())
-        if groups.tensor_rank() != 0:
+    if pg.dp_rank == 0:
+        weights = hf_tensors(student, STUDENT, pg.tensor)
+        if pg.tp_rank != 0:
             weights = {}
     dist.barrier()
     groups.destroy()

@@ -97,6 +97,37 @@ class ModelSpec:
                f"must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id}")
 
 
+FP8_RECIPES = ("delayed", "tensorwise")
+"""model.fp8_recipe values: the FP8 recipes of Hopper (Megatron-Core's names)."""
+TE_MIN_TENSORWISE = "2.2.0.dev0"
+"""Transformer Engine from which Megatron-Core builds the tensorwise (current scaling) recipe."""
+
+
+def installed_te_version() -> str | None:
+    """Version of the importable Transformer Engine; None when absent (or it has no metadata).
+    Read from the package metadata: importing TE would initialize CUDA."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    for dist in ("transformer_engine", "transformer_engine_torch"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _version_at_least(version: str, minimum: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) >= Version(minimum)
+    except InvalidVersion:
+        return True  # an unreadable version: let Megatron-Core decide at build time
+
+
 @dataclass
 class ModelConfig:
     """Student and teacher networks and how they run."""
@@ -107,9 +138,42 @@ class ModelConfig:
     transformer_impl: str = "local"
     """``local`` (torch layers; CPU and GPU) or ``transformer_engine`` (GPU only, needed for FP8)."""
     fp8: str | None = None
-    """``hybrid`` or ``e4m3`` through Transformer Engine; None = no FP8."""
+    """``hybrid`` (e4m3 forward, e5m2 gradients) or ``e4m3`` through Transformer Engine on a
+    Hopper (or newer) GPU; None = no FP8. The student's linear layers run in FP8 (the teacher's
+    per ``teacher_precision``); norms, attention, softmax and the output layer stay in bf16.
+    Sequences are right-padded to a multiple of 16 tokens for TE's FP8 GEMMs."""
+    fp8_recipe: str = "delayed"
+    """How FP8 scales are chosen. ``delayed``: from the amax history of earlier iterations
+    (``fp8_amax_*``, ``fp8_margin``); ``tensorwise``: current scaling, each tensor's own amax at
+    every cast (Transformer Engine >= 2.2). Blackwell-only ``mxfp8`` and the block-scaling
+    recipes are not offered."""
+    fp8_amax_history_len: int = 1024
+    """Delayed scaling: iterations of amax kept per tensor."""
+    fp8_amax_compute_algo: str = "max"
+    """Delayed scaling: the amax a scale is computed from, ``max`` over the history or
+    ``most_recent``."""
+    fp8_margin: int = 0
+    """Delayed scaling: the scale is reduced by 2**margin (headroom against overflow)."""
+    fp8_first_last_layers_bf16: bool = False
+    """Keep the first ``fp8_layers_at_start_in_bf16`` and the last ``fp8_layers_at_end_in_bf16``
+    transformer layers in bf16 (the rest in FP8). Needs ``fp8_recipe=tensorwise``: Megatron-Core
+    refuses it under delayed scaling."""
+    fp8_layers_at_start_in_bf16: int = 1
+    """With ``fp8_first_last_layers_bf16``: leading layers kept in bf16 (at most the layers of
+    one pipeline stage)."""
+    fp8_layers_at_end_in_bf16: int = 1
+    """With ``fp8_first_last_layers_bf16``: trailing layers kept in bf16 (at most the layers of
+    one pipeline stage)."""
+    teacher_precision: str = "bf16"
+    """The frozen teacher's precision, set apart from the student's: ``bf16`` (no FP8: the
+    teacher computes in ``precision``'s dtype whatever ``fp8`` says) or ``fp8`` (under ``fp8``
+    and ``fp8_recipe`` like the student). ``fp8`` needs ``fp8_recipe=tensorwise``: a frozen
+    teacher under delayed scaling would never update its scales, since Transformer Engine
+    updates them only when an FP8 region exits with grad enabled and the teacher runs under
+    no_grad."""
     precision: str = "auto"
-    """Parameter/compute dtype: ``fp32``, ``bf16``, or ``auto`` (bf16 on GPU, fp32 on CPU)."""
+    """Parameter/compute dtype: ``fp32``, ``bf16``, or ``auto`` (bf16 on GPU, fp32 on CPU).
+    With ``fp8``: ``bf16`` or ``auto``."""
     init_seed: int = 1234
     """Seed of the random initialization (when no checkpoint is loaded)."""
 
@@ -120,6 +184,45 @@ class ModelConfig:
         _check(self.fp8 is None or self.transformer_impl == "transformer_engine", "fp8",
                f"fp8={self.fp8} needs model.transformer_impl=transformer_engine (Transformer Engine "
                "on a GPU); set model.fp8=null to run without FP8")
+        _check(self.fp8_recipe in FP8_RECIPES, "fp8_recipe",
+               f"must be one of {'|'.join(FP8_RECIPES)} (the Hopper FP8 recipes; mxfp8 is "
+               f"Blackwell-only), got {self.fp8_recipe!r}")
+        _positive(self.fp8_amax_history_len, "fp8_amax_history_len")
+        _one_of(self.fp8_amax_compute_algo, ("max", "most_recent"), "fp8_amax_compute_algo")
+        _non_negative(self.fp8_margin, "fp8_margin")
+        _non_negative(self.fp8_layers_at_start_in_bf16, "fp8_layers_at_start_in_bf16")
+        _non_negative(self.fp8_layers_at_end_in_bf16, "fp8_layers_at_end_in_bf16")
+        _one_of(self.teacher_precision, ("bf16", "fp8"), "teacher_precision")
+        _check(self.teacher_precision == "bf16" or self.fp8 is not None, "teacher_precision",
+               "fp8 runs the teacher under model.fp8, which is null; set model.fp8=hybrid "
+               "(or e4m3) or model.teacher_precision=bf16")
+        if self.fp8 is None:
+            return  # the fp8_* fields only apply with model.fp8 set
+        _check(self.precision != "fp32", "precision",
+               f"fp32 with fp8={self.fp8}: FP8 runs beside bf16 weights and activations; use "
+               "model.precision=bf16 (or auto) or model.fp8=null")
+        _check(not (self.teacher_precision == "fp8" and self.fp8_recipe == "delayed"),
+               "teacher_precision", "fp8 with fp8_recipe=delayed: a frozen teacher never updates "
+               "delayed-scaling FP8 scales (TE updates them only when an FP8 region exits with "
+               "grad enabled); use model.fp8_recipe=tensorwise or model.teacher_precision=bf16")
+        _check(not (self.fp8_first_last_layers_bf16 and self.fp8_recipe == "delayed"),
+               "fp8_first_last_layers_bf16", "Megatron-Core does not support first/last layers "
+               "in bf16 under delayed scaling; use model.fp8_recipe=tensorwise or "
+               "model.fp8_first_last_layers_bf16=false")
+        if self.fp8_recipe == "tensorwise":
+            te = installed_te_version()
+            _check(te is None or _version_at_least(te, TE_MIN_TENSORWISE), "fp8_recipe",
+                   f"tensorwise (current scaling) needs Transformer Engine >= 2.2, this one is "
+                   f"{te}; use model.fp8_recipe=delayed or a newer Transformer Engine")
+
+    def for_teacher(self) -> ModelConfig:
+        """This config as the teacher is built from it: ``fp8`` cleared unless
+        ``teacher_precision=fp8`` (everything else, ``precision`` included, unchanged)."""
+        if self.teacher_precision == "fp8" or self.fp8 is None:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, fp8=None)
 
 
 # ------------------------------------------------------------------------------------ parallel
@@ -486,3 +589,11 @@ class TrainConfig:
                f"got {spec.max_sequence_length}")
         _check(self.loss.topk <= spec.vocab_size, "loss.topk",
                f"must be <= model.{role}.vocab_size={spec.vocab_size}, got {self.loss.topk}")
+        m = self.model
+        in_fp8 = m.fp8 is not None and (role == "student" or m.teacher_precision == "fp8")
+        if in_fp8 and m.fp8_first_last_layers_bf16:
+            per_stage = spec.num_layers // pp
+            for name in ("fp8_layers_at_start_in_bf16", "fp8_layers_at_end_in_bf16"):
+                _check(getattr(m, name) <= per_stage, f"model.{name}",
+                       f"must be <= the {per_stage} layers per pipeline stage of model.{role} "
+                       f"(num_layers={spec.num_layers}, PP={pp}), got {getattr(m, name)}")

@@ -83,54 +83,54 @@ def run_rank(job: ConvertJob) -> dict:
     quiet_third_party()
     from trb_nemo.parallel import groups
 
-    groups.initialize(job.parallel, seed=0)
+    pg = groups.initialize(job.parallel, seed=0)
     try:
-        return convert_on_rank(job)
+        return convert_on_rank(job, pg)
     finally:
         groups.destroy()
 
 
-def convert_on_rank(job: ConvertJob) -> dict:
-    """The conversion on one rank of an initialized job of TP x PP ranks (collective)."""
+def convert_on_rank(job: ConvertJob, pg) -> dict:
+    """The conversion on one rank of an initialized job of TP x PP ranks (collective over the
+    world; ``pg`` the job's :class:`~trb_nemo.parallel.groups.ParallelGroups`)."""
     model_cfg = ModelConfig(precision=job.precision, teacher=None)
     if job.direction == "hf-to-megatron":
-        return _hf_to_megatron(job, model_cfg)
-    return _megatron_to_hf(job, model_cfg)
+        return _hf_to_megatron(job, model_cfg, pg)
+    return _megatron_to_hf(job, model_cfg, pg)
 
 
-def _hf_to_megatron(job: ConvertJob, model_cfg: ModelConfig) -> dict:
+def _hf_to_megatron(job: ConvertJob, model_cfg: ModelConfig, pg) -> dict:
     from trb_nemo.models.megatron_io import save_model
     from trb_nemo.models.networks import build_network
 
-    model = build_network(job.spec, model_cfg, job.parallel)
+    model = build_network(job.spec, model_cfg, job.parallel, pg)
     save_model(job.out, model, dataclasses.replace(job.spec, checkpoint=None), job.hf_config)
     return {"out": job.out, "params_local": sum(p.numel() for p in model.parameters())}
 
 
-def _megatron_to_hf(job: ConvertJob, model_cfg: ModelConfig) -> dict:
-    import torch.distributed as dist
+def _megatron_to_hf(job: ConvertJob, model_cfg: ModelConfig, pg) -> dict:
     from safetensors.torch import save_file
 
     from trb_nemo.models.hf_weights import hf_tensors
     from trb_nemo.models.networks import build_network
-    from trb_nemo.parallel import groups
+    from trb_nemo.parallel import comm
 
     spec = dataclasses.replace(job.spec, checkpoint=job.source)
-    model = build_network(spec, model_cfg, job.parallel)
+    model = build_network(spec, model_cfg, job.parallel, pg)
     out = Path(job.out)
-    pp, stage = job.parallel.pipeline_model_parallel_size, groups.pipeline_rank()
-    if dist.get_rank() == 0:
+    pp, stage = pg.pp_size, pg.pp_rank
+    if comm.world_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    if groups.data_rank() == 0:
-        tensors = hf_tensors(model, job.spec, groups.tensor_group())
-        if groups.tensor_rank() == 0:
+    comm.barrier()
+    if pg.dp_rank == 0:
+        tensors = hf_tensors(model, job.spec, pg.tensor)
+        if pg.tp_rank == 0:
             save_file(tensors, str(out / f"model-{stage + 1:05d}-of-{pp:05d}.safetensors"),
                       metadata={"format": "pt"})
-    dist.barrier()
-    if dist.get_rank() == 0:
+    comm.barrier()
+    if comm.world_rank() == 0:
         _write_hf_folder(job, out)
-    dist.barrier()
+    comm.barrier()
     return {"out": job.out}
 
 

@@ -15,7 +15,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
-from trb_nemo.parallel import groups
+from trb_nemo.parallel.groups import ParallelGroups
 
 VOCAB_PAD_MULTIPLE = 128
 """Megatron pads the embedding rows to a multiple of this times TP."""
@@ -34,6 +34,40 @@ def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[model_cfg.precision]
 
 
+FP8_TOKEN_MULTIPLE = 16
+"""Under FP8 the token dimension is padded to a multiple of this: Transformer Engine's FP8 GEMMs
+need the token count divisible by 8 (forward) and by 16 (the weight-gradient GEMM, where it is
+the reduction dimension); S a multiple of 16 makes b x S one for any micro batch size b."""
+
+
+def fp8_padded_length(length: int, fp8: str | None, tensor_shards: int = 1) -> int:
+    """The sequence length a network runs ``length`` tokens at: ``length`` without FP8 (``fp8``
+    None), else rounded up to a multiple of 16 x ``tensor_shards`` (TP under sequence
+    parallelism, where each rank holds S / TP positions)."""
+    if fp8 is None:
+        return length
+    multiple = FP8_TOKEN_MULTIPLE * tensor_shards
+    return -(-length // multiple) * multiple
+
+
+def fp8_kwargs(model_cfg: ModelConfig) -> dict:
+    """TransformerConfig's FP8 fields for ``model_cfg`` (``{"fp8": None}`` without FP8). Build
+    the teacher from ``model_cfg.for_teacher()``, which clears ``fp8`` under
+    ``teacher_precision=bf16``."""
+    if model_cfg.fp8 is None:
+        return {"fp8": None}
+    return {
+        "fp8": model_cfg.fp8,
+        "fp8_recipe": model_cfg.fp8_recipe,
+        "fp8_amax_history_len": model_cfg.fp8_amax_history_len,
+        "fp8_amax_compute_algo": model_cfg.fp8_amax_compute_algo,
+        "fp8_margin": model_cfg.fp8_margin,
+        "first_last_layers_bf16": model_cfg.fp8_first_last_layers_bf16,
+        "num_layers_at_start_in_bf16": model_cfg.fp8_layers_at_start_in_bf16,
+        "num_layers_at_end_in_bf16": model_cfg.fp8_layers_at_end_in_bf16,
+    }
+
+
 def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
                        *, initialize: bool = True) -> TransformerConfig:
     """TransformerConfig for one network on the run's TP/PP layout.
@@ -41,7 +75,8 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
     On CPU the fused kernels are off. ``initialize=False`` skips Megatron's random init (the
     caller fills the weights). ``calculate_per_token_loss``: the schedule sums the loss over
     microbatches and finalize_model_grads divides gradients by the global token count, which
-    gives the token mean over the global batch on any DP/PP layout.
+    gives the token mean over the global batch on any DP/PP layout. FP8 settings come from
+    :func:`fp8_kwargs` (pass ``model_cfg.for_teacher()`` for the teacher).
     """
     dtype = compute_dtype(model_cfg)
     on_gpu = torch.cuda.is_available()
@@ -78,7 +113,7 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
         persist_layer_norm=False,
         apply_rope_fusion=False,
         attention_backend=AttnBackend.local if model_cfg.transformer_impl == "local" else AttnBackend.auto,
-        fp8=model_cfg.fp8,
+        **fp8_kwargs(model_cfg),
     )
 
 
@@ -97,8 +132,9 @@ def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
 
 
 def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
-              *, initialize: bool = True) -> GPTModel:
-    """This rank's stage of ``spec`` as a GPTModel; parallel groups must be initialized.
+              pg: ParallelGroups, *, initialize: bool = True) -> GPTModel:
+    """This rank's stage of ``spec`` as a GPTModel on the layout ``pg`` (its groups are given to
+    Megatron as the model's ``pg_collection``).
 
     Output logits are vocab-parallel: ``[s, b, V_pad / TP]`` on the last pipeline stage, where
     V_pad = padded_vocab_size(spec.vocab_size, TP); columns >= spec.vocab_size are padding.
@@ -108,14 +144,15 @@ def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
         transformer_layer_spec=layer_spec(spec, model_cfg),
         vocab_size=padded_vocab_size(spec.vocab_size, parallel.tensor_model_parallel_size),
         max_sequence_length=spec.max_sequence_length,
-        pre_process=groups.is_first_stage(),
-        post_process=groups.is_last_stage(),
+        pre_process=pg.is_first_stage,
+        post_process=pg.is_last_stage,
         share_embeddings_and_output_weights=spec.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
         rope_scaling=spec.rope_scaling_factor is not None,
         rope_scaling_factor=spec.rope_scaling_factor or 8.0,
         parallel_output=True,
+        pg_collection=pg.megatron,
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())

@@ -24,9 +24,9 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trb_nemo.config.schema import ConfigError, ModelSpec
+from trb_nemo.parallel import comm
 
 _L = "model.layers.{}."
 
@@ -101,7 +101,7 @@ def layer_offset(model) -> int:
 
 
 def _tp(group):
-    return dist.get_world_size(group), dist.get_rank(group)
+    return comm.group_size(group), comm.group_rank(group)
 
 
 def _local_slice(name, param, full, group):
@@ -120,9 +120,7 @@ def _full_tensor(name, param, group):
     local = param.detach()
     if not getattr(param, "tensor_model_parallel", False):
         return local.clone()
-    size, _ = _tp(group)
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
+    parts = comm.all_gather(local, group)
     if name.endswith("mlp.linear_fc1.weight"):
         halves = [p.chunk(2) for p in parts]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves])

@@ -21,11 +21,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from trb_nemo.config.schema import ModelSpec
 from trb_nemo.models.resolve import MODEL_META
+from trb_nemo.parallel import comm
 
 
 def rank_state_path(folder: str | Path, rank: int) -> Path:
@@ -39,22 +39,22 @@ def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict,
     (torch.save, e.g. RNG states) and ``meta`` atomically to ``folder``."""
     final = Path(folder)
     tmp = final.with_name(final.name + ".tmp")
-    if dist.get_rank() == 0:
+    if comm.world_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
         tmp.mkdir(parents=True)
-    dist.barrier()
+    comm.barrier()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
     if rank_state is not None:
-        torch.save(rank_state, rank_state_path(tmp, dist.get_rank()))
-    dist.barrier()
-    if dist.get_rank() == 0:
+        torch.save(rank_state, rank_state_path(tmp, comm.world_rank()))
+    comm.barrier()
+    if comm.world_rank() == 0:
         _drop_save_path(tmp)
         _write_json_atomic(tmp / MODEL_META, meta)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    dist.barrier()
+    comm.barrier()
     return final
 
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from trb_nemo.config.schema import ConfigError, ParallelConfig
 from trb_nemo.ops import fused
+from trb_nemo.parallel import comm
 from trb_nemo.parallel.cpu_support import apply_cpu_support
 from trb_nemo.parallel.env import env_from_slurm
 
@@ -25,8 +28,9 @@ def backend_for(parallel: ParallelConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(parallel: ParallelConfig, seed: int) -> None:
-    """Join the job's process group and build the TP/PP/DP groups. Idempotent per process.
+def initialize(parallel: ParallelConfig, seed: int) -> ParallelGroups:
+    """Join the job's process group, build the TP/PP/DP groups and return them (the one
+    :class:`ParallelGroups` of the run, to pass on). Idempotent per process.
 
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun, srun or the local spawner). On a
     machine without CUDA it first applies the CPU support patches and uses gloo. Seeds Megatron's
@@ -56,6 +60,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     fused.set_mode(parallel.fused_ops)
+    return ParallelGroups.from_megatron()
 
 
 def destroy() -> None:
@@ -66,57 +71,66 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def tensor_group() -> dist.ProcessGroup:
-    """The tensor-parallel group: the ``vocab_group`` of the vocab-parallel ops."""
-    return parallel_state.get_tensor_model_parallel_group()
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The process groups of one network layout, built once by :func:`initialize` and passed
+    to whatever communicates: the network builders, the decoder, the schedule, the rollout, the
+    loss. Nothing outside ``trb_nemo/parallel/`` fetches groups from a global.
+
+    ``tensor`` is the ``vocab_group`` of the vocab-parallel ops; ``pipeline`` carries the
+    decoder's hidden states and the chosen tokens; ``data`` splits the prompts. Ranks and sizes
+    are within each group. ``megatron`` is the same layout as Megatron-Core's
+    ``ProcessGroupCollection`` (given to GPTModel).
+    """
+
+    tensor: dist.ProcessGroup
+    pipeline: dist.ProcessGroup
+    data: dist.ProcessGroup
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    megatron: ProcessGroupCollection = field(repr=False)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @classmethod
+    def from_megatron(cls) -> ParallelGroups:
+        """The layout Megatron's ``parallel_state`` was initialized with."""
+        return cls(
+            tensor=parallel_state.get_tensor_model_parallel_group(),
+            pipeline=parallel_state.get_pipeline_model_parallel_group(),
+            data=parallel_state.get_data_parallel_group(),
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            megatron=ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "pp", "mp", "cp", "tp_cp", "embd", "pos_embd", "dp",
+                              "dp_cp"]),
+        )
 
 
-def tensor_rank() -> int:
-    return parallel_state.get_tensor_model_parallel_rank()
-
-
-def pipeline_rank() -> int:
-    return parallel_state.get_pipeline_model_parallel_rank()
-
-
-def pipeline_group() -> dist.ProcessGroup:
-    return parallel_state.get_pipeline_model_parallel_group()
-
-
-def data_group() -> dist.ProcessGroup:
-    return parallel_state.get_data_parallel_group()
-
-
-def data_size() -> int:
-    return parallel_state.get_data_parallel_world_size()
-
-
-def data_rank() -> int:
-    return parallel_state.get_data_parallel_rank()
-
-
-def is_first_stage() -> bool:
-    return parallel_state.is_pipeline_first_stage()
-
-
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage()
-
-
-def broadcast_from_last_stage(x: torch.Tensor) -> torch.Tensor:
+def broadcast_from_last_stage(x: torch.Tensor, pg: ParallelGroups) -> torch.Tensor:
     """In place: every pipeline stage gets the last stage's ``x`` (1 broadcast; none at PP=1)."""
-    pg = pipeline_group()
-    size = dist.get_world_size(pg)
-    if size > 1:
-        dist.broadcast(x, src=dist.get_global_rank(pg, size - 1), group=pg)
-    return x
+    return comm.broadcast(x, src=pg.pp_size - 1, group=pg.pipeline)
 
 
-def data_parallel_mean(values: dict[str, float]) -> dict[str, float]:
+def data_parallel_mean(values: dict[str, float], pg: ParallelGroups) -> dict[str, float]:
     """Each value averaged over the data-parallel ranks (1 all-reduce of [n]; none at DP=1)."""
-    if data_size() == 1:
+    if pg.dp_size == 1:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=data_group())
-    return dict(zip(keys, (t / data_size()).tolist(), strict=True))
+    t = comm.all_reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64),
+                        group=pg.data)
+    return dict(zip(keys, (t / pg.dp_size).tolist(), strict=True))

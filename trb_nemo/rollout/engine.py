@@ -19,15 +19,18 @@ the pipeline group, so every rank holds the same tokens. Records are broadcast a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from trb_nemo.models.gpt import fp8_padded_length
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import teacher_logprobs_at
 from trb_nemo.ops.vocab_parallel import gather_at_ids, logsumexp, topk
 from trb_nemo.parallel import groups
+from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.kv_decoder import CachedForward
 
 RECORDS = ("beta", "kl", "injected", "student_logprob", "teacher_logprob")
@@ -58,18 +61,66 @@ class Rollout:
     {"student_positions", "teacher_positions"} (rows x positions)."""
     seconds: float = 0.0
 
+    def first_rows(self, n: int) -> Rollout:
+        """The rollout of rows [0, n) only (the counts of work done stay those of the whole)."""
+        def cut(x):
+            return x[:n] if isinstance(x, torch.Tensor) else x
+        return Rollout(cut(self.tokens), cut(self.prompt_lengths), cut(self.response_lengths),
+                       cut(self.loss_mask), {k: cut(v) for k, v in self.records.items()},
+                       cut(self.topk_ids), cut(self.teacher_topk_logprobs), cut(self.stopped),
+                       dict(self.forwards), self.seconds)
+
     def response(self, row: int) -> list[int]:
         """Token ids of row ``row``'s response (the stop id included when emitted)."""
         start = int(self.prompt_lengths[row])
         return self.tokens[row, start: start + int(self.response_lengths[row])].tolist()
 
 
+@contextlib.contextmanager
+def decode_mode(*models):
+    """Run ``models`` in eval mode for decoding and restore each one's mode afterwards.
+
+    Eval mode matters beyond dropout: with TE >= 2.2 Megatron keeps the causal mask in a
+    one-token decode step of a model in training mode (``transformer/attention.py``). Under FP8
+    the TE modules cache their FP8 weight copies after the first microbatch; the cache is
+    invalidated here (``set_is_first_microbatch``) so decoding after an optimizer step uses the
+    current weights, not the ones cast before the step.
+    """
+    models = [m for m in models if m is not None]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+        if getattr(m.config, "fp8", None) is not None and hasattr(m, "set_is_first_microbatch"):
+            m.set_is_first_microbatch()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, was_training, strict=True):
+            m.train(mode)
+
+
 @torch.no_grad()
 def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: SharedVocab,
-             max_new_tokens: int, topk_k: int, generator: torch.Generator) -> Rollout:
-    """Decode one batch of prompts with ``policy`` (see the module docstring)."""
+             max_new_tokens: int, topk_k: int, generator: torch.Generator,
+             pg: ParallelGroups) -> Rollout:
+    """Decode one batch of prompts with ``policy`` (see the module docstring), the networks in
+    eval mode (:func:`decode_mode`; their modes are restored on return)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    used = [student] + ([teacher] if policy.needs_teacher() else [])
+    fp8 = next((m.config.fp8 for m in used if m.config.fp8 is not None), None)
+    # Under FP8 a decode step's token count (the rows) must be a multiple of 16 for TE's GEMMs:
+    # extra rows repeat the first prompt and are dropped. Sampling noise is keyed by row, so
+    # the real rows draw exactly what they would alone.
+    rows = fp8_padded_length(len(prompts), fp8)
+    padded = prompts + [prompts[0]] * (rows - len(prompts))
+    with decode_mode(*used):
+        ro = _generate(student, teacher, padded, policy, vocab=vocab,
+                       max_new_tokens=max_new_tokens, topk_k=topk_k, generator=generator, pg=pg)
+    return ro if rows == len(prompts) else ro.first_rows(len(prompts))
+
+
+def _generate(student, teacher, prompts, policy, *, vocab, max_new_tokens, topk_k, generator, pg):
     t0 = time.perf_counter()
     device = next(student.parameters()).device
     b = len(prompts)
@@ -77,11 +128,11 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     total = int(plen.max()) + max_new_tokens
     tokens = torch.zeros(b, total, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    group, last = groups.tensor_group(), groups.is_last_stage()
+        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    group, last = pg.tensor, pg.is_last_stage
     use_teacher = policy.needs_teacher()
-    s_fwd = CachedForward(student, b, total)
-    t_fwd = CachedForward(teacher, b, total) if use_teacher else None
+    s_fwd = CachedForward(student, b, total, pg)
+    t_fwd = CachedForward(teacher, b, total, pg) if use_teacher else None
     nan = torch.full((b, total), float("nan"), device=device)
     records = {k: nan.clone() for k in RECORDS}
     topk_ids = torch.zeros(b, total, topk_k, dtype=torch.long, device=device)
@@ -97,7 +148,7 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
         if last:
             chosen = _choose(policy, zs, zt, generator, vocab, group, topk_k, t - 1, generating,
                              records, topk_ids, teacher_topk)
-        chosen = groups.broadcast_from_last_stage(chosen)
+        chosen = groups.broadcast_from_last_stage(chosen, pg)
         tokens[:, t] = torch.where(generating, chosen, torch.where(t < plen, tokens[:, t], 0))
         ended = generating & (chosen == vocab.stop_id)
         stopped |= ended
@@ -110,10 +161,10 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     pos = torch.arange(total, device=device)
     loss_mask = (pos >= plen[:, None] - 1) & (pos < (plen + response)[:, None] - 1)
     for k in RECORDS:
-        records[k] = groups.broadcast_from_last_stage(records[k].contiguous())
-    topk_ids = groups.broadcast_from_last_stage(topk_ids)
+        records[k] = groups.broadcast_from_last_stage(records[k].contiguous(), pg)
+    topk_ids = groups.broadcast_from_last_stage(topk_ids, pg)
     if teacher_topk is not None:
-        teacher_topk = groups.broadcast_from_last_stage(teacher_topk)
+        teacher_topk = groups.broadcast_from_last_stage(teacher_topk, pg)
     return Rollout(tokens, plen, response, loss_mask, records, topk_ids, teacher_topk, stopped,
                    {"student": s_fwd.forwards, "teacher": t_fwd.forwards if t_fwd else 0,
                     "student_positions": s_fwd.positions,

@@ -12,18 +12,18 @@ entered, so the output layer keeps ``parallel_output``.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from trb_nemo.parallel import groups
+from trb_nemo.parallel import comm
+from trb_nemo.parallel.groups import ParallelGroups
 
 
 class CachedForward:
     """Feed positions [offset, offset + L) of a batch to one network; see the module docstring."""
 
-    def __init__(self, model, batch_size: int, max_length: int):
+    def __init__(self, model, batch_size: int, max_length: int, pg: ParallelGroups):
         self.model = model
+        self.pg = pg
         self.batch_size = batch_size
         self.context = StaticInferenceContext(batch_size, max_length)
         self.offset = 0
@@ -44,17 +44,17 @@ class CachedForward:
                                  device=tokens_BL.device).expand(b, length)
         if self.offset > 0:
             self.context.enable_decode_mode()
-        if not groups.is_first_stage():
-            hidden = torch.empty(length, b, self._hidden[0], dtype=self._hidden[1],
-                                 device=tokens_BL.device)
-            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        pg = self.pg
+        if not pg.is_first_stage:
+            hidden = comm.recv((length, b, self._hidden[0]), self._hidden[1], pg.pp_rank - 1,
+                               pg.pipeline, device=tokens_BL.device)
             self.model.set_input_tensor(hidden)
         out = self.model(tokens_BL, positions, attention_mask=None, inference_context=self.context)
         self.context.increment_sequence_len_offset(length)
         self.offset += length
         self.forwards += 1
         self.positions += b * length
-        if not groups.is_last_stage():
-            dist.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        if not pg.is_last_stage:
+            comm.send(out, pg.pp_rank + 1, pg.pipeline)
             return None
         return out[:, -1, :]  # [B, V_pad / TP] at the last fed position

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from trb_nemo.config.schema import ModelSpec
@@ -33,7 +32,8 @@ from trb_nemo.models.megatron_io import (
     save_checkpoint,
 )
 from trb_nemo.models.resolve import MODEL_META, read_model_meta
-from trb_nemo.parallel import groups
+from trb_nemo.parallel import comm
+from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
 
 _STEP = re.compile(r"step_(\d{7})")
@@ -119,10 +119,8 @@ def _sharded(training: StudentTraining, is_loading: bool) -> dict:
                                                                metadata=_OPT_META)}
 
 
-def _layout(training: StudentTraining) -> dict:
-    return {"tp": dist.get_world_size(groups.tensor_group()),
-            "pp": dist.get_world_size(groups.pipeline_group()),
-            "dp": groups.data_size(),
+def _layout(training: StudentTraining, pg: ParallelGroups) -> dict:
+    return {"tp": pg.tp_size, "pp": pg.pp_size, "dp": pg.dp_size,
             "distributed_optimizer": training.model.ddp_config.use_distributed_optimizer}
 
 
@@ -139,27 +137,28 @@ class Resumed:
 
 
 def save_training(root: str | Path, step: int, training: StudentTraining, spec: ModelSpec,
-                  progress: dict, keep_last: int, hf_config: dict | None = None) -> Path:
+                  progress: dict, keep_last: int, pg: ParallelGroups,
+                  hf_config: dict | None = None) -> Path:
     """Collective: checkpoint after ``step`` completed steps; then keep the newest ``keep_last``."""
     folder = save_checkpoint(
         step_folder(root, step), _sharded(training, is_loading=False),
-        model_meta(spec, hf_config, step=step, world_size=dist.get_world_size(),
-                   layout=_layout(training)),
+        model_meta(spec, hf_config, step=step, world_size=comm.world_size(),
+                   layout=_layout(training, pg)),
         rank_state={"rng": _rng_state(), "progress": progress, "step": step},
     )
-    if dist.get_rank() == 0:
+    if comm.world_rank() == 0:
         for _, old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return folder
 
 
 @torch.no_grad()
-def load_training(folder: str | Path, training: StudentTraining) -> Resumed:
+def load_training(folder: str | Path, training: StudentTraining, pg: ParallelGroups) -> Resumed:
     """Restore weights, optimizer and RNG (collective; see the module docstring for what a
     layout change keeps). The optimizer's ``dp_reshardable`` format reshards only over DP."""
     meta = read_model_meta(str(folder), "checkpoint.dir")
-    saved, now = meta.get("layout", {}), _layout(training)
+    saved, now = meta.get("layout", {}), _layout(training, pg)
     same_model_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "distributed_optimizer"))
     if same_model_layout:
         state = dist_checkpointing.load(_sharded(training, is_loading=True), str(folder))
@@ -169,8 +168,8 @@ def load_training(folder: str | Path, training: StudentTraining) -> Resumed:
     else:
         load_model(folder, training.model.module)
         training.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
-    own = rank_state_path(folder, dist.get_rank())
-    if meta.get("world_size") == dist.get_world_size() and own.is_file():
+    own = rank_state_path(folder, comm.world_rank())
+    if meta.get("world_size") == comm.world_size() and own.is_file():
         rank_state = torch.load(own, weights_only=False)
         _set_rng_state(rank_state["rng"])
         return Resumed(meta["step"], rank_state["progress"], True, same_model_layout)

@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
 
-from trb_nemo.parallel import groups
+from trb_nemo.models.gpt import fp8_padded_length
+from trb_nemo.parallel.groups import ParallelGroups
 
 
 def split_microbatches(batch: dict, micro_batch_size: int) -> list[dict]:
@@ -27,7 +29,18 @@ def split_microbatches(batch: dict, micro_batch_size: int) -> list[dict]:
             for i in range(0, size, micro_batch_size)]
 
 
-def run_schedule(model, microbatches: list[dict], on_logits: Callable, *, forward_only: bool):
+def schedule_seq_length(model, seq: int) -> int:
+    """The sequence length ``model`` (a stage, DDP-wrapped or not) runs S = ``seq`` tokens at:
+    S, or under FP8 S right-padded to a multiple of 16 (x TP under sequence parallelism; see
+    :func:`trb_nemo.models.gpt.fp8_padded_length`). ``forward_step`` pads to it, so it is also
+    the schedule's ``seq_length`` (the shape of the PP p2p buffers)."""
+    config = get_model_config(model)
+    shards = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    return fp8_padded_length(seq, config.fp8, shards)
+
+
+def run_schedule(model, microbatches: list[dict], on_logits: Callable, pg: ParallelGroups, *,
+                 forward_only: bool):
     """Run the schedule; returns {index: on_logits result} on the last stage ({} elsewhere).
 
     ``model`` is the (DDP-wrapped) stage; all microbatches share the sequence length S.
@@ -39,10 +52,18 @@ def run_schedule(model, microbatches: list[dict], on_logits: Callable, *, forwar
     def forward_step(data_iterator, module):
         index, mb = next(data_iterator)
         tokens = mb["tokens"]
-        positions = torch.arange(seq, device=tokens.device).expand_as(tokens)
+        # Under FP8 the tokens are right-padded (id 0, positions continuing) to the schedule's
+        # length, a multiple of 16 for TE's FP8 GEMMs. Attention is causal: positions >= S never
+        # reach the logits at positions < S, so cutting the logits back to S is exact (and the
+        # padding gets no gradient).
+        length = schedule_seq_length(module, seq)
+        if length > seq:
+            tokens = torch.nn.functional.pad(tokens, (0, length - seq))
+        positions = torch.arange(length, device=tokens.device).expand_as(tokens)
         logits = module(tokens, positions, attention_mask=None)
 
         def loss_func(logits_BSV):
+            logits_BSV = logits_BSV[:, :seq]
             out = on_logits(index, mb, logits_BSV)
             if forward_only:
                 results[index] = out
@@ -58,8 +79,8 @@ def run_schedule(model, microbatches: list[dict], on_logits: Callable, *, forwar
         data_iterator=indexed,
         model=[model],
         num_microbatches=len(microbatches),
-        seq_length=seq,
+        seq_length=schedule_seq_length(model, seq),
         micro_batch_size=microbatches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
-    return results if groups.is_last_stage() else {}
+    return results if pg.is_last_stage else {}

@@ -20,20 +20,20 @@ Batch (this data-parallel rank's share; the same on every TP/PP rank of its grou
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, teacher_logprobs_at
-from trb_nemo.parallel import groups
+from trb_nemo.parallel import comm, groups
+from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
 from trb_nemo.train.pipeline import run_schedule, split_microbatches
 
 
-def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab) -> torch.Tensor:
-    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel), on
-    EOS-canonicalized distributions."""
-    group = groups.tensor_group()
+def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
+              group) -> torch.Tensor:
+    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel over
+    ``group``, the tensor-parallel group), on EOS-canonicalized distributions."""
     student = vocab.canonical(logits_BSV, group)
     if mb.get("teacher_logits") is not None:
         teacher = vocab.canonical(mb["teacher_logits"], group)
@@ -45,7 +45,7 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab) ->
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
-               vocab: SharedVocab, micro_batch_size: int) -> dict:
+               vocab: SharedVocab, micro_batch_size: int, pg: ParallelGroups) -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
     ``tokens`` (global response prefixes), ``update_ok``.
@@ -60,19 +60,20 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
     def on_logits(index, mb, logits_BSV):
         mask = mb["loss_mask"].to(torch.float32)
-        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab) * mask).sum()
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor) * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 
-    reports = run_schedule(model, split_microbatches(batch, micro_batch_size), on_logits,
+    reports = run_schedule(model, split_microbatches(batch, micro_batch_size), on_logits, pg,
                            forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
-    totals = torch.zeros(2, dtype=torch.float64)
+    # on the batch's device: the reports' tensors live there (CUDA on a GPU)
+    totals = torch.zeros(2, dtype=torch.float64, device=batch["tokens"].device)
     for r in reports.values():
         totals += torch.stack([r["kl_sum"].double(), r["tokens"].double()])
-    if groups.is_last_stage():
-        dist.all_reduce(totals, group=groups.data_group())
-    groups.broadcast_from_last_stage(totals)
+    if pg.is_last_stage:
+        totals = comm.all_reduce(totals, group=pg.data)
+    groups.broadcast_from_last_stage(totals, pg)
     return {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr, "update_ok": bool(update_ok)}
@@ -80,7 +81,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
 @torch.no_grad()
 def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab: SharedVocab,
-                       ids: torch.Tensor | None = None):
+                       pg: ParallelGroups, ids: torch.Tensor | None = None):
     """The teacher's targets for a batch, forward-only on the same TP/PP layout.
 
     ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``/``topk``); else
@@ -93,11 +94,10 @@ def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab: Sh
     def on_logits(index, mb, logits_BSV):
         if mb["ids"] is None:
             return logits_BSV.detach()
-        group = groups.tensor_group()
-        return teacher_logprobs_at(vocab.canonical(logits_BSV, group), mb["ids"],
-                                   vocab_group=group, vocab_size=vocab.size)
+        return teacher_logprobs_at(vocab.canonical(logits_BSV, pg.tensor), mb["ids"],
+                                   vocab_group=pg.tensor, vocab_size=vocab.size)
 
-    out = run_schedule(teacher, mbs, on_logits, forward_only=True)
-    if not groups.is_last_stage():
+    out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
+    if not pg.is_last_stage:
         return None
     return torch.cat([out[i] for i in range(len(mbs))])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import signal
 
 import torch
-import torch.distributed as dist
+
+from trb_nemo.parallel import comm
 
 _requested = {"signal": 0}
 
@@ -27,6 +28,6 @@ def install() -> None:
 def stop_requested() -> int:
     """The signal number some rank received (0 = none). Collective over the world."""
     flag = torch.tensor([_requested["signal"]], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if comm.is_initialized():
+        flag = comm.all_reduce(flag, op="max")
     return int(flag.item())

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import build_source, step_prompts
 from trb_nemo.eval.pass_at_1 import evaluate
 from trb_nemo.models.networks import build_student, build_teacher
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.parallel import groups
+from trb_nemo.parallel import comm, groups
 from trb_nemo.rollout.engine import Rollout, generate
 from trb_nemo.rollout.policies import policy_for
 from trb_nemo.rollout.stats import summarize
@@ -42,17 +41,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
-        groups.initialize(cfg.parallel, cfg.seed)
+        self.pg = pg = groups.initialize(cfg.parallel, cfg.seed)
         self.vocab = SharedVocab.of(cfg.model)
         self.source = build_source(cfg)
-        self.training = wrap_student(build_student(cfg.model, cfg.parallel), cfg.optim, cfg.parallel)
+        self.training = wrap_student(build_student(cfg.model, cfg.parallel, pg), cfg.optim,
+                                     cfg.parallel)
         self.student = self.training.model.module
-        self.teacher = build_teacher(cfg.model, cfg.parallel)
+        self.teacher = build_teacher(cfg.model, cfg.parallel, pg)
         self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.step_k, self.resumed_from = 0, None
         latest = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume else None
         if latest is not None:
-            resumed = load_training(latest, self.training)
+            resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
         self.log = MetricsLog(self.run_dir, cfg.logging, cfg.optim.max_steps, self.step_k)
         if self.resumed_from:
@@ -70,20 +70,21 @@ class Trainer:
         rollout = self.rollout(prompts, policy, k)
         batch, teacher_passes = self.teacher_targets(rollout)
         metrics = train_step(self.training, batch, k, self.cfg.loss, self.vocab,
-                             self.cfg.optim.micro_batch_size)
+                             self.cfg.optim.micro_batch_size, self.pg)
         return self.step_metrics(k, policy, rollout, prompts, metrics, teacher_passes)
 
     def prompts(self, k: int) -> list:
         """This DP rank's prompts of step k, each repeated rollout.num_rollouts_per_prompt times."""
-        share = step_prompts(self.source, k, self.cfg.optim.prompts_per_step, groups.data_rank(),
-                             groups.data_size())
+        share = step_prompts(self.source, k, self.cfg.optim.prompts_per_step, self.pg.dp_rank,
+                             self.pg.dp_size)
         return [p for p in share for _ in range(self.cfg.rollout.num_rollouts_per_prompt)]
 
     def rollout(self, prompts, policy, k: int) -> Rollout:
-        seed = self.cfg.rollout.seed * 1_000_003 + k * 1009 + groups.data_rank() * 7919 + 1
+        seed = self.cfg.rollout.seed * 1_000_003 + k * 1009 + self.pg.dp_rank * 7919 + 1
         return generate(self.student, self.teacher, [list(p.ids) for p in prompts], policy,
                         vocab=self.vocab, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                        topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed))
+                        topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed),
+                        pg=self.pg)
 
     def teacher_targets(self, rollout: Rollout) -> tuple[dict, int]:
         """The loss batch; the teacher runs a scoring pass only if decoding did not already
@@ -92,7 +93,8 @@ class Trainer:
         batch = {"tokens": rollout.tokens, "loss_mask": mask}
         mbs = self.cfg.optim.micro_batch_size
         if kind == "full":
-            batch["teacher_logits"] = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab)
+            batch["teacher_logits"] = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab,
+                                                         pg=self.pg)
             return batch, 1
         if kind == "topk":
             ids, lp = rollout.topk_ids, rollout.teacher_topk_logprobs
@@ -101,7 +103,7 @@ class Trainer:
             lp = rollout.records["teacher_logprob"].unsqueeze(-1)  # NaN where the teacher did not run
         passes = 0
         if lp is None or not bool(torch.isfinite(lp[mask]).all()):
-            lp = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab, ids=ids)
+            lp = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab, pg=self.pg, ids=ids)
             passes = 1
         if lp is not None:  # last stage: NaN outside response prefixes would poison the sums
             lp = torch.where(mask.unsqueeze(-1), lp, torch.zeros_like(lp))
@@ -116,18 +118,19 @@ class Trainer:
                   "rollout/temperature": getattr(policy, "temperature", 1.0),
                   "scoring/teacher_passes": teacher_passes,
                   "rollout/teacher_forwards": rollout.forwards["teacher"]})
-        m = groups.data_parallel_mean(m)
+        m = groups.data_parallel_mean(m, self.pg)
         m.update({f"train/{key}": v for key, v in train.items()})
         return m
 
     # --------------------------------------------------------------------------------- loop
 
     def evaluate(self) -> float:
-        return evaluate(self.student, self.teacher, self.source, self.cfg, self.vocab, self.step_k)
+        return evaluate(self.student, self.teacher, self.source, self.cfg, self.vocab, self.step_k,
+                        self.pg)
 
     def save(self) -> None:
         save_training(self.checkpoint_dir, self.step_k, self.training, self.cfg.model.student,
-                      {"step": self.step_k}, self.cfg.checkpoint.keep_last)
+                      {"step": self.step_k}, self.cfg.checkpoint.keep_last, self.pg)
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -147,14 +150,14 @@ class Trainer:
             if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
                 self.save()
             if stopped:
-                if dist.get_rank() == 0:  # the Slurm job script requeues itself on seeing it
+                if comm.world_rank() == 0:  # the Slurm job script requeues itself on seeing it
                     (self.run_dir / STOP_MARKER).write_text(f"{self.step_k}\n")
                 self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
                                f"{self.checkpoint_dir}; rerun the same command to resume")
                 break
         self.log.close()
         summary = {"stopped_by_signal": stopped, "step": self.step_k}
-        if not stopped and dist.get_rank() == 0:
+        if not stopped and comm.world_rank() == 0:
             summary.update(write_report(self.run_dir, cfg))
         groups.destroy()
         return summary
