@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up .venv first (quick when it is up to date).
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint wheels gpu-check
 
 setup:
 	@scripts/setup.sh
@@ -15,3 +15,15 @@ test: setup
 lint: setup
 	.venv/bin/ruff check trb_nemo tests benchmarks examples
 	.venv/bin/hadolint Dockerfile
+
+# A GPU machine without internet (CUDA PyTorch in its system Python, no .venv): `make wheels`
+# where the package index is reachable, copy the repository with wheels/ over, then
+# `make gpu-check` there (PYTHON= picks the interpreter). No `setup`: that machine has no venv.
+WHEELS ?= wheels
+OUT ?= gpu-check-out
+
+wheels:
+	@scripts/fetch_wheels.sh "$(WHEELS)"
+
+gpu-check:
+	@scripts/gpu_check.sh "$(WHEELS)" "$(OUT)"

@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# One command for a bare single-GPU Linux machine with CUDA PyTorch and no internet: install the
+# wheels of scripts/fetch_wheels.sh into a private folder (the image's torch is never touched),
+# then run the GPU tests, a 5-step toy `trb-nemo train` on the GPU (TP=1, 3 TRB warmup steps),
+# benchmarks/ops.py and benchmarks/rollout.py, each under its own timeout and all of them even
+# when one fails. The stages together stop within GPU_CHECK_BUDGET_S (default 450 s: a stage
+# gets its own cap or what is left of the budget, whichever is less), so the whole check takes
+# under 8 minutes on one H100/H200.
+#
+# Usage: scripts/gpu_check.sh [WHEELS] [OUT]        (make gpu-check WHEELS=... OUT=...)
+#   WHEELS  folder made by scripts/fetch_wheels.sh (default: wheels); when it is absent the
+#           image's own packages are used as they are
+#   OUT     gets gpu_check.log (everything), summary.json (per stage: status, rc, seconds,
+#           key numbers; the GPU, torch, Transformer Engine), site/ (the installed wheels) and
+#           train/ (the toy run) (default: gpu-check-out)
+#   PYTHON  the interpreter with CUDA torch (default: python3); Python 3.12 or 3.13
+#
+# Exit codes: 0 every stage passed; 1 a stage failed or timed out; 2 nothing could run (no
+# CUDA device, no torch, wrong Python, a required package missing): one line on stderr.
+# Transformer Engine is optional: when the image has it the TE/FP8 tests run too.
+# Extra arguments (split on spaces): GPU_CHECK_TRAIN_ARGS (overrides of the toy run),
+# GPU_CHECK_OPS_ARGS (instead of --repeats 3), GPU_CHECK_ROLLOUT_ARGS.
+# Testing this script without a GPU: GPU_CHECK_INSTALL_ONLY=1 skips the CUDA check and stops
+# after installing the wheels and checking the imports; GPU_CHECK_SKIP_CUDA_CHECK=1 runs every
+# stage anyway (on a CPU with GPU_CHECK_TRAIN_ARGS=parallel.backend=gloo and small
+# GPU_CHECK_OPS_ARGS / GPU_CHECK_ROLLOUT_ARGS: the script's plumbing is what is tested).
+set -uo pipefail
+
+here=$(pwd)
+repo=$(cd "$(dirname "$0")/.." && pwd)
+abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$here/$1" ;; esac; }
+wheels=$(abs "${1:-wheels}")
+out=$(abs "${2:-gpu-check-out}")
+py=${PYTHON:-python3}
+case "$py" in */*) py=$(abs "$py") ;; esac
+install_only=${GPU_CHECK_INSTALL_ONLY:-0}
+skip_cuda=${GPU_CHECK_SKIP_CUDA_CHECK:-$install_only}
+
+fail2() { echo "gpu-check: $*" >&2; exit 2; }
+
+# ------------------------------------------------ first: can this machine run it at all?
+command -v "$py" >/dev/null 2>&1 || fail2 "no '$py' on PATH; set PYTHON= to the Python with CUDA torch"
+if [ "$skip_cuda" != 1 ]; then
+  cuda=$("$py" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null | tail -n 1)
+  case "$cuda" in
+    1) ;;
+    0) fail2 "no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine" ;;
+    *) fail2 "'$py' cannot import torch; run it with the Python of a CUDA PyTorch (PYTHON=...)" ;;
+  esac
+fi
+"$py" -c 'import sys; sys.exit(0 if (3, 12) <= sys.version_info[:2] < (3, 14) else 1)' ||
+  fail2 "'$py' is Python $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])'); megatron-core 0.19 needs 3.12 or 3.13 (set PYTHON=)"
+
+mkdir -p "$out" || fail2 "cannot create $out"
+log="$out/gpu_check.log"
+site="$out/site"
+rm -rf "$site" "$out/train" "$out/summary.json"
+: > "$log"
+tmp=$(mktemp -d)
+stage_pid=
+# shellcheck disable=SC2329 # both run from the traps below
+cleanup() { rm -rf "$tmp"; }
+# shellcheck disable=SC2329
+on_signal() {
+  if [ -n "$stage_pid" ]; then kill -TERM "$stage_pid" 2>/dev/null; wait "$stage_pid" 2>/dev/null; fi
+  [ -f "$tmp/env.json" ] && summarize interrupted 2>/dev/null
+  echo "gpu-check: interrupted; partial log in $log" >&2
+  exit 130
+}
+trap cleanup EXIT
+trap on_signal INT TERM
+t_start=${EPOCHREALTIME//[.,]/}
+
+say() { echo "gpu-check: $*"; echo "gpu-check: $*" >> "$log"; }
+say "$(date -u '+%Y-%m-%d %H:%M:%S UTC') repository $repo, python $(command -v "$py"), output $out"
+
+# ------------------------------------------------ the wheels, into a private target folder
+if [ -f "$wheels/requirements.txt" ]; then
+  say "installing $(grep -c . "$wheels/requirements.txt") packages from $wheels into $site"
+  if "$py" -m pip --version >/dev/null 2>&1; then
+    # --isolated: the image's pip configuration (index, constraints) plays no part
+    "$py" -m pip --isolated install --disable-pip-version-check --no-index --no-deps \
+      --no-cache-dir --no-compile --find-links "$wheels" --target "$site" \
+      -r "$wheels/requirements.txt" >> "$log" 2>&1
+  else  # no pip in the image: a wheel is a zip file; unpack the ones for this Python
+    echo "no pip: unpacking the wheels" >> "$log"
+    "$py" - "$wheels" "$site" >> "$log" 2>&1 <<'EOF'
+import shutil, sys, zipfile
+from pathlib import Path
+wheels, site = Path(sys.argv[1]), Path(sys.argv[2])
+want = {l.split("==")[0].strip().lower().replace("-", "_")
+        for l in (wheels / "requirements.txt").read_text().splitlines() if l.strip()}
+cp = "cp%d%d" % sys.version_info[:2]
+for w in sorted(wheels.glob("*.whl")):
+    parts = w.name[:-4].split("-")
+    name, pytag, abi = parts[0].lower(), parts[-3], parts[-2]
+    if name not in want or not (pytag in ("py3", "py2.py3", cp) or abi == "abi3"):
+        continue
+    with zipfile.ZipFile(w) as z:
+        z.extractall(site)
+    for data in site.glob("*.data"):
+        for sub in ("purelib", "platlib"):
+            if (data / sub).is_dir():
+                shutil.copytree(data / sub, site, dirs_exist_ok=True)
+        shutil.rmtree(data)
+    print("unpacked", w.name)
+EOF
+  fi || { echo "gpu-check: installing the wheels from $wheels failed; see $log" >&2; exit 2; }
+else
+  say "no $wheels/requirements.txt (make it with scripts/fetch_wheels.sh): using the image's packages"
+fi
+export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# ------------------------------------------------ what the image has, what the wheels added
+"$py" - "$site" "$tmp/env.json" "$repo" >> "$log" 2>&1 <<'EOF'
+import importlib, importlib.metadata as md, json, platform, sys, warnings
+from pathlib import Path
+site, dest, repo = Path(sys.argv[1]).resolve(), sys.argv[2], Path(sys.argv[3]).resolve()
+warnings.simplefilter("ignore")
+REQUIRED = {"torch": "torch", "triton": "triton", "numpy": "numpy",
+            "megatron.core": "megatron-core", "hydra": "hydra-core", "omegaconf": "omegaconf",
+            "antlr4": "antlr4-python3-runtime", "yaml": "PyYAML", "safetensors": "safetensors",
+            "tqdm": "tqdm", "psutil": "psutil", "transformers": "transformers",
+            "sympy": "sympy", "math_verify": "math-verify", "pytest": "pytest",
+            "trb_nemo.cli": "trb-nemo"}
+OPTIONAL = {"pytest_timeout": "pytest-timeout", "tensorboard": "tensorboard",
+            "matplotlib": "matplotlib", "transformer_engine": "transformer-engine"}
+imports, missing = {}, []
+for mod, dist in {**REQUIRED, **OPTIONAL}.items():
+    try:
+        m = importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
+        imports[mod] = {"missing": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+        if mod in REQUIRED:
+            missing.append(mod)
+        continue
+    try:
+        version = md.version(dist)
+    except md.PackageNotFoundError:
+        version = getattr(m, "__version__", None)
+    path = Path(getattr(m, "__file__", None) or next(iter(getattr(m, "__path__", [""])), ""))
+    path = path.resolve()
+    installed = {"site-packages", "dist-packages"} & set(path.parts)
+    source = ("wheels" if site in path.parents else
+              "repository" if repo in path.parents and not installed else "image")
+    imports[mod] = {"version": str(version), "from": source}
+import torch
+cuda = torch.cuda.is_available()
+env = {"python": platform.python_version(), "torch": torch.__version__,
+       "cuda_runtime": torch.version.cuda, "cuda_available": cuda,
+       "gpu": torch.cuda.get_device_name(0) if cuda else None,
+       "gpu_count": torch.cuda.device_count() if cuda else 0,
+       "transformer_engine": imports["transformer_engine"].get("version"),
+       "imports": imports, "missing_required": missing}
+json.dump(env, open(dest, "w"), indent=1)
+for mod, info in imports.items():
+    print(f"  {mod:<20} {info.get('version') or 'MISSING'}  "
+          f"{info.get('from') or info.get('missing')}")
+EOF
+[ -f "$tmp/env.json" ] || { echo "gpu-check: the import check failed; see $log" >&2; exit 2; }
+envq() { "$py" -c 'import json, sys; print(eval(sys.argv[2], {}, json.load(open(sys.argv[1]))))' "$tmp/env.json" "$1"; }
+missing=$(envq '", ".join(missing_required)')
+say "python $(envq python), torch $(envq torch) (CUDA $(envq cuda_runtime)), GPU: $(envq gpu), Transformer Engine: $(envq 'transformer_engine or "no (TE/FP8 tests skip)"')"
+
+summarize() {  # summarize STATUS: write summary.json from the stages run so far
+  "$py" - "$tmp" "$out" "$1" "$t_start" "${EPOCHREALTIME//[.,]/}" <<'EOF'
+import json, re, statistics, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+tmp, out, status, t0, t1 = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+env = json.loads((tmp / "env.json").read_text())
+stages = {}
+rows = (tmp / "stages.tsv").read_text().splitlines() if (tmp / "stages.tsv").exists() else []
+for row in rows:
+    name, rc, seconds, limit = row.split("\t")
+    rc = None if rc == "-" else int(rc)
+    st = {"status": "skipped (time budget spent)" if rc is None else "passed" if rc == 0
+          else "timed out" if rc in (124, 137) else "failed",
+          "rc": rc, "seconds": round(float(seconds), 1), "timeout_s": int(limit)}
+    text = (tmp / f"{name}.out").read_text(errors="replace") if (tmp / f"{name}.out").exists() else ""
+    try:
+        if name == "gpu_tests" and (tmp / "pytest.xml").exists():
+            suites = ET.parse(tmp / "pytest.xml").getroot()
+            suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
+            n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+            st.update(passed=n["tests"] - n["failures"] - n["errors"] - n["skipped"],
+                      failed=n["failures"], errors=n["errors"], skipped=n["skipped"])
+        elif name == "train":
+            lines = [json.loads(l) for l in (out / "train" / "gpu-check" / "metrics.jsonl")
+                     .read_text().splitlines() if l.strip()]
+            steps = [r for r in lines if "train/loss" in r]
+            evals = [r["eval/pass@1"] for r in lines if "eval/pass@1" in r]
+            st.update(steps=len(steps), loss_last=steps[-1]["train/loss"] if steps else None,
+                      step_seconds_median=statistics.median(r["time/step_seconds"] for r in steps[1:] or steps) if steps else None,
+                      rollout_tokens_per_second_median=statistics.median(r["rollout/tokens_per_second"] for r in steps) if steps else None,
+                      beta_mean_warmup=[round(r["rollout/beta_mean"], 4) for r in steps if "rollout/beta_mean" in r],
+                      pass_at_1_before=evals[0] if evals else None,
+                      pass_at_1_after=evals[-1] if len(evals) > 1 else None,
+                      checkpoint=any((out / "train" / "gpu-check" / "checkpoints").glob("step_*")))
+        elif name == "ops_bench":
+            st["cases"] = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+        elif name == "rollout_bench":
+            pat = r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$"
+            st["behaviors"] = {m[1]: {"tokens_per_s": float(m[2]), "ratio_to_student": float(m[3]),
+                                      "teacher_calls_per_token": float(m[4]),
+                                      "teacher_positions_per_token": float(m[5])}
+                               for m in re.finditer(pat, text, re.M)}
+    except Exception as e:  # noqa: BLE001 - a stage that failed early leaves little to parse
+        st["parse_error"] = f"{type(e).__name__}: {e}"
+    stages[name] = st
+ok = status == "ran" and bool(stages) and all(s["status"] == "passed" for s in stages.values())
+summary = {"ok": ok, "status": status, "seconds": round((t1 - t0) / 1e6, 1),
+           "machine": {k: env[k] for k in ("gpu", "gpu_count", "torch", "cuda_runtime", "python",
+                                           "transformer_engine")},
+           "stages": stages, "imports": env["imports"], "log": "gpu_check.log"}
+(out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+EOF
+}
+
+if [ -n "$missing" ]; then
+  summarize "missing: $missing"
+  echo "gpu-check: '$py' lacks $missing (with $wheels added); see $log" | tee -a "$log" >&2
+  exit 2
+fi
+if [ "$install_only" = 1 ]; then
+  summarize "install only"
+  say "install only (GPU_CHECK_INSTALL_ONLY=1): the imports work; summary in $out/summary.json"
+  exit 0
+fi
+
+# ------------------------------------------------ the stages
+budget=${GPU_CHECK_BUDGET_S:-450}
+deadline=$(( $(date +%s) + budget ))
+: > "$tmp/stages.tsv"
+n_failed=0
+
+run_stage() {  # run_stage NAME CAP_S CMD...: CMD under min(CAP_S, time left), output to the log
+  local name=$1 cap=$2 limit rc t0 t1 start secs
+  shift 2
+  limit=$(( deadline - $(date +%s) ))
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  if [ "$limit" -lt 20 ]; then
+    printf '%s\t-\t0\t0\n' "$name" >> "$tmp/stages.tsv"
+    say "$name: SKIPPED, the time budget ($budget s) is spent"
+    n_failed=$((n_failed + 1))
+    return
+  fi
+  say "$name: $* (timeout ${limit}s)"
+  start=$(stat -c %s "$log")
+  t0=${EPOCHREALTIME//[.,]/}
+  timeout --kill-after=20 "$limit" "$@" >> "$log" 2>&1 < /dev/null &
+  stage_pid=$!
+  wait "$stage_pid"
+  rc=$?
+  stage_pid=
+  t1=${EPOCHREALTIME//[.,]/}
+  secs=$(( (t1 - t0) / 1000000 )).$(( (t1 - t0) / 100000 % 10 ))
+  tail -c +"$((start + 1))" "$log" > "$tmp/$name.out"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$secs" "$limit" >> "$tmp/stages.tsv"
+  case $rc in
+    0) say "$name: passed (${secs} s)" ;;
+    124 | 137) say "$name: TIMED OUT after ${secs} s"; n_failed=$((n_failed + 1)) ;;
+    *) say "$name: FAILED, exit code $rc (${secs} s)"; n_failed=$((n_failed + 1)) ;;
+  esac
+}
+
+cd "$repo" || exit 2
+# 1. tests/gpu (the TE/FP8 ones skip without Transformer Engine). The image's pytest plugins
+# stay out (they may not fit this pytest); pytest-timeout is loaded by name.
+pytest_args=(-q -p no:cacheprovider --junitxml="$tmp/pytest.xml")
+"$py" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(-p pytest_timeout)
+tests_cap=150
+[ "$(envq 'transformer_engine is not None')" = True ] && tests_cap=240
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run_stage gpu_tests "$tests_cap" \
+  "$py" -m pytest tests/gpu "${pytest_args[@]}"
+
+# 2. the toy run on the GPU: 5 steps, TRB warmup over the first 3, one rank, TP=1, NCCL
+train_args=(parallel=gpu_tp1 optim.max_steps=5 trb.warmup_steps=3 eval.interval=0
+            eval.num_problems=16 eval.num_samples=1 checkpoint.interval=0
+            "logging.output_dir='$out/train'" logging.run_name=gpu-check logging.progress_bar=false)
+[ "$(envq '"version" in imports["tensorboard"]')" = True ] || train_args+=(logging.tensorboard=false)
+[ "$(envq '"version" in imports["matplotlib"]')" = True ] ||
+  say "warning: no matplotlib: the toy run's final report (report.png) will fail"
+# shellcheck disable=SC2086 # GPU_CHECK_TRAIN_ARGS: extra overrides, split on spaces
+run_stage train 150 "$py" -m trb_nemo.cli train "${train_args[@]}" ${GPU_CHECK_TRAIN_ARGS:-}
+
+# 3. op kernels, eager and Triton-fused, against log_softmax / cross-entropy (2 vocabularies)
+# shellcheck disable=SC2086
+run_stage ops_bench 120 "$py" benchmarks/ops.py ${GPU_CHECK_OPS_ARGS:---repeats 3}
+
+# 4. TRB decoding vs student-only decoding with the toy models
+# shellcheck disable=SC2086
+run_stage rollout_bench 90 "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:-}
+
+if [ "$skip_cuda" = 1 ]; then summarize "ran without the CUDA check (GPU_CHECK_SKIP_CUDA_CHECK=1)"; else summarize ran; fi
+if [ "$n_failed" -eq 0 ]; then
+  say "all 4 stages passed in $(( (${EPOCHREALTIME//[.,]/} - t_start) / 1000000 )) s; summary: $out/summary.json, log: $log"
+  exit 0
+fi
+say "$n_failed of 4 stages did not pass; summary: $out/summary.json, log: $log"
+exit 1
