@@ -25,7 +25,7 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
                "pass@1_best": max(passes) if passes else None,
                "best_step": steps[passes.index(max(passes))] if passes else None,
                "steps": max((r["step"] for r in rows), default=0)}
-    _plot(run_dir / "report.png", rows, warmup)
+    plotted = _plot(run_dir / "report.png", rows, warmup)
     train_rows = [r for r in rows if "train/loss" in r]
 
     def mean(key, sel):
@@ -56,7 +56,8 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
                          f"{_fmt(mean('rollout/teacher_token_share', sel))} | "
                          f"{_fmt(mean('train/loss', sel))} | "
                          f"{sum(r.get('scoring/teacher_passes', 0) for r in sel)} |")
-    lines += ["", "![curves](report.png)", ""]
+    lines += ["", "![curves](report.png)" if plotted else
+              "(no report.png: matplotlib is not installed)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return summary
 
@@ -65,8 +66,13 @@ def _fmt(x) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
-def _plot(path: Path, rows, warmup: int) -> None:
-    import matplotlib
+def _plot(path: Path, rows, warmup: int) -> bool:
+    """Draw the curves into ``path``; False (nothing drawn) where matplotlib is missing, as in
+    a bare GPU image: the run's numbers are in report.md and metrics.jsonl anyway."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,3 +92,4 @@ def _plot(path: Path, rows, warmup: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
