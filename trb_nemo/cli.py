@@ -67,11 +67,10 @@ def _launch(args: argparse.Namespace) -> int:
 
     stages = slurm.plan_stages(args.overrides)
     workdir = Path.cwd()
+    paths = slurm.write_scripts(stages, workdir)  # a dry run writes the same files
     if args.dry_run:
-        for st in stages:
-            print(slurm.render(st, slurm.log_dir_of(st, workdir), workdir))
+        print(slurm.dry_run_report(stages, paths))
         return 0
-    paths = slurm.write_scripts(stages, workdir)
     ids = slurm.submit(paths, stages[0].cfg.launcher.env_passthrough, dict(os.environ))
     for st, path, job in zip(stages, paths, ids, strict=True):
         print(f"trb-nemo: submitted {st.name} stage as job {job}: {path}")
@@ -118,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Keys under launcher.* set the job; every override "
                                   "also reaches the trainer verbatim.")
     slurm.add_argument("overrides", nargs="*", metavar="a.b=c")
-    slurm.add_argument("--dry-run", action="store_true", help="print the script(s), submit nothing")
+    slurm.add_argument("--dry-run", action="store_true", help="write and print the script(s) and "
+                       "the sbatch commands that would submit them; submit nothing")
     slurm.set_defaults(func=_launch)
     return parser
 

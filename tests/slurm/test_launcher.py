@@ -35,12 +35,13 @@ def _launch(*overrides, env=None, dry_run=False):
                           env={**os.environ, **(env or {})})
 
 
-def test_dry_run_renders_directives_and_srun_line():
+def test_dry_run_renders_directives_and_srun_line(tmp_path):
     secret = "s3cr3t-value-never-written"
     out = _launch("launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.partition=batch",
                   "launcher.account=proj", "launcher.container_image=nvcr.io/org/trb:1",
                   "launcher.container_mounts=[/data:/data]", "launcher.env_passthrough=[HF_TOKEN]",
-                  "model=qwen3_8b_to_1.7b", "parallel=gpu_tp2", dry_run=True,
+                  "model=qwen3_8b_to_1.7b", "parallel=gpu_tp2", f"logging.output_dir={tmp_path}",
+                  dry_run=True,
                   env={"HF_TOKEN": secret})
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -56,9 +57,9 @@ def test_dry_run_renders_directives_and_srun_line():
     assert "  model=qwen3_8b_to_1.7b\n" in text
 
 
-def test_dry_run_chained_stages():
+def test_dry_run_chained_stages(tmp_path):
     out = _launch("launcher.stages=chained", "launcher.stage2_overrides=['parallel=gpu_tp4_pp2']",
-                  "launcher.stage2_nodes=2", dry_run=True)
+                  "launcher.stage2_nodes=2", f"logging.output_dir={tmp_path}", dry_run=True)
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split("#!/bin/bash")[1:]
     assert "  optim.max_steps=50\n" in first and "--job-name=trb-nemo-warmup" in first

@@ -507,6 +507,26 @@ class LauncherConfig:
     """Extra a.b=c overrides of the OPD stage when chained (e.g. another parallel layout)."""
     stage2_nodes: int | None = None
     """Nodes of the OPD stage when chained; None = nodes."""
+    exclusive: bool = True
+    """Whole nodes (``--exclusive``): no other job shares their GPUs, CPUs, memory or network."""
+    cpus_per_task: int | None = None
+    """CPUs of each Slurm task (``--cpus-per-task``, also given to srun): of each rank in ``srun``
+    mode, of each node's torchrun in ``torchrun`` mode. None = the node's allocated CPUs split
+    evenly over its tasks at run time (with ``exclusive``, every CPU of the node)."""
+    mem: str | None = "0"
+    """Memory per node (``--mem``): ``0`` = all of the node's memory (right with ``exclusive``),
+    or a size such as ``500G``; None = the cluster's default."""
+    gpu_bind: str | None = "none"
+    """``--gpu-bind`` of a GPU job: ``none`` = every rank sees all of its node's GPUs and uses
+    ``cuda:LOCAL_RANK``, so NCCL keeps peer-to-peer (NVLink) paths between the ranks; None =
+    leave it to the cluster. Per-task bindings (``closest``, ``single:1``, ``map_gpu:...``) hide
+    the other GPUs from each rank and are refused."""
+    env: dict[str, str] = field(default_factory=lambda: {"NCCL_DEBUG": "WARN",
+                                                         "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    """Variables exported by the job script before srun (``export K=V``, values single-quoted:
+    written literally, never expanded); add one with ``++launcher.env.NCCL_SOCKET_IFNAME=ib0``.
+    ``OMP_NUM_THREADS`` set here replaces its default (one thread per CPU of a rank). Not for
+    secrets: see env_passthrough."""
 
     def __post_init__(self):
         _positive(self.nodes, "nodes")
@@ -518,10 +538,26 @@ class LauncherConfig:
         _check(bool(self.job_name), "job_name", "must not be empty")
         _non_negative(self.signal_seconds_before_end, "signal_seconds_before_end")
         for name in self.env_passthrough:
-            _check(name.isidentifier(), "env_passthrough",
+            _check(name.isascii() and name.isidentifier(), "env_passthrough",
                    f"must list variable names, got {name!r}")
         if self.stage2_nodes is not None:
             _positive(self.stage2_nodes, "stage2_nodes")
+        if self.cpus_per_task is not None:
+            _positive(self.cpus_per_task, "cpus_per_task")
+        if self.mem is not None:
+            digits = self.mem[:-1] if self.mem[-1:] in tuple("KMGTkmgt") else self.mem
+            _check(digits.isascii() and digits.isdigit(), "mem",
+                   f"must be 0 (all of the node's memory) or a size such as 500G, got {self.mem!r}")
+        if self.gpu_bind is not None:
+            _check(self.gpu_bind in ("none", "verbose,none"), "gpu_bind", "must be none (every "
+                   "rank sees its node's GPUs and uses cuda:LOCAL_RANK) or null (the cluster's "
+                   f"default), got {self.gpu_bind!r}")
+        for key in self.env:
+            _check(key.isascii() and key.isidentifier(), "env",
+                   f"keys must be shell variable names ([A-Za-z_][A-Za-z0-9_]*), got {key!r}")
+            _check(not key.startswith("SLURM_"), "env", f"{key}: SLURM_* variables are Slurm's")
+            _check(key not in self.env_passthrough, "env", f"{key} is in env_passthrough: a "
+                   "secret is passed by name, its value never written")
 
     @property
     def ranks_per_node(self) -> int:

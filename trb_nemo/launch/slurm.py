@@ -14,7 +14,14 @@ their values are never written. The composed config of each stage is saved besid
 Preemption: ``--signal=B:USR1@<s>`` makes Slurm warn the batch script before the time limit; it
 forwards USR1 to the ranks (srun forwards signals to every task), the trainer finishes its step,
 checkpoints, writes ``STOPPED_BY_SIGNAL`` and exits; the script then requeues the job
-(``--requeue``), which resumes from the checkpoint. Logs append across requeues.
+(``--requeue``), which resumes from the checkpoint. Logs append across requeues (stdout to
+``%x-%j.out``, stderr to ``%x-%j.err``).
+
+The script runs under ``set -euo pipefail`` (Slurm's variables read as ``${VAR:-}``), stops with
+one line when the submitting directory is missing on a node, sets whole-node defaults
+(``--exclusive``, ``--mem=0``, ``--gpu-bind=none``, CPUs per task, ``OMP_NUM_THREADS``) and
+exports ``launcher.env`` (NCCL and network variables), single-quoted. ``--dry-run`` writes the
+same files and prints them with the sbatch lines that submit them (:func:`submission_commands`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ class Stage:
 
 def plan_stages(overrides: list[str]) -> list[Stage]:
     """The job(s) to submit, each with its validated config (ConfigError on bad input)."""
-    cfg = load_config(overrides)
+    cfg = _load(overrides)
     launcher = cfg.launcher
     if launcher.stages == "one_job":
         stages = [Stage("run", list(overrides), cfg, launcher.nodes)]
@@ -54,15 +61,34 @@ def plan_stages(overrides: list[str]) -> list[Stage]:
                               "for a chained OPD stage")
         first = [*overrides, f"optim.max_steps={cfg.trb.warmup_steps}"]
         second = [*overrides, *launcher.stage2_overrides]
-        stages = [Stage("warmup", first, load_config(first), launcher.nodes),
-                  Stage("opd", second, load_config(second), launcher.stage2_nodes or launcher.nodes)]
+        stages = [Stage("warmup", first, _load(first), launcher.nodes),
+                  Stage("opd", second, _load(second), launcher.stage2_nodes or launcher.nodes)]
     for st in stages:
         ranks = st.nodes * st.cfg.launcher.ranks_per_node
         mp = st.cfg.parallel.model_parallel_size
         if ranks % mp:
             raise ConfigError("launcher.nodes", f"{st.name} stage: {st.nodes} nodes x "
                               f"{st.cfg.launcher.ranks_per_node} ranks is not a multiple of TP x PP = {mp}")
+        taken = sorted(SCRIPT_VARIABLES & set(st.cfg.launcher.env))
+        if taken:
+            raise ConfigError("launcher.env", f"{', '.join(taken)}: used by the job script itself")
     return stages
+
+
+SCRIPT_VARIABLES = {"WORKDIR", "RUN_DIR", "HOSTS", "CPUS_PER_TASK", "ARGS", "PID", "rc"}
+"""The job script's own shell variables: launcher.env may not overwrite them."""
+
+
+def _load(overrides: list[str]) -> TrainConfig:
+    """load_config, saying how to add a key to launcher.env (Hydra wants ``++`` for a new key)."""
+    try:
+        return load_config(overrides)
+    except ConfigError as e:
+        if e.key.startswith("launcher.env.") and ("unknown key" in e.reason or "struct" in e.reason):
+            name = e.key.removeprefix("launcher.env.")
+            raise ConfigError(e.key, f"a new variable is added with ++launcher.env.{name}=VALUE "
+                              "(++ adds or replaces a key)") from None
+        raise
 
 
 def _trainer_command(cfg: TrainConfig) -> list[str]:
@@ -71,57 +97,126 @@ def _trainer_command(cfg: TrainConfig) -> list[str]:
     return [sys.executable, "-m", "trb_nemo.cli"]  # the submitting environment's Python
 
 
+def _directives(stage: Stage, log_dir: Path) -> list[str]:
+    la = stage.cfg.launcher
+    q = shlex.quote
+    name = la.job_name + ("" if stage.name == "run" else "-" + stage.name)
+    d: list[tuple[str, str]] = [(f"job-name={q(name)}", ""), (f"nodes={stage.nodes}", "")]
+    if la.launch_mode == "srun":
+        d.append((f"ntasks-per-node={la.ranks_per_node}", "one task per rank"))
+    else:
+        d.append(("ntasks-per-node=1", "torchrun starts the ranks of a node"))
+    if la.cpus_per_task:
+        d.append((f"cpus-per-task={la.cpus_per_task}", ""))
+    if la.gpus_per_node:
+        d.append((f"gpus-per-node={la.gpus_per_node}", ""))
+        if la.gpu_bind:
+            d.append((f"gpu-bind={q(la.gpu_bind)}", "each rank sees all GPUs of its node"))
+    if la.exclusive:
+        d.append(("exclusive", "whole nodes, shared with no other job"))
+    if la.mem is not None:
+        d.append((f"mem={q(la.mem)}", "all of the node's memory" if la.mem == "0" else ""))
+    d += [(f"{k}={q(str(v))}", "") for k, v in {"partition": la.partition,
+                                                 "account": la.account}.items() if v]
+    d += [(f"time={q(la.time_limit)}", ""),
+          (f"output={q(str(log_dir / '%x-%j.out'))}", ""),
+          (f"error={q(str(log_dir / '%x-%j.err'))}", ""),
+          ("open-mode=append", "a requeued job appends to the same logs"),
+          ("export=ALL", "the submitting environment, secrets by name")]
+    if la.signal_seconds_before_end:
+        d += [(f"signal=B:USR1@{la.signal_seconds_before_end}", "warn this script before the "
+               "time limit"), ("requeue", "it may requeue itself")]
+    return [f"#SBATCH --{o:<28} # {c}" if c else f"#SBATCH --{o}" for o, c in d]
+
+
+def _unique(names) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
 def render(stage: Stage, log_dir: Path, workdir: Path) -> str:
-    """The sbatch script of one stage (readable, commented, safe to edit)."""
+    """The sbatch script of one stage (readable, commented, safe to edit).
+
+    ``#SBATCH`` lines must precede the first command, so ``set -euo pipefail`` follows them.
+    """
     cfg, la = stage.cfg, stage.cfg.launcher
     run_dir = log_dir.parent
     q = shlex.quote
-    ranks_per_node = la.ranks_per_node
-    d = [f"#SBATCH --job-name={q(la.job_name + ('' if stage.name == 'run' else '-' + stage.name))}",
-         f"#SBATCH --nodes={stage.nodes}"]
-    if la.launch_mode == "srun":
-        d.append(f"#SBATCH --ntasks-per-node={ranks_per_node}")
-    else:
-        d.append("#SBATCH --ntasks-per-node=1          # torchrun starts the ranks of a node")
-    optional = {"gpus-per-node": la.gpus_per_node, "partition": la.partition, "account": la.account}
-    d += [f"#SBATCH --{k}={q(str(v))}" for k, v in optional.items() if v]
-    d += [f"#SBATCH --time={q(la.time_limit)}",
-          f"#SBATCH --output={q(str(log_dir / '%x-%j.out'))}",
-          "#SBATCH --open-mode=append            # a requeued job appends to the same log",
-          "#SBATCH --export=ALL                  # the submitting environment, secrets by name"]
-    if la.signal_seconds_before_end:
-        d += [f"#SBATCH --signal=B:USR1@{la.signal_seconds_before_end}   # warn this script before "
-              "the time limit", "#SBATCH --requeue                     # it may requeue itself"]
+    torchrun = la.launch_mode == "torchrun"
+    tasks_per_node = 1 if torchrun else la.ranks_per_node
+    env_names = _unique([*la.env_passthrough, "OMP_NUM_THREADS", *la.env])
     pyxis = {"container-image": la.container_image, "container-mounts": ",".join(la.container_mounts),
              "container-workdir": la.container_workdir,
-             "container-env": ",".join(la.env_passthrough)} if la.container_image else {}
+             "container-env": ",".join(env_names)} if la.container_image else {}
     container = [f"--{k}={q(v)}" for k, v in pyxis.items() if v]
     args = "\n".join(f"  {q(a)}" for a in ["train", *stage.overrides])
-    torchrun = la.launch_mode == "torchrun"
     srun = " ".join(["srun --kill-on-bad-exit=1 --label", *(["--ntasks-per-node=1"] if torchrun
-                                                            else []), *container])
+                                                            else []),
+                     '--cpus-per-task="$CPUS_PER_TASK"', *container])
     if torchrun:
-        program = (f"torchrun --nnodes=\"$SLURM_NNODES\" --nproc-per-node={ranks_per_node} \\\n"
+        program = (f"torchrun --nnodes=\"${{SLURM_NNODES:-{stage.nodes}}}\" "
+                   f"--nproc-per-node={la.ranks_per_node} \\\n"
                    f"    --rdzv-backend=c10d --rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\" "
-                   f"--rdzv-id=\"$SLURM_JOB_ID\" \\\n    -m trb_nemo.cli")
+                   f"--rdzv-id=\"${{SLURM_JOB_ID:-0}}\" \\\n    -m trb_nemo.cli")
     else:
         program = " ".join(q(c) for c in _trainer_command(cfg))
     launch = f"{srun} \\\n    {program} \"${{ARGS[@]}}\" &"
     secrets = "\n".join(f': "${{{n}:?{n} must be set in the environment this job is submitted from}}"'
                         for n in la.env_passthrough) or "# (none: launcher.env_passthrough is empty)"
+    missing_dir = ('echo "trb-nemo: working directory $WORKDIR does not exist on '
+                   '${SLURMD_NODENAME:-$HOSTNAME} (shared filesystem not mounted?)" >&2')
+    if stage.nodes > 1 and not la.container_image:
+        other_nodes = f"""
+# Ranks on the other nodes start in the same directory (Slurm would silently use /tmp there).
+# shellcheck disable=SC2016
+srun --nodes={stage.nodes} --ntasks={stage.nodes} --ntasks-per-node=1 --cpus-per-task=1 --kill-on-bad-exit=1 \\
+    bash -c 'WORKDIR=$1; cd "$WORKDIR" 2>/dev/null || {{ {missing_dir}; exit 1; }}' check-workdir "$WORKDIR"
+"""
+    else:
+        other_nodes = ""
+    if la.cpus_per_task:
+        cpus = f"CPUS_PER_TASK={la.cpus_per_task}                       # launcher.cpus_per_task"
+    else:
+        cpus = (f"CPUS_PER_TASK=$(( ${{SLURM_CPUS_ON_NODE:-{tasks_per_node}}} / {tasks_per_node} ))"
+                "   # launcher.cpus_per_task=null: the node's CPUs over its tasks\n"
+                'if [ "$CPUS_PER_TASK" -lt 1 ]; then CPUS_PER_TASK=1; fi')
+    share = "its share of the task's CPUs" if torchrun else "one per CPU"
+    threads = "$CPUS_PER_TASK" if not torchrun else f"$(( CPUS_PER_TASK / {la.ranks_per_node} ))"
+    omp = f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}}"
+    if torchrun:
+        omp += '\nif [ "$OMP_NUM_THREADS" -lt 1 ]; then OMP_NUM_THREADS=1; fi'
+    exports = "\n".join(f"export {k}={q(v)}" for k, v in la.env.items()) or "# (none)"
     return f"""#!/bin/bash
 # trb-nemo, stage `{stage.name}` of run {q(cfg.logging.run_name)}: generated by
 # `trb-nemo launch slurm`; edit freely. Its composed config: {q(str(log_dir / f'{stage.name}.config.yaml'))}
-{chr(10).join(d)}
+{chr(10).join(_directives(stage, log_dir))}
+
+set -euo pipefail
 
 # Secrets come from the submitting environment by name; their values are never written here.
 {secrets}
 
-# Rendezvous on the first node of the allocation.
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))
+# The directory the run was submitted from: it must exist on every node (a shared filesystem).
+WORKDIR={q(str(workdir))}
 RUN_DIR={q(str(run_dir))}
-cd {q(str(workdir))}
+if ! cd "$WORKDIR" 2>/dev/null; then
+    {missing_dir}
+    exit 1
+fi
+{other_nodes}
+# Rendezvous on the first node of the allocation.
+HOSTS=$(scontrol show hostnames "${{SLURM_JOB_NODELIST:-}}")
+MASTER_ADDR=${{HOSTS%%$'\\n'*}}  # the first line
+export MASTER_ADDR
+export MASTER_PORT=$((20000 + ${{SLURM_JOB_ID:-0}} % 10000))
+
+# CPUs of each task (given to srun explicitly: Slurm 22.05 to 23.02 do not pass --cpus-per-task
+# on) and each rank's threads: OMP_NUM_THREADS of the submitting environment, else {share};
+# launcher.env below may set it.
+{cpus}
+{omp}
+
+# launcher.env: exported to every rank, values written literally (single-quoted, never expanded).
+{exports}
 
 # The trainer's arguments, one per line, single-quoted: passed verbatim, never evaluated.
 ARGS=(
@@ -129,21 +224,28 @@ ARGS=(
 )
 
 # The warning signal (USR1) goes to every rank: finish the step, checkpoint, exit.
-forward() {{ echo "trb-nemo: warning signal, asking the ranks to checkpoint"; kill -USR1 "$PID" 2>/dev/null || true; }}
+PID=""
+# shellcheck disable=SC2329  # invoked by the trap
+forward() {{
+    echo "trb-nemo: warning signal, asking the ranks to checkpoint"
+    if [ -n "$PID" ]; then kill -USR1 "$PID" 2>/dev/null || true; fi
+}}
 trap forward USR1
 
 {launch}
 PID=$!
+# `wait` returns early when the signal arrives: keep waiting while srun runs.
 while kill -0 "$PID" 2>/dev/null; do wait "$PID" || true; done
-wait "$PID"; rc=$?
+rc=0
+wait "$PID" || rc=$?
 
 if [ -f "$RUN_DIR/{STOP_MARKER}" ]; then
     rm -f "$RUN_DIR/{STOP_MARKER}"
-    echo "trb-nemo: checkpoint saved after the warning signal; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    echo "trb-nemo: checkpoint saved after the warning signal; requeueing job ${{SLURM_JOB_ID:-}}"
+    scontrol requeue "${{SLURM_JOB_ID:-}}"
     exit 0
 fi
-exit $rc
+exit "$rc"
 """
 
 
@@ -163,6 +265,42 @@ def write_scripts(stages: list[Stage], workdir: Path) -> list[Path]:
         path.write_text(render(st, log_dir, workdir))
         paths.append(path)
     return paths
+
+
+def config_path_of(script: Path) -> Path:
+    """The composed config saved beside a stage's script (``warmup.sbatch`` -> ``warmup.config.yaml``)."""
+    return script.with_name(script.name.removesuffix(".sbatch") + ".config.yaml")
+
+
+def submission_commands(stages: list[Stage], paths: list[Path]) -> str:
+    """The shell lines that submit ``paths`` as :func:`submit` does: each stage after the
+    previous one succeeded (``--dependency=afterok:<its job id>``)."""
+    q = shlex.quote
+    lines = [f': "${{{n}:?{n} must be set: the job takes it from this environment}}"'
+             for n in stages[0].cfg.launcher.env_passthrough]
+    previous = None
+    for st, path in zip(stages, paths, strict=True):
+        var = f"{st.name.upper()}_JOB_ID"
+        after = f' "--dependency=afterok:${previous}"' if previous else ""
+        lines += [f"{var}=$(sbatch --parsable{after} {q(str(path))})",
+                  f"{var}=${{{var}%%;*}}   # --parsable prints <job id>[;<cluster>]",
+                  f'echo "submitted the {st.name} stage as job ${var}"']
+        previous = var
+    return "\n".join(lines)
+
+
+def dry_run_report(stages: list[Stage], paths: list[Path]) -> str:
+    """What ``--dry-run`` prints: each script as written, the files written, and the commands
+    that would submit them."""
+    parts = []
+    for path in paths:
+        parts += [f"# ==> {path} <==", path.read_text()]
+    written = [p for path in paths for p in (path, config_path_of(path))]
+    parts += ["# --dry-run: nothing submitted. Written (a real submission writes the same):",
+              *(f"#   {p}" for p in written),
+              "# To submit them as `trb-nemo launch slurm` would, run:",
+              submission_commands(stages, paths)]
+    return "\n".join(parts)
 
 
 def submit(paths: list[Path], env_passthrough: list[str], environ: dict) -> list[str]:
