@@ -9,21 +9,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from omegaconf import OmegaConf
-
 from trb_nemo.config.schema import ConfigError
 
 EXIT_CONFIG_ERROR = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trb_nemo.config.compose import compose_config, to_typed
+    from trb_nemo.config.compose import compose_config, print_notes, to_typed
 
     node = compose_config(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
     cfg = to_typed(node)
-    if args.cfg == "job":
-        print(OmegaConf.to_yaml(node, resolve=True), end="")
+    if args.cfg == "job":  # the architecture read from the model files, where they are here
+        from trb_nemo.config.compose import composed_yaml, take_notes
+        from trb_nemo.models.resolve import resolve_models
+
+        absent: list[str] = []
+        text = composed_yaml(resolve_models(cfg, absent))
+        print("".join(f"# trb-nemo: {line}\n" for line in take_notes() + absent) + text, end="")
         return 0
+    print_notes()
     from trb_nemo.train.entry import run_train  # imports torch: only after the config is valid
 
     run_train(cfg)
@@ -38,6 +42,9 @@ def _convert(args: argparse.Namespace) -> int:
         flag = "--hf-path" if args.direction == "hf-to-megatron" else "--checkpoint"
         raise ConfigError(flag, f"is required for {args.direction}")
     job = plan(args.direction, source, args.out, args.tp, args.pp, args.precision)
+    if job.source != source:
+        print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest one, "
+              f"{job.source}", flush=True)
     from trb_nemo.models.convert import run_rank
     from trb_nemo.parallel.env import launched_externally
     from trb_nemo.parallel.spawn import run_local_ranks
@@ -94,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(Qwen3, Qwen2, Llama)")
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("--hf-path", help="HF folder (config.json + *.safetensors) to import")
-    convert.add_argument("--checkpoint", help="Megatron checkpoint folder to export")
+    convert.add_argument("--checkpoint", help="Megatron checkpoint folder to export, or a run "
+                         "folder (or its checkpoints/): its newest step_* is exported")
     convert.add_argument("--out", required=True, help="new folder to write")
     convert.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks doing the work")
     convert.add_argument("--pp", type=int, default=1, help="pipeline stages doing the work")

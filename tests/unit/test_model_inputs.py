@@ -17,7 +17,7 @@ QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "head_dim": 24, "vocab_size": 128, "max_position_embeddings": 512,
          "rope_theta": 1000000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-         "hidden_act": "silu"}
+         "hidden_act": "silu", "eos_token_id": 1}
 
 
 def hf_folder(path, config, vocab=None):

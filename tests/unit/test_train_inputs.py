@@ -13,7 +13,8 @@ from trb_nemo.cli import EXIT_CONFIG_ERROR, main
 
 QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "vocab_size": 128, "max_position_embeddings": 512, "hidden_act": "silu"}
+         "vocab_size": 128, "max_position_embeddings": 512, "hidden_act": "silu",
+         "eos_token_id": 1}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,14 @@
 Flow: Hydra composes the YAML defaults list plus overrides against the schema registered in the
 ConfigStore (unknown keys and wrong types fail here), then :func:`to_typed` builds the
 dataclasses bottom-up so each ``__post_init__`` runs and its error carries the dotted path.
-Every failure becomes one :class:`ConfigError` line; the CLI prints it and exits 2.
+Every failure becomes one :class:`ConfigError` line; the CLI prints it and exits 2: a wrong
+type in a YAML file names the key, the value and the file (with its line), a YAML syntax error
+the file and line.
+
+An ``hf_path`` given on the command line wins over the model preset: the preset's
+``checkpoint``, ``eos_token_id``, ``max_sequence_length`` and ``name`` of that network are
+cleared (unless the command line sets them too) and one info line says what was dropped, so
+``model.student.hf_path=S`` trains S, not the preset's checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import types
 import typing
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException, MissingConfigException
@@ -21,9 +29,26 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException, ValidationError
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
+from trb_nemo.logs import global_rank
 
 SCHEMA_NAME = "train_schema"
-ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def _schema() -> DictConfig:
+    """TrainConfig as Hydra's schema. Its default networks are inline, and an inline ModelSpec
+    fills ``eos_token_id``/``max_sequence_length`` at construction; in the schema they stay None
+    (= from the model's files), so a preset that names only ``hf_path`` reads them there."""
+    node = OmegaConf.structured(TrainConfig)
+    for role in ("student", "teacher"):
+        node.model[role].eos_token_id = None
+        node.model[role].max_sequence_length = None
+    return node
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=_schema())
+
+FROM_THE_MODEL = ("checkpoint", "eos_token_id", "max_sequence_length")
+"""Fields of a model preset's network that an ``hf_path`` on the command line clears."""
 
 
 def project_root() -> Path:
@@ -40,6 +65,15 @@ def default_config_dir() -> Path:
 OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
 
 
+def _required(key: str):
+    raise ConfigError(key, f"is required by the model preset: add {key}=PATH to the command line")
+
+
+# ``${required:a.b}`` in YAML: a value the user must give (OmegaConf's ``???`` would not survive
+# the merge onto the schema's default)
+OmegaConf.register_new_resolver("required", _required, replace=True)
+
+
 def compose_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
@@ -48,14 +82,100 @@ def compose_config(
 ) -> DictConfig:
     """Hydra-compose ``<config_dir>/<config_name>.yaml`` with ``overrides``; raises ConfigError."""
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    take_notes()  # a new composition: nothing left from an earlier one
     if not (config_dir / f"{config_name}.yaml").is_file():
         raise ConfigError("--config-dir", f"no {config_name}.yaml in {config_dir}; pass the folder "
                           "that holds the project's conf/")
     try:
         with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
-            return compose(config_name=config_name, overrides=list(overrides))
+            node = compose(config_name=config_name, overrides=list(overrides))
+        hf_path_wins(node, overrides)
+        OmegaConf.to_container(node, resolve=True)  # every ${...} resolves, or one line here
     except (HydraException, OmegaConfBaseException) as e:
-        raise _one_line(e) from None
+        raise _one_line(e, config_dir) from None
+    except yaml.YAMLError as e:
+        raise _yaml_syntax_error(e) from None
+    return node
+
+
+_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?([\w.]+?)(?:@[\w.]+)?=(.*)$")
+
+
+def _command_line_keys(overrides) -> dict[str, str]:
+    """dotted key -> value text of ``a.b=c`` overrides (``+``/``++`` prefixes dropped)."""
+    found = {}
+    for override in overrides:
+        m = _OVERRIDE.match(override.strip())
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def hf_path_wins(node: DictConfig, overrides) -> list[str]:
+    """For each network whose ``hf_path`` the command line sets (and not to null): clear the
+    preset's FROM_THE_MODEL fields the command line does not set (so weights, architecture, stop
+    id and context come from that folder) and name it after the folder. Keeps one info line
+    (:func:`note`) per network where a preset value was dropped; returns those lines."""
+    given = _command_line_keys(overrides)
+    lines = []
+    for role in ("student", "teacher"):
+        key = f"model.{role}"
+        if given.get(f"{key}.hf_path", "null").lower() in ("null", "none", "~", ""):
+            continue
+        spec = node.model[role]
+        if spec is None:
+            continue
+        dropped = []
+        for name in FROM_THE_MODEL:
+            if f"{key}.{name}" not in given:
+                if spec[name] is not None:
+                    dropped.append(f"{name}={spec[name]}")
+                spec[name] = None
+        if f"{key}.name" not in given and Path(str(spec.hf_path)).name:
+            spec.name = Path(str(spec.hf_path)).name
+        if dropped:
+            lines.append(f"{key}.hf_path={spec.hf_path} from the command line replaces the model "
+                         f"preset's {', '.join(dropped)}: the network, its stop id and context "
+                         f"come from that folder (set {key}.<field>=... to keep one)")
+    for line in lines:
+        note(line)
+    return lines
+
+
+_NOTES: list[str] = []
+
+
+def note(message: str) -> None:
+    """Keep one info/warning line for :func:`print_notes`: printed only once the config is
+    valid, so a config error stays the one line on stderr."""
+    _NOTES.append(message)
+
+
+def take_notes() -> list[str]:
+    """The lines :func:`note` kept since the last composition (and forget them)."""
+    notes = list(_NOTES)
+    _NOTES.clear()
+    return notes
+
+
+def print_notes() -> None:
+    """Print the kept lines on stdout (global rank 0) like every trb-nemo info line."""
+    notes = take_notes()
+    if global_rank() == 0:
+        for line in notes:
+            print(f"trb-nemo: {line}", flush=True)
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Valid settings that likely do not do what the user wants (printed, never fatal)."""
+    out = []
+    t, steps = cfg.trb, cfg.optim.max_steps
+    if (cfg.rollout.behavior == "trb" and t.schedule in ("linear", "cosine") and t.eps0 > 0
+            and t.warmup_steps > steps):
+        out.append(f"warning: trb.warmup_steps={t.warmup_steps} > optim.max_steps={steps}: the "
+                   "TRB warmup never finishes (eps_k never reaches 0, so the run never gets to "
+                   "pure on-policy distillation); lower trb.warmup_steps or raise optim.max_steps")
+    return out
 
 
 def to_typed(node: DictConfig, cls: type = TrainConfig, path: str = ""):
@@ -78,9 +198,13 @@ def to_typed(node: DictConfig, cls: type = TrainConfig, path: str = ""):
         else:
             kwargs[f.name] = value
     try:
-        return cls(**kwargs)
+        typed = cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(path + e.key, e.reason) from None
+    if isinstance(typed, TrainConfig):
+        for line in config_warnings(typed):
+            note(line)
+    return typed
 
 
 def load_config(
@@ -92,9 +216,11 @@ def load_config(
     """compose_config + to_typed: the validated config of a run. Raises ConfigError."""
     node = compose_config(overrides, config_name=config_name, config_dir=config_dir)
     try:
-        return to_typed(node)
+        cfg = to_typed(node)
     except OmegaConfBaseException as e:  # an interpolation that does not resolve
         raise _one_line(e) from None
+    print_notes()
+    return cfg
 
 
 def _dataclass_in(annotation) -> type | None:
@@ -118,16 +244,29 @@ def _allowed_keys(dotted: str) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls)) if cls else ""
 
 
-def _one_line(e: Exception) -> ConfigError:
-    """Turn a Hydra/OmegaConf error into ConfigError(dotted key, what is allowed)."""
+def _one_line(e: Exception, config_dir: Path | None = None) -> ConfigError:
+    """Turn a Hydra/OmegaConf error into ConfigError(dotted key, what is allowed). A value of
+    the wrong type in a YAML file (Hydra says ``In 'model/x': ValidationError ...`` and chains
+    the cause only as context) also names the file and, where found, the line."""
     cause = e.__cause__ or e
+    if cause is e and isinstance(e.__context__, OmegaConfBaseException):
+        cause = e.__context__
+    raised = e
+    while raised is not None:  # a ConfigError of one of our resolvers, however deeply chained
+        if isinstance(raised, ConfigError):
+            return raised
+        raised = raised.__cause__ or raised.__context__
     key = getattr(cause, "full_key", None) or "config"
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if isinstance(cause, ConfigAttributeError) and " not in " in first:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         return ConfigError(key, f"unknown key; allowed here: {_allowed_keys(parent)}")
     if isinstance(cause, ValidationError):
-        return ConfigError(key, first.replace(" of type 'str'", ""))
+        where = re.match(r"In '([^']+)': ", str(e))
+        reason = first.replace(" of type 'str'", "")
+        if where and config_dir is not None:
+            reason += f" ({_yaml_location(config_dir / f'{where.group(1)}.yaml', key, cause)})"
+        return ConfigError(key, reason)
     if isinstance(cause, MissingConfigException):
         group = re.search(r"Could not find '([^/']+)/", first)
         options = re.findall(r"^\t(\S+)$", str(cause), flags=re.M)
@@ -135,6 +274,35 @@ def _one_line(e: Exception) -> ConfigError:
             return ConfigError(group.group(1), f"{first.split(': ', 1)[-1]}; available: "
                                                f"{', '.join(o for o in options if '=' not in o)}")
     return ConfigError(key, first)
+
+
+def _yaml_location(file: Path, key: str, cause) -> str:
+    """``file:line`` of ``key``'s last component set to the offending value (best effort)."""
+    leaf, value = key.rsplit(".", 1)[-1], getattr(cause, "value", None)
+    try:
+        lines = file.read_text().splitlines()
+    except OSError:
+        return str(file)
+    for number, line in enumerate(lines, start=1):
+        m = re.match(rf"\s*{re.escape(leaf)}\s*:\s*(.*?)\s*(#.*)?$", line)
+        if m and (value is None or str(value) in m.group(1)):
+            return f"{file}:{number}"
+    return str(file)
+
+
+def _yaml_syntax_error(e: yaml.YAMLError) -> ConfigError:
+    """``<file>:<line>: YAML syntax error: <problem>`` for a YAML file that does not parse."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return ConfigError("config", f"YAML syntax error: {str(e).splitlines()[0]}")
+    problem = getattr(e, "problem", None) or "cannot be parsed"
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return ConfigError(f"{mark.name}:{mark.line + 1}", f"YAML syntax error at column "
+                       f"{mark.column + 1}: {problem}")
 
 
 def composed_yaml(cfg: TrainConfig) -> str:

@@ -45,6 +45,11 @@ def _non_negative(value, key: str) -> None:
 # --------------------------------------------------------------------------------------- model
 
 
+INLINE_MAX_SEQUENCE_LENGTH = 256
+INLINE_EOS_TOKEN_ID = 1
+"""What an inline network (no hf_path, no checkpoint) uses where its spec says None."""
+
+
 @dataclass
 class ModelSpec:
     """One network (student or teacher): an HF checkpoint, or the architecture given inline."""
@@ -66,7 +71,10 @@ class ModelSpec:
     """Per-head dimension; None = hidden_size / num_attention_heads."""
     vocab_size: int = 128
     """True vocabulary size (Megatron pads the embedding to a multiple of 128 x TP)."""
-    max_sequence_length: int = 256
+    max_sequence_length: int | None = None
+    """Context in tokens. None = the model's own: ``max_position_embeddings`` of the HF
+    config.json, the value a checkpoint recorded, 256 for an inline network. Set, it caps the
+    model's (never raises it) and is not written into an exported config.json."""
     rotary_base: float = 10000.0
     qk_layernorm: bool = False
     """Qwen3-style RMSNorm on queries and keys."""
@@ -79,22 +87,38 @@ class ModelSpec:
     """Share the input embedding and output layer weights."""
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-6
-    eos_token_id: int = 1
-    """The model's own stop id (a Base student and an Instruct teacher may differ)."""
+    eos_token_id: int | None = None
+    """The model's stop id (a Base student and an Instruct teacher may differ). None = the
+    model's own: ``eos_token_id`` of the HF folder's generation_config.json, else of its
+    config.json (the first of a list), the id a checkpoint recorded, 1 for an inline network."""
 
     def __post_init__(self):
         _one_of(self.normalization, ("RMSNorm", "LayerNorm"), "normalization")
+        if self.hf_path is None and self.checkpoint is None:  # inline: nothing to read them from
+            if self.max_sequence_length is None:
+                self.max_sequence_length = INLINE_MAX_SEQUENCE_LENGTH
+            if self.eos_token_id is None:
+                self.eos_token_id = INLINE_EOS_TOKEN_ID
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "vocab_size", "max_sequence_length"):
-            _positive(getattr(self, name), name)
+            if getattr(self, name) is not None:
+                _positive(getattr(self, name), name)
         _check(self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
                "hidden_size", f"must be divisible by num_attention_heads={self.num_attention_heads} "
                "(or set kv_channels)")
         groups = self.num_query_groups or self.num_attention_heads
         _check(self.num_attention_heads % groups == 0, "num_query_groups",
                f"must divide num_attention_heads={self.num_attention_heads}, got {groups}")
-        _check(0 <= self.eos_token_id < self.vocab_size, "eos_token_id",
-               f"must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id}")
+        if self.eos_token_id is not None:  # a file-backed network: checked once resolved
+            vocab = self.vocab_size if self.hf_path is None and self.checkpoint is None else None
+            check_eos(self.eos_token_id, vocab, "eos_token_id")
+
+
+def check_eos(eos: int, vocab_size: int | None, key: str, of: str = "") -> None:
+    """ConfigError(key) unless 0 <= eos < vocab_size (vocab_size None: only eos >= 0)."""
+    _check(eos >= 0 and (vocab_size is None or eos < vocab_size), key,
+           f"must be in [0, vocab_size={vocab_size}{of}), got {eos}" if vocab_size is not None
+           else f"must be >= 0, got {eos}")
 
 
 FP8_RECIPES = ("delayed", "tensorwise")
@@ -348,10 +372,21 @@ class RolloutConfig:
     temperature_warmup_steps: int = 15
     """behavior=temperature: steps of that anneal."""
     seed: int = 0
-    """Base seed of the sampling noise (combined with step and ranks)."""
+    """Base seed of the sampling noise (combined with the step; each sequence's noise is keyed
+    by its global index and position, so it does not depend on batching or layout)."""
+    max_sequences_in_flight: int = 64
+    """Continuous batching: sequences decoded at once per data-parallel rank; a finished one
+    frees its slot for a waiting one. Each network's KV cache is this many sequences x (longest
+    prompt + max_new_tokens), whatever the number of prompts."""
+    prefill_chunk_tokens: int = 8192
+    """Prompt prefill feeds an admitted group's prompts in one forward of up to this many token
+    positions (rows x positions); longer groups are split by rows, then long prompts by
+    positions."""
 
     def __post_init__(self):
         _one_of(self.behavior, BEHAVIORS, "behavior")
+        _positive(self.max_sequences_in_flight, "max_sequences_in_flight")
+        _positive(self.prefill_chunk_tokens, "prefill_chunk_tokens")
         _positive(self.max_new_tokens, "max_new_tokens")
         _positive(self.num_rollouts_per_prompt, "num_rollouts_per_prompt")
         _positive(self.temperature, "temperature")
@@ -430,9 +465,14 @@ class EvalConfig:
     temperature: float = 1.0
     max_new_tokens: int | None = None
     """None = rollout.max_new_tokens."""
+    max_sequences_in_flight: int | None = None
+    """Decoding budget of evaluation (sequences at once per data-parallel rank); None =
+    rollout.max_sequences_in_flight."""
 
     def __post_init__(self):
         _non_negative(self.interval, "interval")
+        _check(self.max_sequences_in_flight is None or self.max_sequences_in_flight > 0,
+               "max_sequences_in_flight", f"must be > 0 or null, got {self.max_sequences_in_flight}")
         _positive(self.num_problems, "num_problems")
         _positive(self.num_samples, "num_samples")
         _positive(self.temperature, "temperature")
@@ -450,6 +490,13 @@ class CheckpointConfig:
     """Continue from the newest complete checkpoint in ``dir`` when there is one."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a successful save."""
+    allow_config_change: bool = False
+    """Resume even though settings that change what the run is (models, precision, data, loss,
+    behavior and its schedule, optimizer, evaluation protocol, seeds) differ from the config saved
+    in the checkpoint; the differences are appended to ``<run folder>/config_changes.jsonl``.
+    False: such a resume stops with one line listing them. Logging, eval.interval,
+    optim.max_steps, optim.micro_batch_size, the parallel layout and checkpoint.* may always
+    change."""
 
     def __post_init__(self):
         _non_negative(self.interval, "interval")

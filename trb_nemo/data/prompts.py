@@ -4,8 +4,9 @@ A source hands out, for training step k, the same prompts on every rank of a mod
 group (data-parallel ranks get disjoint shares), and a fixed held-out evaluation set. Batches
 are a pure function of (seed, step), so a resumed run sees exactly the data it would have seen.
 Everything is validated when the source is built (before any model exists): an empty or
-malformed file, a missing key, or a prompt longer than ``data.max_prompt_length`` is a
-ConfigError naming the line.
+malformed file, a file that is one JSON array, a missing prompt or answer key, or a prompt
+longer than ``data.max_prompt_length`` is a ConfigError naming the line; a student folder
+without tokenizer files is a ConfigError naming ``model.student.hf_path``.
 """
 
 from __future__ import annotations
@@ -60,8 +61,12 @@ class JsonlSource:
         file = Path(path)
         if not file.is_file():
             raise ConfigError("data.source", f"{path!r} is neither toy_math nor a file")
+        text = file.read_text()
+        if text.lstrip().startswith("["):
+            raise ConfigError("data.source", f"{path} is one JSON array, not JSONL: write one JSON "
+                              "object per line (e.g. jq -c '.[]' in.json > prompts.jsonl)")
         self.tokenizer, self.items = tokenizer, []
-        for number, line in enumerate(file.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -78,11 +83,16 @@ class JsonlSource:
                                   "or shorten the prompt")
             if not ids:
                 raise ConfigError("data.source", f"{path}:{number}: empty prompt")
-            self.items.append(Prompt(ids, str(row.get(d.answer_key, ""))))
+            if row.get(d.answer_key) is None:
+                raise ConfigError("data.answer_key", f"{path}:{number}: no field "
+                                  f"{d.answer_key!r} (the reference answer rollout rewards and "
+                                  "pass@1 are scored against); fields here: "
+                                  f"{', '.join(map(repr, row)) or 'none'}")
+            self.items.append(Prompt(ids, str(row[d.answer_key])))
         if not self.items:
             raise ConfigError("data.source", f"{path!r} has no prompts")
         self.seed = d.seed
-        self.n_eval = min(cfg.eval.num_problems, max(1, len(self.items) // 10))
+        self.n_eval = held_out(len(self.items), cfg.eval.num_problems)
 
     def train_prompt(self, index: int) -> Prompt:
         train = self.items[self.n_eval:] or self.items
@@ -100,6 +110,43 @@ class JsonlSource:
         return math_answer_matches(self.tokenizer.decode(list(response_ids)), answer)
 
 
+def held_out(n_items: int, num_problems: int) -> int:
+    """Problems a JSONL file holds out for pass@1: its first tenth (at least 1), at most
+    ``eval.num_problems``."""
+    return min(num_problems, max(1, n_items // 10))
+
+
+def evaluated_problems(cfg: TrainConfig) -> int | None:
+    """Problems each evaluation samples (cheap: counts the file's lines); None if unreadable."""
+    if cfg.data.source == "toy_math":
+        return cfg.eval.num_problems
+    try:
+        n = sum(1 for line in Path(cfg.data.source).read_text().splitlines() if line.strip())
+    except OSError:
+        return None
+    return held_out(n, cfg.eval.num_problems)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""One of these makes a folder hold a tokenizer (the rest of an HF tokenizer is configuration)."""
+
+
+def load_tokenizer(folder: str, key: str = "model.student.hf_path"):
+    """The HF tokenizer of ``folder``; ConfigError(key) when it has none (``transformers`` would
+    otherwise build an empty one from config.json that encodes every prompt to nothing)."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(key, f"{folder!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+                          "; prompts are tokenized with the student's: copy the tokenizer files "
+                          "of the model it came from into that folder")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - any loading failure is the folder's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(key, f"the tokenizer in {folder!r} does not load: {first}") from None
+
+
 def build_source(cfg: TrainConfig):
     """The configured prompt source (ConfigError for bad input, before any model is built)."""
     if cfg.data.source == "toy_math":
@@ -107,10 +154,7 @@ def build_source(cfg: TrainConfig):
     if cfg.model.student.hf_path is None:
         raise ConfigError("data.source", "a JSONL prompt file needs the student's tokenizer: set "
                           "model.student.hf_path (or use data.source=toy_math)")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.student.hf_path)
-    return JsonlSource(cfg.data.source, tokenizer, cfg)
+    return JsonlSource(cfg.data.source, load_tokenizer(cfg.model.student.hf_path), cfg)
 
 
 def step_prompts(source, step: int, prompts_per_step: int, dp_rank: int, dp_size: int) -> list[Prompt]:

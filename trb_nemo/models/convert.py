@@ -6,8 +6,12 @@ folder records the architecture and the source config.json and loads at any TP/P
 
 megatron-to-hf: every rank loads its stage; the TP ranks of data-parallel rank 0 all-gather
 each stage's tensors and TP rank 0 writes ``model-<stage>-of-<PP>.safetensors``; global rank 0
-writes the index, ``config.json`` (the source one when the checkpoint came from HF) and copies
-tokenizer files from the source HF folder when it still exists. ``transformers`` loads the result.
+writes the index, ``config.json`` (every key of the source one when the checkpoint came from HF,
+e.g. ``max_position_embeddings`` and ``pad_token_id``, the architecture from the weights) and
+copies the tokenizer files and generation_config.json from the source HF folder when it still
+exists (else a generation_config.json with the network's stop id). ``--checkpoint`` may name a
+run folder (or its ``checkpoints/``): its newest complete ``step_*`` is exported.
+``transformers`` loads the result.
 
 Run on ``--tp x --pp`` local ranks (gloo on CPU) or under torchrun/srun with that world size.
 Inputs are checked before any rank starts.
@@ -17,12 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
-from trb_nemo.models.hf_config import hf_config_from_spec, read_config_json, spec_from_hf_config
-from trb_nemo.models.resolve import read_model_meta
+from trb_nemo.models.hf_config import (
+    hf_config_from_spec,
+    model_eos_token_id,
+    read_config_json,
+    spec_from_hf_config,
+)
+from trb_nemo.models.resolve import MODEL_META, read_model_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model")
@@ -51,15 +61,19 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
         raise ConfigError("--out", f"{out!r} exists and is not empty; choose a new folder")
     if direction == "hf-to-megatron":
         hf = read_config_json(source, "--hf-path")
-        spec = spec_from_hf_config(hf, ModelSpec(name=Path(source).name, hf_path=source,
-                                                 max_sequence_length=10**9), "--hf-path")
-        spec = dataclasses.replace(spec, eos_token_id=_eos(hf, spec))
+        spec = spec_from_hf_config(hf, ModelSpec(name=Path(source).name, hf_path=source),
+                                   "--hf-path")
+        spec = dataclasses.replace(spec, eos_token_id=_eos(source, hf, spec))
         job = ConvertJob(direction, source, out, spec, parallel, precision, hf, source)
     elif direction == "megatron-to-hf":
+        source = newest_checkpoint(source)
         meta = read_model_meta(source, "--checkpoint")
         spec = ModelSpec(**meta["spec"])
-        job = ConvertJob(direction, source, out, spec, parallel, precision, meta.get("hf_config"),
-                         meta["spec"].get("hf_path"))
+        hf_path = meta["spec"].get("hf_path")
+        hf_config = meta.get("hf_config")
+        if hf_config is None and hf_path and (Path(hf_path) / "config.json").is_file():
+            hf_config = read_config_json(hf_path, "--checkpoint")  # a training checkpoint
+        job = ConvertJob(direction, source, out, spec, parallel, precision, hf_config, hf_path)
     else:
         raise ConfigError("direction", f"must be hf-to-megatron|megatron-to-hf, got {direction!r}")
     heads, groups = spec.num_attention_heads, spec.num_query_groups or spec.num_attention_heads
@@ -70,10 +84,31 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
     return job
 
 
-def _eos(hf: dict, spec: ModelSpec) -> int:
-    eos = hf.get("eos_token_id", spec.eos_token_id)
-    eos = eos[0] if isinstance(eos, list) else eos
-    return eos if eos is not None and 0 <= eos < spec.vocab_size else 0
+_STEP = re.compile(r"step_(\d+)")
+
+
+def newest_checkpoint(folder: str) -> str:
+    """``folder`` when it is a checkpoint; for a run folder (or its ``checkpoints/``) its newest
+    complete ``step_*``; else ConfigError(--checkpoint) saying where checkpoints were looked for."""
+    path = Path(folder)
+    if (path / MODEL_META).is_file() or not path.is_dir():
+        return folder  # a checkpoint, or read_model_meta says what is wrong
+    steps = [(int(m.group(1)), p) for root in (path, path / "checkpoints") if root.is_dir()
+             for p in root.iterdir() if (m := _STEP.fullmatch(p.name))
+             and (p / MODEL_META).is_file()]
+    if not steps:
+        raise ConfigError("--checkpoint", f"{folder!r} is not a checkpoint and holds no complete "
+                          f"step_* checkpoint (looked in it and in {path / 'checkpoints'}); "
+                          "point it at a step_<N> folder or a `trb-nemo convert` output")
+    return str(max(steps)[1])
+
+
+def _eos(folder: str, hf: dict, spec: ModelSpec) -> int | None:
+    """The model's own stop id (generation_config.json, else config.json), recorded in the
+    Megatron folder; None when it names none inside the vocabulary (training then asks for
+    ``model.<role>.eos_token_id``)."""
+    eos = model_eos_token_id(folder, hf)[0]
+    return eos if eos is not None and 0 <= eos < spec.vocab_size else None
 
 
 def run_rank(job: ConvertJob) -> dict:
@@ -143,7 +178,7 @@ def _write_hf_folder(job: ConvertJob, out: Path) -> None:
             weight_map.update({k: f.name for k in h.keys()})
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    config = dict(job.hf_config) if job.hf_config else hf_config_from_spec(job.spec)
+    config = hf_config_from_spec(job.spec, job.hf_config)
     config["torch_dtype"] = "float32"
     config.pop("dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -151,3 +186,7 @@ def _write_hf_folder(job: ConvertJob, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if src is not None and (src / name).is_file():
             shutil.copy2(src / name, out / name)
+    if not (out / "generation_config.json").is_file() and job.spec.eos_token_id is not None:
+        generation = {k: config[k] for k in ("bos_token_id", "pad_token_id") if k in config}
+        (out / "generation_config.json").write_text(json.dumps(
+            {**generation, "eos_token_id": job.spec.eos_token_id}, indent=2, sort_keys=True))

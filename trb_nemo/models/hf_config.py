@@ -34,6 +34,30 @@ def read_config_json(folder: str, key: str) -> dict:
         raise ConfigError(key, f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
+def first_id(value) -> int | None:
+    """An HF ``eos_token_id`` (an int, a list of ints, or null) as one id: the first of a list
+    (Qwen3 Instruct lists ``[151645, 151643]``: ``<|im_end|>``, its chat stop, comes first).
+    trb-nemo stops each network on one id."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return int(value) if value is not None else None
+
+
+def model_eos_token_id(folder: str, hf: dict) -> tuple[int | None, str]:
+    """(the model's own stop id, the file it came from): ``eos_token_id`` of
+    ``folder/generation_config.json`` (what ``generate`` stops on), else of ``config.json``;
+    None where neither names one."""
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        try:
+            eos = first_id(json.loads(gen.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            eos = None
+        if eos is not None:
+            return eos, str(gen)
+    return first_id(hf.get("eos_token_id")), str(Path(folder) / "config.json")
+
+
 def architecture_of(hf: dict, key: str) -> str:
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
@@ -59,7 +83,10 @@ def _rope(hf: dict, key: str) -> tuple[float, float | None]:
 
 
 def spec_from_hf_config(hf: dict, base: ModelSpec, key: str) -> ModelSpec:
-    """``base`` with the architecture fields taken from an HF config (name, paths, eos kept)."""
+    """``base`` with the architecture fields taken from an HF config (name, paths kept). Its
+    ``eos_token_id`` is kept when set, else config.json's (see :func:`model_eos_token_id` for
+    generation_config.json); ``max_sequence_length`` is ``max_position_embeddings``, capped by
+    base's when set."""
     arch = architecture_of(hf, key)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(key, f"hidden_act={hf['hidden_act']!r} is not supported; supported: silu")
@@ -70,6 +97,13 @@ def spec_from_hf_config(hf: dict, base: ModelSpec, key: str) -> ModelSpec:
         raise ConfigError(key, f"{arch} with attention_bias/mlp_bias is not supported")
     theta, factor = _rope(hf, key)
     heads = int(hf["num_attention_heads"])
+    context = hf.get("max_position_embeddings")
+    if context is None and base.max_sequence_length is None:
+        raise ConfigError(key, "config.json has no max_position_embeddings; set the network's "
+                          "max_sequence_length")
+    if context is not None and base.max_sequence_length is not None:
+        context = min(int(context), base.max_sequence_length)
+    eos = base.eos_token_id if base.eos_token_id is not None else first_id(hf.get("eos_token_id"))
     try:
         return dataclasses.replace(
             base,
@@ -80,8 +114,8 @@ def spec_from_hf_config(hf: dict, base: ModelSpec, key: str) -> ModelSpec:
             num_query_groups=int(hf.get("num_key_value_heads") or heads),
             kv_channels=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
             vocab_size=int(hf["vocab_size"]),
-            max_sequence_length=min(base.max_sequence_length, int(hf.get("max_position_embeddings",
-                                                                        base.max_sequence_length))),
+            max_sequence_length=int(context if context is not None else base.max_sequence_length),
+            eos_token_id=eos,
             rotary_base=theta,
             rope_scaling_factor=factor,
             qk_layernorm=arch == "Qwen3ForCausalLM",
@@ -103,15 +137,22 @@ def hf_architecture(spec: ModelSpec) -> str:
     return "Qwen2ForCausalLM" if spec.qkv_bias else "LlamaForCausalLM"
 
 
-def hf_config_from_spec(spec: ModelSpec) -> dict:
-    """A ``config.json`` that ``transformers`` loads as the same network."""
+SOURCE_KEEPS = ("max_position_embeddings", "eos_token_id", "bos_token_id", "pad_token_id")
+"""Keys of a source config.json that export writes as the source said (the spec's
+max_sequence_length may be a training cap, its eos_token_id the first of a list)."""
+
+
+def hf_config_from_spec(spec: ModelSpec, source: dict | None = None) -> dict:
+    """A ``config.json`` that ``transformers`` loads as the same network. With ``source`` (the
+    config.json the network came from): every key of it kept (``max_position_embeddings``,
+    ``pad_token_id``, ``eos_token_id`` lists, ...), the architecture written from ``spec``."""
     arch = hf_architecture(spec)
     rope = {"rope_type": "default", "rope_theta": spec.rotary_base}
     if spec.rope_scaling_factor is not None:
         rope = {"rope_type": "llama3", "rope_theta": spec.rotary_base,
                 "factor": spec.rope_scaling_factor, **_LLAMA3_FIXED}
     heads = spec.num_attention_heads
-    return {
+    config = {
         "architectures": [arch],
         "model_type": _MODEL_TYPE[arch],
         "hidden_act": "silu",
@@ -131,6 +172,10 @@ def hf_config_from_spec(spec: ModelSpec) -> dict:
         "eos_token_id": spec.eos_token_id,
         "torch_dtype": "float32",
     }
+    if source is None:
+        return config
+    architecture = {k: v for k, v in config.items() if k not in (*SOURCE_KEEPS, "torch_dtype")}
+    return {**source, **architecture}
 
 
 def tokenizer_vocab(folder: str) -> dict | None:

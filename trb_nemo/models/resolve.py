@@ -1,10 +1,13 @@
 """Pre-flight: turn each ModelSpec that points at files into a full architecture, and check it.
 
 A spec with ``checkpoint`` takes its architecture from the checkpoint's metadata file; one with
-only ``hf_path`` from the HF ``config.json``; an inline spec is used as written. Then the layout
-(TP/PP divisibility, context length, top-k) and the shared vocabulary are checked. Every failure
-is a one-line :class:`ConfigError` naming the key to change. No torch import: this runs before
-any rank starts.
+only ``hf_path`` from the HF ``config.json``; an inline spec is used as written. A stop id or
+context left None comes from the same files: ``eos_token_id`` from generation_config.json, else
+config.json (or what the checkpoint recorded), ``max_sequence_length`` from
+``max_position_embeddings``; an explicit stop id is then checked against the resolved
+vocabulary. Then the layout (TP/PP divisibility, context length, top-k) and the shared
+vocabulary are checked. Every failure is a one-line :class:`ConfigError` naming the key to
+change. No torch import: this runs before any rank starts.
 """
 
 from __future__ import annotations
@@ -13,8 +16,19 @@ import dataclasses
 import json
 from pathlib import Path
 
-from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig, check_same_vocab
-from trb_nemo.models.hf_config import read_config_json, spec_from_hf_config, tokenizer_vocab
+from trb_nemo.config.schema import (
+    ConfigError,
+    ModelSpec,
+    TrainConfig,
+    check_eos,
+    check_same_vocab,
+)
+from trb_nemo.models.hf_config import (
+    model_eos_token_id,
+    read_config_json,
+    spec_from_hf_config,
+    tokenizer_vocab,
+)
 
 MODEL_META = "trb_nemo_model.json"
 """Written into every Megatron checkpoint folder we save: the network's ModelSpec fields and,
@@ -29,7 +43,8 @@ def read_model_meta(folder: str, key: str) -> dict:
     meta = path / MODEL_META
     if not meta.is_file():
         hint = ""
-        steps = sorted(p.name for p in path.glob("step_*") if (p / MODEL_META).is_file())
+        steps = sorted(p.name for p in path.glob("step_*")  # not .tmp / .damaged ones
+                       if p.name[5:].isdigit() and (p / MODEL_META).is_file())
         if steps:
             hint = f" (it holds training checkpoints: use {folder}/{steps[-1]})"
         raise ConfigError(key, f"{folder!r} is not a complete trb-nemo checkpoint: no {MODEL_META}"
@@ -38,34 +53,63 @@ def read_model_meta(folder: str, key: str) -> dict:
 
 
 def spec_from_meta(meta: dict, base: ModelSpec) -> ModelSpec:
-    """``base`` with the architecture recorded in a checkpoint (name, paths and eos kept)."""
-    keep = {"name", "hf_path", "checkpoint", "eos_token_id", "max_sequence_length"}
+    """``base`` with the architecture recorded in a checkpoint (name and paths kept; the stop
+    id and context kept where base sets them, else the recorded ones)."""
+    keep = {"name", "hf_path", "checkpoint"}
+    keep |= {k for k in ("eos_token_id", "max_sequence_length") if getattr(base, k) is not None}
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     arch = {k: v for k, v in meta["spec"].items() if k in fields and k not in keep}
     return dataclasses.replace(base, **arch)
 
 
 def resolve_spec(spec: ModelSpec, key: str) -> ModelSpec:
-    """The full architecture of one network (see the module docstring)."""
+    """The full architecture of one network, stop id and context included (see the module
+    docstring)."""
     hf = read_config_json(spec.hf_path, f"{key}.hf_path") if spec.hf_path is not None else None
     if spec.checkpoint is not None:
-        return spec_from_meta(read_model_meta(spec.checkpoint, f"{key}.checkpoint"), spec)
-    if hf is not None:
-        return spec_from_hf_config(hf, spec, f"{key}.hf_path")
+        spec = spec_from_meta(read_model_meta(spec.checkpoint, f"{key}.checkpoint"), spec)
+        where = spec.checkpoint
+    elif hf is not None:
+        where = spec.hf_path
+        if spec.eos_token_id is None:
+            spec = dataclasses.replace(spec, eos_token_id=model_eos_token_id(spec.hf_path, hf)[0])
+        spec = spec_from_hf_config(hf, spec, f"{key}.hf_path")
+    else:
+        return spec  # inline: checked at construction
+    if spec.eos_token_id is None:
+        raise ConfigError(f"{key}.eos_token_id", f"not set, and {where!r} names no eos_token_id "
+                          "(generation_config.json, config.json); set it to the model's stop id")
+    check_eos(spec.eos_token_id, spec.vocab_size, f"{key}.eos_token_id", f" of {where}")
     return spec
 
 
-def resolve_models(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with resolved student and teacher specs, checked against the run's layout."""
-    student = resolve_spec(cfg.model.student, "model.student")
-    teacher = cfg.model.teacher and resolve_spec(cfg.model.teacher, "model.teacher")
-    for role, spec in (("student", student), ("teacher", teacher)):
-        if spec is not None:
-            cfg.check_model_fits(role, spec)
-    if teacher is not None:
+def resolve_models(cfg: TrainConfig, absent: list[str] | None = None) -> TrainConfig:
+    """``cfg`` with resolved student and teacher specs, checked against the run's layout.
+
+    With an ``absent`` list (``trb-nemo train --cfg job``): a network whose folder is not on
+    this machine is kept as configured, a line saying so appended to ``absent``, and the
+    cross-network checks that need it are skipped; files that are here must resolve."""
+    specs = {"student": cfg.model.student, "teacher": cfg.model.teacher}
+    resolved = {}
+    for role, spec in specs.items():
+        if spec is None:
+            resolved[role] = None
+            continue
+        missing = [f"{name}={path}" for name, path in (("hf_path", spec.hf_path),
+                                                       ("checkpoint", spec.checkpoint))
+                   if path is not None and not Path(path).exists()]
+        if absent is not None and missing:
+            absent.append(f"model.{role}: {', '.join(missing)} is not on this machine; shown as "
+                          "configured, not resolved")
+            continue
+        resolved[role] = resolve_spec(spec, f"model.{role}")
+        cfg.check_model_fits(role, resolved[role])
+    student, teacher = resolved.get("student"), resolved.get("teacher")
+    if student is not None and teacher is not None:
         check_same_vocab(student, teacher)
         check_same_tokenizer(student, teacher)
-    model = dataclasses.replace(cfg.model, student=student, teacher=teacher)
+    model = dataclasses.replace(cfg.model, **{role: resolved.get(role, specs[role])
+                                              for role in specs})
     return dataclasses.replace(cfg, model=model)
 
 

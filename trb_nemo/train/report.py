@@ -1,13 +1,95 @@
-"""End-of-run report: ``report.md`` (pass@1 before/after, best, the schedule, what TRB did)
-and ``report.png`` (pass@1 vs step with the warmup shaded, eps_k, mean beta, teacher-token
-share, realized KL). Built from ``metrics.jsonl`` alone, on global rank 0."""
+"""End-of-run report: ``report.md`` (pass@1 before/after, best, on what it was evaluated, what
+the behavior did, config changes on resume) and ``report.png`` (pass@1 vs step with the warmup
+shaded, the behavior's own curves, the loss and the rollout reward). Built from
+``metrics.jsonl`` (and ``config_changes.jsonl`` when a resume changed the config), on global
+rank 0.
+
+What each behavior does is shown by its own metrics (BEHAVIOR_CURVES): TRB and fixed-eps
+blending by eps, mean beta and the realized KL; SKD by its teacher-token (injection) share;
+the temperature warmup by the sampling temperature; vanilla OPD by the loss and reward alone.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trb_nemo.config.schema import TrainConfig
+from trb_nemo.data.prompts import evaluated_problems
 from trb_nemo.train.metrics_log import read_jsonl
+
+_BLEND = (("rollout/eps", "eps_k"), ("rollout/beta_mean", "mean beta"),
+          ("rollout/kl_mean", "realized KL"))
+BEHAVIOR_CURVES = {
+    "trb": _BLEND,
+    "fixed": _BLEND,
+    "skd": (("rollout/teacher_token_share", "teacher-token share (SKD injections)"),),
+    "temperature": (("rollout/temperature", "sampling temperature"),),
+    "student": (),
+}
+"""rollout.behavior -> the (metric, label) pairs that show what it does."""
+COMMON_CURVES = (("train/loss", "reverse-KL loss"), ("rollout/reward", "rollout reward"))
+CONFIG_CHANGES = "config_changes.jsonl"
+"""Written into the run folder when a resume changed the config: one JSON object per line with
+``step`` and ``differences`` (``key: old -> new`` strings) or ``changes`` (key -> [old, new])."""
+
+
+def curves(behavior: str) -> tuple[tuple[str, str], ...]:
+    """The (metric, label) pairs of the report for ``behavior``, pass@1 first."""
+    return (("eval/pass@1", "pass@1"), *BEHAVIOR_CURVES.get(behavior, ()), *COMMON_CURVES)
+
+
+def _warmup(cfg: TrainConfig) -> tuple[int, str]:
+    """(steps, name) of the behavior's warmup phase; (0, "") when it has none."""
+    if cfg.rollout.behavior == "trb":
+        return cfg.trb.warmup_steps, "TRB warmup"
+    if cfg.rollout.behavior == "temperature":
+        return cfg.rollout.temperature_warmup_steps, "temperature warmup"
+    return 0, ""
+
+
+def _behavior_line(cfg: TrainConfig) -> str:
+    r, t = cfg.rollout, cfg.trb
+    return {
+        "trb": f"Behavior `trb`: eps0 = {t.eps0}, schedule `{t.schedule}`, warmup K = "
+               f"{t.warmup_steps} steps",
+        "fixed": f"Behavior `fixed`: eps = {r.fixed_eps} at every step",
+        "skd": f"Behavior `skd`: student tokens outside the teacher's top-{r.skd_topk} replaced "
+               f"by teacher samples at temperature {r.skd_teacher_temperature}",
+        "temperature": f"Behavior `temperature`: student temperature {r.temperature_start} -> "
+                       f"{r.temperature} over {r.temperature_warmup_steps} steps",
+        "student": "Behavior `student`: vanilla on-policy distillation on student rollouts",
+    }.get(r.behavior, f"Behavior `{r.behavior}`")
+
+
+def _evaluated(cfg: TrainConfig) -> tuple[str, list[str]]:
+    """(the pass@1 header's description of the evaluation set, notes under the table)."""
+    e, n = cfg.eval, evaluated_problems(cfg)
+    if n is None:
+        return f"at most {e.num_problems} held-out problems x {e.num_samples} samples", []
+    what = f"{n} held-out problems x {e.num_samples} samples = {n * e.num_samples} per evaluation"
+    if n < e.num_problems:
+        return what, [f"pass@1 is over the {n} problems `{cfg.data.source}` holds out (its first "
+                      f"tenth), fewer than eval.num_problems = {e.num_problems}.", ""]
+    return what, []
+
+
+def config_changes(run_dir: Path) -> list[str]:
+    """``step N: a: x -> y; b: ...`` per line of ``config_changes.jsonl`` (unreadable lines
+    skipped); [] without the file."""
+    path = run_dir / CONFIG_CHANGES
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            diffs = row.get("differences") or [f"{k}: {old} -> {new}" for k, (old, new)
+                                               in row.get("changes", {}).items()]
+            out.append(f"step {row['step']}: {'; '.join(map(str, diffs))}")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return out
 
 
 def _series(rows, key):
@@ -19,43 +101,47 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
     """Write report.md and report.png; returns the headline numbers."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
     steps, passes = _series(rows, "eval/pass@1")
-    warmup = cfg.trb.warmup_steps if cfg.rollout.behavior == "trb" else 0
+    warmup, phase = _warmup(cfg)
     summary = {"pass@1_before": passes[0] if passes else None,
                "pass@1_after": passes[-1] if passes else None,
                "pass@1_best": max(passes) if passes else None,
                "best_step": steps[passes.index(max(passes))] if passes else None,
                "steps": max((r["step"] for r in rows), default=0)}
-    plotted = _plot(run_dir / "report.png", rows, warmup)
+    shown = curves(cfg.rollout.behavior)
+    plotted = _plot(run_dir / "report.png", rows, warmup, shown, phase)
     train_rows = [r for r in rows if "train/loss" in r]
 
     def mean(key, sel):
         vals = [r[key] for r in sel if key in r]
         return sum(vals) / len(vals) if vals else float("nan")
 
-    in_warmup = [r for r in train_rows if r["step"] < warmup]
-    after = [r for r in train_rows if r["step"] >= warmup]
+    evaluated, notes = _evaluated(cfg)
+    columns = [c for c in shown if c[0] != "eval/pass@1" and c[0] != "rollout/eps"]
     lines = [
         f"# trb-nemo run `{cfg.logging.run_name}`", "",
-        f"Behavior `{cfg.rollout.behavior}`, eps0 = {cfg.trb.eps0}, schedule `{cfg.trb.schedule}`, "
-        f"warmup K = {cfg.trb.warmup_steps} steps, loss `{cfg.loss.kind}`"
+        f"{_behavior_line(cfg)}; loss `{cfg.loss.kind}`"
         f"{f' (k = {cfg.loss.topk})' if cfg.loss.kind == 'topk' else ''}, "
         f"TP = {cfg.parallel.tensor_model_parallel_size}, PP = {cfg.parallel.pipeline_model_parallel_size}.",
-        "", f"| pass@1 (temperature {cfg.eval.temperature:.1f}, {cfg.eval.num_problems} problems "
-        f"x {cfg.eval.num_samples} samples) | value |",
+        "", f"| pass@1 (temperature {cfg.eval.temperature:.1f}, {evaluated}) | value |",
         "|---|---|",
         f"| before training (step 0) | {_fmt(summary['pass@1_before'])} |",
         f"| after training (step {steps[-1] if steps else '-'}) | {_fmt(summary['pass@1_after'])} |",
-        f"| best (step {summary['best_step']}) | {_fmt(summary['pass@1_best'])} |", "",
-        "| during | mean beta | realized KL | teacher-token share | reverse-KL loss | teacher scoring passes |",
-        "|---|---|---|---|---|---|",
+        f"| best (step {summary['best_step']}) | {_fmt(summary['pass@1_best'])} |", "", *notes,
+        "| during | " + " | ".join(label for _, label in columns) + " | teacher scoring passes |",
+        "|---|" + "---|" * (len(columns) + 1),
     ]
-    for name, sel in (("TRB warmup", in_warmup), ("after warmup", after)):
+    phases = ((phase, [r for r in train_rows if r["step"] < warmup]),
+              ("after warmup" if warmup else "training",
+               [r for r in train_rows if r["step"] >= warmup]))
+    for name, sel in phases:
         if sel:
             lines.append(f"| {name} (steps {sel[0]['step']}-{sel[-1]['step']}) | "
-                         f"{_fmt(mean('rollout/beta_mean', sel))} | {_fmt(mean('rollout/kl_mean', sel))} | "
-                         f"{_fmt(mean('rollout/teacher_token_share', sel))} | "
-                         f"{_fmt(mean('train/loss', sel))} | "
-                         f"{sum(r.get('scoring/teacher_passes', 0) for r in sel)} |")
+                         + " | ".join(_fmt(mean(key, sel)) for key, _ in columns)
+                         + f" | {sum(r.get('scoring/teacher_passes', 0) for r in sel)} |")
+    changes = config_changes(run_dir)
+    if changes:
+        lines += ["", "## Config changes", "", "Resumed with a changed config:", "",
+                  *(f"- {c}" for c in changes)]
     lines += ["", "![curves](report.png)" if plotted else
               "(no report.png: matplotlib is not installed)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
@@ -66,9 +152,10 @@ def _fmt(x) -> str:
     return "-" if x is None or x != x else f"{x:.3f}"
 
 
-def _plot(path: Path, rows, warmup: int) -> bool:
-    """Draw the curves into ``path``; False (nothing drawn) where matplotlib is missing, as in
-    a bare GPU image: the run's numbers are in report.md and metrics.jsonl anyway."""
+def _plot(path: Path, rows, warmup: int, panels, phase: str = "TRB warmup") -> bool:
+    """Draw ``panels`` ((metric, label) pairs) into ``path``; False (nothing drawn) where
+    matplotlib is missing, as in a bare GPU image: the run's numbers are in report.md and
+    metrics.jsonl anyway."""
     try:
         import matplotlib
     except ImportError:
@@ -77,8 +164,6 @@ def _plot(path: Path, rows, warmup: int) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("eval/pass@1", "pass@1"), ("rollout/eps", "eps_k"), ("rollout/beta_mean", "mean beta"),
-              ("rollout/teacher_token_share", "teacher-token share"), ("rollout/kl_mean", "realized KL")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.0 * len(panels)), sharex=True)
     for ax, (key, label) in zip(axes, panels, strict=True):
         xs, ys = _series(rows, key)
@@ -87,7 +172,7 @@ def _plot(path: Path, rows, warmup: int) -> bool:
             ax.axvspan(0, warmup, color="tab:orange", alpha=0.15, lw=0)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_title("TRB warmup shaded" if warmup > 0 else "no warmup")
+    axes[0].set_title(f"{phase} shaded" if warmup > 0 else "no warmup")
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

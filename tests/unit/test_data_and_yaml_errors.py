@@ -1,0 +1,218 @@
+"""Issue 14, items 9-11: a prompt file without answers, a file that is one JSON array and a
+student folder without a tokenizer stop `trb-nemo train` with one line before any rank starts;
+a warmup longer than the run warns in one line; a wrong type or a syntax error in a user's own
+YAML (``--config-dir``/``--config-name`` or a group file) is one line with the file and line;
+the report says what was evaluated, shows what the behavior did, and lists config changes.
+
+Run: .venv/bin/python -m pytest tests/unit/test_data_and_yaml_errors.py
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trb_nemo.cli import EXIT_CONFIG_ERROR, main
+from trb_nemo.config.compose import default_config_dir, load_config
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny Qwen3 HF folder (``transformers``) with a word-level tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("hf")
+    transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=8, max_position_embeddings=256, eos_token_id=1,
+                             architectures=["Qwen3ForCausalLM"]).save_pretrained(folder)
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("what is one two three plus".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    return str(folder)
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Fail the test if a rank would start (errors must come before)."""
+    import trb_nemo.train.entry as entry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank started")
+
+    monkeypatch.setattr(entry, "run_local_ranks", refuse)
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("trb-nemo: config error: "), err
+    return err[0].removeprefix("trb-nemo: config error: ")
+
+
+def train_on(capsys, hf, data, *extra) -> str:
+    """The README's form on the default preset: the folders from the command line."""
+    return one_line_error(capsys, ["train", f"model.student.hf_path={hf}",
+                                   f"model.teacher.hf_path={hf}", f"data.source={data}", *extra])
+
+
+# ------------------------------------------------------------------------------------- item 9
+
+
+def test_prompt_file_without_answers(capsys, tmp_path, student, no_ranks):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one plus two", "answer": "3"}\n'
+                                      '{"prompt": "two plus two", "solution": "4"}\n')
+    line = train_on(capsys, student, tmp_path / "p.jsonl")
+    assert line.startswith("data.answer_key: ") and "p.jsonl:2: no field 'answer'" in line
+    assert "'solution'" in line  # what the line has instead
+
+
+def test_prompt_file_that_is_one_json_array(capsys, tmp_path, student, no_ranks):
+    rows = [{"prompt": "one plus two", "answer": "3"}, {"prompt": "two plus one", "answer": "3"}]
+    for name, text in (("one_line.json", json.dumps(rows)),
+                       ("pretty.json", json.dumps(rows, indent=2))):
+        (tmp_path / name).write_text(text)
+        line = train_on(capsys, student, tmp_path / name)
+        assert line.startswith("data.source: ") and "is one JSON array, not JSONL" in line
+
+
+def test_student_folder_without_a_tokenizer(capsys, tmp_path, student, no_ranks):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(Path(student) / "config.json", bare / "config.json")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "one plus two", "answer": "3"}\n')
+    line = one_line_error(capsys, ["train", f"model.student.hf_path={bare}",
+                                   f"model.teacher.hf_path={bare}",
+                                   f"data.source={tmp_path / 'p.jsonl'}"])
+    assert line.startswith("model.student.hf_path: ") and "has no tokenizer" in line
+
+
+# ------------------------------------------------------------------------------------ item 10
+
+
+def test_warmup_longer_than_the_run_warns_in_one_line(capsys):
+    load_config(["trb.warmup_steps=150"])
+    out = capsys.readouterr()
+    warned = [line for line in out.out.splitlines() if "warning" in line]
+    assert warned == ["trb-nemo: warning: trb.warmup_steps=150 > optim.max_steps=100: the TRB "
+                      "warmup never finishes (eps_k never reaches 0, so the run never gets to "
+                      "pure on-policy distillation); lower trb.warmup_steps or raise "
+                      "optim.max_steps"]
+    assert out.err == ""
+    assert main(["train", "--cfg", "job", "trb.warmup_steps=150"]) == 0  # a YAML comment there
+    assert "# trb-nemo: warning: trb.warmup_steps=150" in capsys.readouterr().out
+    for quiet in (["trb.warmup_steps=100"], ["trb.warmup_steps=150", "rollout.behavior=student"],
+                  ["trb.warmup_steps=150", "trb.schedule=constant"]):
+        load_config(quiet)
+        assert "warning" not in capsys.readouterr().out, quiet
+
+
+@pytest.fixture
+def user_conf(tmp_path):
+    """A user's own config folder: a copy of conf/ under another top-level name."""
+    conf = tmp_path / "myconf"
+    shutil.copytree(default_config_dir(), conf)
+    (conf / "train.yaml").rename(conf / "mine.yaml")
+    return conf
+
+
+def _line_of(file: Path, text: str) -> int:
+    return next(i for i, line in enumerate(file.read_text().splitlines(), 1) if text in line)
+
+
+def test_type_error_in_a_user_yaml_names_key_value_file_and_line(capsys, user_conf):
+    top = user_conf / "mine.yaml"
+    top.write_text(top.read_text().replace("eps0: 0.02", "eps0: abc"))
+    line = one_line_error(capsys, ["train", "--config-dir", str(user_conf), "--config-name",
+                                   "mine"])
+    assert line == (f"trb.eps0: Value 'abc' could not be converted to Float "
+                    f"({top}:{_line_of(top, 'eps0: abc')})")
+    group = user_conf / "model" / "tiny.yaml"
+    group.write_text("student:\n  name: s\n  num_layers: two\n")
+    line = one_line_error(capsys, ["train", "--config-dir", str(user_conf), "--config-name",
+                                   "mine", "model=tiny", "trb.eps0=0.1"])
+    assert line == ("model.student.num_layers: Value 'two' could not be converted to Integer "
+                    f"({group}:3)")
+
+
+def test_yaml_syntax_error_is_one_line_with_file_and_line(capsys, user_conf):
+    top = user_conf / "mine.yaml"
+    good = top.read_text()
+    top.write_text(good.replace("warmup_steps: 50", "warmup_steps: [50"))
+    line = one_line_error(capsys, ["train", "--config-dir", str(user_conf), "--config-name",
+                                   "mine"])
+    assert line.startswith(f"{top}:{_line_of(top, 'schedule: linear')}: YAML syntax error "), line
+    assert "while parsing a flow sequence" in line
+    top.write_text(good)
+    group = user_conf / "parallel" / "tabs.yaml"
+    group.write_text("tensor_model_parallel_size: 1\n\tbackend: gloo\n")
+    line = one_line_error(capsys, ["train", "--config-dir", str(user_conf), "--config-name",
+                                   "mine", "parallel=tabs"])
+    assert line.startswith(f"{group}:2: YAML syntax error ") and "'\\t'" in line
+
+
+# ------------------------------------------------------------------------------------ item 11
+
+
+def _metrics(run_dir: Path, steps=60, warmup=50):
+    rows = [{"step": 0, "eval/pass@1": 0.1}]
+    for k in range(steps):
+        rows.append({"step": k, "train/loss": 1.0 - k / 100, "rollout/reward": k / 100,
+                     "rollout/eps": max(0.0, 0.02 * (1 - k / warmup)),
+                     "rollout/beta_mean": 0.5 if k < warmup else 0.0,
+                     "rollout/kl_mean": 0.01 if k < warmup else 0.0,
+                     "rollout/teacher_token_share": 0.0, "rollout/temperature": 1.0,
+                     "scoring/teacher_passes": 0})
+    rows.append({"step": steps, "eval/pass@1": 0.4})
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_says_what_was_evaluated_and_what_trb_did(tmp_path):
+    from trb_nemo.train.report import curves, write_report
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n"
+                               for i in range(40)))
+    cfg = load_config([f"data.source={prompts}", "optim.max_steps=60"])
+    run = tmp_path / "run"
+    _metrics(run)
+    (run / "config_changes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 30, "differences": ["optim.lr: 0.001 -> 0.0005", "eval.interval: 20 -> 10"]},
+        {"step": 40, "checkpoint": "step_0000040", "changes": {"optim.max_steps": [40, 60]}})))
+    summary = write_report(run, cfg)
+    md = (run / "report.md").read_text()
+    assert "4 held-out problems x 4 samples = 16 per evaluation" in md
+    assert "64 problems" not in md and "fewer than eval.num_problems = 64" in md
+    header = next(line for line in md.splitlines() if line.startswith("| during"))
+    assert "mean beta" in header and "realized KL" in header
+    assert "reverse-KL loss" in header and "rollout reward" in header
+    assert "teacher-token share" not in md
+    assert "| TRB warmup (steps 0-49) | 0.500 | 0.010 |" in md
+    assert "## Config changes" in md
+    assert "- step 30: optim.lr: 0.001 -> 0.0005; eval.interval: 20 -> 10" in md
+    assert "- step 40: optim.max_steps: 40 -> 60" in md
+    assert summary["pass@1_after"] == 0.4
+    labels = [label for _, label in curves("trb")]
+    assert labels == ["pass@1", "eps_k", "mean beta", "realized KL", "reverse-KL loss",
+                      "rollout reward"]
+    assert "teacher-token share (SKD injections)" in [label for _, label in curves("skd")]
+    assert [k for k, _ in curves("student")] == ["eval/pass@1", "train/loss", "rollout/reward"]
+
+
+def test_report_of_another_behavior_on_the_toy_task(tmp_path):
+    from trb_nemo.train.report import write_report
+
+    run = tmp_path / "run"
+    _metrics(run, steps=10, warmup=1)
+    write_report(run, load_config(["rollout.behavior=skd", "optim.max_steps=10"]))
+    md = (run / "report.md").read_text()
+    assert "64 held-out problems x 4 samples" in md
+    assert "teacher-token share (SKD injections)" in md and "mean beta" not in md
+    assert "| training (steps 0-9) |" in md and "Config changes" not in md
