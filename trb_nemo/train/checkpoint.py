@@ -11,32 +11,61 @@ functions of the step, so the step is their position.
 Resuming on the same layout reproduces an uninterrupted run bit for bit on CPU. Weights load on
 any TP/PP layout; RNG states need the same world size (otherwise they are re-seeded from the
 step, and the caller is told).
+
+Which folder a run resumes from: :func:`choose_resume` walks the complete checkpoints newest
+first and takes the first that :func:`~trb_nemo.models.megatron_io.verify_checkpoint` finds
+intact, with one warning line per damaged folder skipped; it runs in the pre-flight, before any
+rank starts, which hands its choice to the ranks (:data:`RESUME_ENV`); rank 0 then broadcasts
+the folder, so every rank loads the same one (:func:`agreed_resume_folder`). Damaged folders are
+never deleted: the run moves them aside as ``step_<N>.damaged`` before it can save over them.
+Each checkpoint also holds the run's composed ``config.yaml``, which the pre-flight compares
+with the resuming run's settings.
+
+Megatron is imported inside the functions that need it: the pre-flight uses this module before
+any rank starts, in a process that never builds a model.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from megatron.core import dist_checkpointing, tensor_parallel
 
-from trb_nemo.config.schema import ModelSpec
+from trb_nemo.config.schema import ConfigError, ModelSpec
 from trb_nemo.models.megatron_io import (
     load_model,
     model_meta,
     rank_state_path,
     save_checkpoint,
+    verify_checkpoint,
 )
 from trb_nemo.models.resolve import MODEL_META, read_model_meta
 from trb_nemo.parallel import comm
-from trb_nemo.parallel.groups import ParallelGroups
-from trb_nemo.train.optimizer import StudentTraining
+
+if TYPE_CHECKING:
+    from trb_nemo.parallel.groups import ParallelGroups
+    from trb_nemo.train.optimizer import StudentTraining
 
 _STEP = re.compile(r"step_(\d{7})")
+CONFIG_FILE = "config.yaml"
+"""The composed config of the run, saved into every training checkpoint (:func:`portable_yaml`)."""
+
+
+def portable_yaml(text: str) -> str:
+    """``text`` with the project checkout's path written ``${project_root:}``, as conf/ writes
+    it: a checkpoint does not record where the checkout was, and a config does not compare
+    unequal to it only because the checkout moved."""
+    from trb_nemo.config.compose import project_root
+
+    return text.replace(f"{project_root()}/", "${project_root:}/")
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -58,11 +87,118 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint, unverified (see :func:`choose_resume`)."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
 
+def choose_resume(root: str | Path, checksums: bool = True,
+                  warn: Callable[[str], None] | None = print) -> Path | None:
+    """The newest complete checkpoint under ``root`` that is intact, or None when there is none
+    at all. Each damaged folder skipped costs one ``warn`` line; when every complete checkpoint
+    is damaged: ConfigError(checkpoint.dir), since starting over silently would throw the run
+    away. A folder without a manifest (saved by an older trb-nemo) is trusted after the cheap
+    structural checks: there is nothing to verify it against."""
+    found = complete_checkpoints(root)
+    damaged = []
+    for _, folder in reversed(found):
+        reason = verify_checkpoint(folder, checksums=checksums)
+        if reason is None:
+            for bad, why in damaged:
+                if warn is not None:
+                    warn(f"trb-nemo: checkpoint {bad} is damaged ({why}); resuming from "
+                         f"{folder.name} (the damaged folder is kept as {bad.name}{DAMAGED})")
+            return folder
+        damaged.append((folder, reason))
+    if damaged:
+        listed = "; ".join(f"{f.name}: {why}" for f, why in damaged)
+        raise ConfigError("checkpoint.dir", f"every checkpoint in {root} is damaged ({listed}); "
+                          "nothing was deleted. Set checkpoint.resume=false to start over, or "
+                          "checkpoint.dir to a folder with an intact checkpoint")
+    return None
+
+
+DAMAGED = ".damaged"
+"""Suffix of a damaged checkpoint moved aside (kept for the user, never loaded)."""
+
+RESUME_ENV = "TRB_NEMO_RESUME"
+"""The pre-flight's choice, ``{"dir": ..., "folder": name or null}`` as JSON: the local ranks
+inherit it from the process that started them; under torchrun/srun each rank ran the pre-flight
+itself. Only global rank 0's counts (:func:`agreed_resume_folder`)."""
+
+
+def record_resume_choice(root: str | Path, folder: Path | None) -> None:
+    os.environ[RESUME_ENV] = json.dumps({"dir": str(Path(root).resolve()),
+                                         "folder": folder.name if folder else None})
+
+
+def recorded_resume_choice(root: str | Path) -> tuple[bool, Path | None]:
+    """(found, folder): the pre-flight's choice for ``root``, if this process tree has one."""
+    try:
+        rec = json.loads(os.environ.get(RESUME_ENV, ""))
+        if rec["dir"] != str(Path(root).resolve()):
+            return False, None
+        return True, (Path(root) / rec["folder"] if rec["folder"] else None)
+    except (ValueError, KeyError, TypeError):
+        return False, None
+
+
+def remove_unfinished_saves(root: str | Path) -> list[str]:
+    """Delete ``step_*.tmp`` folders (saves a crash interrupted: never loadable). Call on one
+    rank, while no other run can write into ``root``. Returns their names."""
+    root = Path(root)
+    gone = []
+    if root.is_dir():
+        for p in sorted(root.glob("step_*.tmp")):
+            if _STEP.fullmatch(p.name[: -len(".tmp")]) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
+
+
+def move_aside_newer(root: str | Path, resume_from: Path) -> list[str]:
+    """Rename the complete checkpoints newer than ``resume_from`` (all damaged: the choice takes
+    the newest intact one) to ``<name>.damaged``, so the run's own saves never replace them and
+    they no longer count as checkpoints. Returns the new names."""
+    step = int(_STEP.fullmatch(resume_from.name).group(1))
+    moved = []
+    for s, folder in complete_checkpoints(root):
+        if s > step:
+            target = folder.with_name(folder.name + DAMAGED)
+            n = 1
+            while target.exists():
+                n += 1
+                target = folder.with_name(f"{folder.name}{DAMAGED}-{n}")
+            os.replace(folder, target)
+            moved.append(target.name)
+    return moved
+
+
+def agreed_resume_folder(root: str | Path, resume: bool) -> Path | None:
+    """Collective: the checkpoint every rank resumes from (None: start at step 0).
+
+    Global rank 0 removes unfinished saves, takes the pre-flight's choice (or makes it here,
+    verifying checksums, when the trainer runs without the pre-flight), moves damaged newer
+    folders aside, and broadcasts the step."""
+    step = -1
+    if comm.world_rank() == 0:
+        for name in remove_unfinished_saves(root):
+            print(f"trb-nemo: removed {name} in {root}, a save interrupted by a crash", flush=True)
+        folder = None
+        if resume:
+            known, folder = recorded_resume_choice(root)
+            if not known or (folder is not None and not (folder / MODEL_META).is_file()):
+                folder = choose_resume(root)
+        if folder is not None:
+            move_aside_newer(root, folder)
+            step = int(_STEP.fullmatch(folder.name).group(1))
+    step = int(comm.broadcast(torch.tensor([step], dtype=torch.int64), src=0).item())
+    return None if step < 0 else step_folder(root, step)
+
+
 def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -71,6 +207,8 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -138,13 +276,15 @@ class Resumed:
 
 def save_training(root: str | Path, step: int, training: StudentTraining, spec: ModelSpec,
                   progress: dict, keep_last: int, pg: ParallelGroups,
-                  hf_config: dict | None = None) -> Path:
-    """Collective: checkpoint after ``step`` completed steps; then keep the newest ``keep_last``."""
+                  hf_config: dict | None = None, config_yaml: str | None = None) -> Path:
+    """Collective: checkpoint after ``step`` completed steps; then keep the newest ``keep_last``.
+    ``config_yaml``: the run's composed config, saved as ``config.yaml`` in the folder."""
     folder = save_checkpoint(
         step_folder(root, step), _sharded(training, is_loading=False),
         model_meta(spec, hf_config, step=step, world_size=comm.world_size(),
                    layout=_layout(training, pg)),
         rank_state={"rng": _rng_state(), "progress": progress, "step": step},
+        extra_files={CONFIG_FILE: portable_yaml(config_yaml)} if config_yaml is not None else None,
     )
     if comm.world_rank() == 0:
         for _, old in complete_checkpoints(root)[:-keep_last]:
@@ -157,6 +297,8 @@ def save_training(root: str | Path, step: int, training: StudentTraining, spec: 
 def load_training(folder: str | Path, training: StudentTraining, pg: ParallelGroups) -> Resumed:
     """Restore weights, optimizer and RNG (collective; see the module docstring for what a
     layout change keeps). The optimizer's ``dp_reshardable`` format reshards only over DP."""
+    from megatron.core import dist_checkpointing
+
     meta = read_model_meta(str(folder), "checkpoint.dir")
     saved, now = meta.get("layout", {}), _layout(training, pg)
     same_model_layout = all(saved.get(k) == now[k] for k in ("tp", "pp", "distributed_optimizer"))
@@ -169,7 +311,9 @@ def load_training(folder: str | Path, training: StudentTraining, pg: ParallelGro
         load_model(folder, training.model.module)
         training.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
     own = rank_state_path(folder, comm.world_rank())
-    if meta.get("world_size") == comm.world_size() and own.is_file():
+    if meta.get("world_size") == comm.world_size():
+        if not own.is_file():  # choose_resume skips such a folder; it vanished since
+            raise FileNotFoundError(f"{own} is missing: checkpoint {folder} is damaged")
         rank_state = torch.load(own, weights_only=False)
         _set_rng_state(rank_state["rng"])
         return Resumed(meta["step"], rank_state["progress"], True, same_model_layout)

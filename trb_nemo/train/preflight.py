@@ -2,19 +2,33 @@
 
 The config schema checks values; this checks that what the values point at exists and can
 run here. Each failure is a ConfigError naming the key to change.
+
+Last, the run's folders: the run folder and ``checkpoint.dir`` are created and must take a file;
+then the checkpoint to resume from is chosen (the newest intact one, see
+:func:`trb_nemo.train.checkpoint.choose_resume`) and the settings that define the run are
+compared with the config saved in it (:func:`check_config_change`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.data.prompts import build_source
-from trb_nemo.models.resolve import resolve_models
+from trb_nemo.logs import global_rank
+from trb_nemo.models.megatron_io import verify_checkpoint
+from trb_nemo.models.resolve import MODEL_META, resolve_models
 from trb_nemo.parallel.env import external_world_size, launched_externally
+from trb_nemo.train.run_dir import run_dir_of
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
@@ -34,9 +48,184 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
                               "norms (GPU); set parallel.sequence_parallel=false on CPU")
     _check_batch_layout(cfg)
     cfg = resolve_models(cfg)
+    _check_model_checkpoints(cfg)
     check_local_attention(cfg)
     build_source(cfg)  # reads and checks every prompt
+    check_run_folders(cfg)
+    plan_resume(cfg)
     return cfg
+
+
+def _check_model_checkpoints(cfg: TrainConfig) -> None:
+    """A ``model.<role>.checkpoint`` with a manifest must have every file at its size (cheap: no
+    checksums, a teacher is read at every start); one without (older saves, the shipped toy
+    models) is used as it is."""
+    for role in ("student", "teacher"):
+        spec = getattr(cfg.model, role)
+        if spec is not None and spec.checkpoint is not None:
+            reason = verify_checkpoint(spec.checkpoint, checksums=False)
+            if reason is not None:
+                raise ConfigError(f"model.{role}.checkpoint", f"{spec.checkpoint!r} is damaged: "
+                                  f"{reason}")
+
+
+# --------------------------------------------------------------------------- the run's folders
+
+
+def checkpoint_dir_of(cfg: TrainConfig) -> Path:
+    """``checkpoint.dir``, or ``<run folder>/checkpoints`` when unset."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir_of(cfg) / "checkpoints"
+
+
+def check_run_folders(cfg: TrainConfig) -> None:
+    """Create the run folder and the checkpoint folder and write a file into each, so a folder
+    that cannot take the outputs stops the run now, not at its first save."""
+    _writable_folder(run_dir_of(cfg), "logging.output_dir")
+    _writable_folder(checkpoint_dir_of(cfg),
+                     "checkpoint.dir" if cfg.checkpoint.dir else "logging.output_dir")
+
+
+def _writable_folder(folder: Path, key: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".trb-nemo-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        why = (f"{str(blocker)!r} is a file, not a folder" if blocker is not None
+               and not blocker.is_dir() else e.strerror or type(e).__name__)
+        raise ConfigError(key, f"cannot write into {str(folder)!r}: {why}; choose a folder this "
+                          "job can write") from None
+
+
+def plan_resume(cfg: TrainConfig) -> Path | None:
+    """Choose the checkpoint to resume from and check its config; hand the choice to the ranks.
+
+    Global rank 0 verifies checksums (once per job: resume is rare and crc32 reads GB/s); other
+    ranks of a torchrun/srun job, which run this too, check sizes only and take rank 0's choice
+    at start-up. Damaged folders cost one warning line each (rank 0)."""
+    from trb_nemo.train.checkpoint import choose_resume, record_resume_choice
+
+    root = checkpoint_dir_of(cfg)
+    folder = None
+    if cfg.checkpoint.resume:
+        rank0 = global_rank() == 0
+        folder = choose_resume(root, checksums=rank0,
+                               warn=(lambda line: print(line, file=sys.stderr, flush=True))
+                               if rank0 else None)
+        if folder is not None:
+            check_config_change(cfg, folder)
+    record_resume_choice(root, folder)
+    return folder
+
+
+# ------------------------------------------------------------------ settings that define the run
+
+RUN_DEFINING = ("model.student.", "model.teacher", "model.fp8", "model.precision",
+                "model.init_seed", "data.", "loss.", "rollout.", "trb.", "optim.", "eval.", "seed")
+"""Dotted-key prefixes of the settings that decide what a run is: which networks (files and
+architecture) in which precision, which prompts and held-out problems, the loss, the behavior
+policy and its schedule (``trb.*``, ``rollout.*``), the optimization problem, the evaluation
+protocol behind the report's pass@1 (``eval.num_problems`` also sets the held-out split) and
+every seed. A resume must keep them, unless ``checkpoint.allow_config_change``."""
+MAY_CHANGE = ("model.student.name", "model.teacher.name", "optim.max_steps",
+              "optim.micro_batch_size", "eval.interval")
+"""Exceptions: labels, the run's length, how a step is split into microbatches (the same sums)
+and how often pass@1 is measured. Everything outside RUN_DEFINING may change too: the parallel
+layout (resume across layouts is supported), ``model.transformer_impl`` (same math, another
+kernel), logging, checkpointing, the launcher."""
+_SHOWN = 6
+
+
+def _defines_run(key: str) -> bool:
+    return key.startswith(RUN_DEFINING) and key not in MAY_CHANGE
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every run-defining setting that differs. A key only one side
+    has (the schema gained or lost it between versions) is not compared."""
+    out = []
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in old:
+            continue
+        if isinstance(v, dict) and isinstance(old[k], dict):
+            out += config_differences(old[k], v, key + ".")
+        elif old[k] != v and _defines_run(key):
+            out.append((key, old[k], v))
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _as_dict(yaml_text: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(yaml_text))
+
+
+CONFIG_CHANGES = "config_changes.jsonl"
+"""In the run folder: one line per resume with allowed changes (step, checkpoint, changes)."""
+
+
+def check_config_change(cfg: TrainConfig, folder: Path) -> list[tuple[str, object, object]]:
+    """Compare the run-defining settings with the config saved in checkpoint ``folder``. A
+    difference stops the run (ConfigError listing them), or, with
+    ``checkpoint.allow_config_change``, is appended to ``<run folder>/config_changes.jsonl`` (global
+    rank 0) and announced in one line. A checkpoint saved without its config is not compared."""
+    from trb_nemo.config.compose import composed_yaml
+    from trb_nemo.train.checkpoint import CONFIG_FILE, portable_yaml
+
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        return []
+    try:
+        old = _as_dict(saved.read_text())
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+        raise ConfigError("checkpoint.dir", f"{str(saved)!r} is unreadable ({type(e).__name__}); "
+                          "set checkpoint.resume=false to start over") from None
+    diffs = config_differences(old, _as_dict(portable_yaml(composed_yaml(cfg))))
+    if not diffs:
+        return []
+    listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:_SHOWN])
+    if len(diffs) > _SHOWN:
+        listed += f" (and {len(diffs) - _SHOWN} more)"
+    run_dir = run_dir_of(cfg)
+    if not cfg.checkpoint.allow_config_change:
+        raise ConfigError("checkpoint.allow_config_change", f"is false, and resuming {folder} "
+                          f"with other settings than it was trained with: {listed}. Use the "
+                          "checkpoint's values, start a new run (another logging.run_name), or "
+                          "set checkpoint.allow_config_change=true to continue with the change "
+                          f"recorded in {run_dir / CONFIG_CHANGES}")
+    if global_rank() == 0:
+        step = json.loads((folder / MODEL_META).read_text()).get("step")
+        _append_change(run_dir / CONFIG_CHANGES, {
+            "step": step, "checkpoint": folder.name,
+            "changes": {k: [a, b] for k, a, b in diffs}})
+        print(f"trb-nemo: resuming {folder.name} with changed settings "
+              f"(checkpoint.allow_config_change=true): {listed}; recorded in "
+              f"{run_dir / CONFIG_CHANGES}", file=sys.stderr, flush=True)
+    return diffs
+
+
+def _append_change(path: Path, record: dict) -> None:
+    """Append, unless the last line already records this very change (a rerun after a crash
+    before the next checkpoint)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+            if {k: last.get(k) for k in record} == json.loads(json.dumps(record)):
+                return
+        except ValueError:
+            pass
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 LOCAL_ATTENTION_WARN_TOKENS = 4096
