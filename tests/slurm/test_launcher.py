@@ -159,3 +159,41 @@ def test_warning_signal_checkpoints_requeues_and_finishes(slurm, tmp_path):
     assert "requeueing job" in log and "resumed from" in log
     train = [r for r in _rows(tmp_path / "preempt") if "train/loss" in r]
     assert [r["step"] for r in train] == list(range(6))
+
+
+@pytest.mark.slurm
+def test_warning_signal_after_a_periodic_save_requeues_and_finishes(slurm, tmp_path):
+    """USR1 after a periodic checkpoint: srun has slurmstepd signal every process of the step,
+    Megatron's checkpoint helper process included; the save that follows the signal must still
+    work, so the job checkpoints, requeues and finishes at the right step."""
+    overrides = [o for o in TINY if not o.startswith("checkpoint.interval=")]
+    out = _launch(*overrides, "checkpoint.interval=2", "optim.max_steps=6",
+                  "launcher.signal_seconds_before_end=60", f"logging.output_dir={tmp_path}",
+                  "logging.run_name=preempt_late", env=slurm)
+    assert out.returncode == 0, out.stderr
+    [job] = _job_ids(out.stdout)
+    run_dir = tmp_path / "preempt_late"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # the train row after step 2's periodic save
+        if (run_dir / "metrics.jsonl").is_file() and any(
+                r.get("step") == 2 and "train/loss" in r for r in _rows(run_dir)):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("no train row 2 within 300 s")
+    env = {**os.environ, **slurm}
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=env)
+    state = _wait(job, slurm)
+    logs = "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*.out")))
+    errors = "".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*.err")))
+    assert state == "COMPLETED", logs + errors
+    info = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                          env=env).stdout
+    assert re.search(r"Restarts=[1-9]", info), info
+    assert "requeueing job" in logs and "done, 6 steps" in logs, logs + errors
+    resumed = re.search(r"resumed from \S+step_(\d{7}) at step (\d+)", logs)
+    assert resumed and int(resumed.group(2)) > 2, logs  # the checkpoint saved after the signal
+    assert "BrokenPipeError" not in logs + errors
+    train = [r for r in _rows(run_dir) if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(6))
+    assert (run_dir / "checkpoints" / "step_0000006").is_dir()

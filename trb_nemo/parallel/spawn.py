@@ -4,24 +4,41 @@ Used by ``trb-nemo train`` when it is not launched under torchrun or srun, and b
 harness, which spawns gloo ranks from inside pytest. Each rank is a fresh ``spawn`` process
 that leads its own process group (``os.setsid``), so a timeout or a failure kills the rank
 and everything it started (dist_checkpointing's writer processes, say): distributed failures
-look like hangs, and nothing may outlive the job.
+look like hangs, and nothing may outlive the job. A terminal's Ctrl-C therefore reaches the
+launcher only, which forwards it.
+
+Signals and deaths:
+
+* SIGTERM, SIGINT and SIGUSR1 sent to the launcher are forwarded to each rank's own pid, never
+  to its process group: a rank's helper processes (Megatron's ``multiprocessing.Manager``, say)
+  must survive the signal for the checkpoint that follows it. A second SIGINT (Ctrl-C) kills
+  every rank's process group at once and raises :class:`Interrupted`.
+* A rank dies with the launcher, however the launcher dies (SIGKILL included): it asks the
+  kernel for SIGKILL on its parent's death (:func:`die_with_parent`). Helper processes a rank
+  starts through :func:`start_helper_manager` ignore the stop signals (Slurm signals every
+  process of a step) and die with the rank the same way.
+
+torch is imported inside the functions that need it: a helper process imports this module to
+run :func:`_helper_init` and stays small.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
+import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-import torch.multiprocessing as mp
-
-_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""The signals that ask a job to stop: the launcher forwards them, helper processes ignore them."""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RankFailure(RuntimeError):
@@ -33,6 +50,10 @@ class RankFailure(RuntimeError):
         self.detail = detail
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C (SIGINT) reached the launcher: every rank was killed at once."""
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, close)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -40,8 +61,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn, rank, world_size, port, args, env, results):
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; a
+    no-op elsewhere), and exit now if the parent ``parent_pid`` is already gone. Call first
+    thing in a child, from its main thread; the parent must outlive its own starting thread."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent_pid:  # died before the prctl: no signal would come
+        os._exit(1)
+
+
+def _helper_init(parent_pid: int) -> None:
+    """In a helper process, before it serves: ignore the stop signals, die with the rank."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+
+
+def start_helper_manager():
+    """A started ``multiprocessing`` SyncManager (spawn context) whose server process ignores
+    SIGTERM, SIGINT and SIGUSR1 and is SIGKILLed when this process dies. The stop signals stay
+    blocked in this thread while the server starts (a blocked mask is inherited through
+    fork and exec), so none reaches it before its initializer ignores them; one that arrives
+    meanwhile is delivered here afterwards. Keep a reference: the server shuts down when the
+    manager object is collected or this process exits."""
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        manager.start(_helper_init, (os.getpid(),))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return manager
+
+
+def _rank_main(fn, rank, world_size, port, args, env, results, parent_pid):
+    die_with_parent(parent_pid)  # a SIGKILLed launcher leaves no rank behind
     os.setsid()  # this rank leads a process group: killpg reaches everything it starts
+    import torch
+
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -64,13 +126,39 @@ def _rank_main(fn, rank, world_size, port, args, env, results):
             torch.distributed.destroy_process_group()
 
 
-def _kill(procs, sig=signal.SIGKILL, *, alive_only: bool = False) -> None:
+def _kill(procs, sig=signal.SIGKILL) -> None:
+    """``sig`` to each rank's whole process group (the rank and everything it started)."""
     for p in procs:
-        if p.pid is not None and not (alive_only and p.exitcode is not None):
+        if p.pid is not None:
             try:
                 os.killpg(p.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+class _Forward:
+    """The launcher's handler of the stop signals: each goes to every live rank's own pid (its
+    helper processes must survive it); a second SIGINT raises :class:`Interrupted` instead,
+    and the caller's cleanup kills every rank's process group."""
+
+    def __init__(self, procs, interrupt_note: str | None):
+        self.procs, self.note, self.interrupts = procs, interrupt_note, 0
+
+    def __call__(self, sig, _frame) -> None:
+        if sig == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts == 2:
+                raise Interrupted()
+            if self.interrupts > 2:
+                return  # the ranks are being killed already
+            if self.note:
+                os.write(2, (self.note + "\n").encode())  # no print(): not reentrant
+        for p in self.procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
 
 
 def run_local_ranks(
@@ -80,31 +168,40 @@ def run_local_ranks(
     *,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    interrupt_note: str | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` local processes and return their results by rank.
 
     Each process gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT,
     plus ``env`` (default ``OMP_NUM_THREADS=1``), so ``init_process_group(init_method="env://")``
     works inside ``fn``. ``fn`` must be importable (module level). SIGTERM, SIGINT and SIGUSR1
-    sent to the caller are forwarded to every rank (graceful stop and checkpoint).
+    sent to the caller are forwarded to every rank's pid (graceful stop and checkpoint); the
+    first SIGINT also writes ``interrupt_note`` to stderr, a second one kills every rank at once.
+    Each rank dies with the caller's process, even by SIGKILL (Linux).
 
     Raises:
         RankFailure: the first rank that raised (its traceback) or died (its exit code); the
             other ranks are killed at once, since they would wait forever in a collective.
         TimeoutError: ``timeout_s`` passed; every rank's process group was killed.
+        Interrupted: a second SIGINT; every rank's process group was killed.
     """
+    import torch
+    import torch.multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
     rank_env = {"OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, r, world_size, port, tuple(args), rank_env, results))
+        ctx.Process(target=_rank_main,
+                    args=(fn, r, world_size, port, tuple(args), rank_env, results, os.getpid()))
         for r in range(world_size)
     ]
     previous = {}
     if _in_main_thread():
-        for sig in _FORWARDED_SIGNALS:
-            previous[sig] = signal.signal(sig, lambda s, _f: _kill(procs, s, alive_only=True))
+        forward = _Forward(procs, interrupt_note)
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, forward)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     outputs: dict[int, Any] = {}
     try:

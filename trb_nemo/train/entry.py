@@ -23,27 +23,77 @@ def rank_main(cfg: TrainConfig) -> dict:
 
 
 def save_composed_config(cfg: TrainConfig) -> None:
-    """``<run_dir>/config.yaml``: the resolved config this run uses (rank 0)."""
+    """``<run_dir>/config.yaml``: the resolved config this run uses (rank 0). Written after the
+    pre-flight accepted the settings (a resume with run-defining changes never gets here unless
+    allowed); a previous config.yaml with other content is kept, see :func:`keep_previous_config`."""
     from trb_nemo.train.run_dir import run_dir_of
 
     if global_rank() != 0:
         return
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(composed_yaml(cfg))
+    path, text = run_dir / "config.yaml", composed_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        keep_previous_config(path, cfg)
+    path.write_text(text)
+
+
+def keep_previous_config(path, cfg: TrainConfig):
+    """Rename the run folder's previous ``config.yaml`` to ``config.before_step_<N>.yaml``, N the
+    step this run starts at (the resumed checkpoint's, 0 when it starts over): the settings that
+    produced the steps before N. Returns the new path."""
+    from trb_nemo.train.checkpoint import recorded_resume_choice
+    from trb_nemo.train.preflight import checkpoint_dir_of
+
+    _, folder = recorded_resume_choice(checkpoint_dir_of(cfg))
+    step = int(folder.name.rsplit("_", 1)[1]) if folder is not None else 0
+    target = path.with_name(f"config.before_step_{step:07d}.yaml")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"config.before_step_{step:07d}-{n}.yaml")
+    path.rename(target)
+    return target
 
 
 def run_train(cfg: TrainConfig) -> list[dict]:
-    """Run the job on every rank; returns the per-rank results (local ranks) or this rank's."""
-    cfg = preflight(cfg)
-    save_composed_config(cfg)
-    if launched_externally():
-        results = [rank_main(cfg)]
-    else:
-        world = cfg.parallel.local_world_size
-        print0(f"trb-nemo: starting {world} local rank(s), TP={cfg.parallel.tensor_model_parallel_size} "
-               f"PP={cfg.parallel.pipeline_model_parallel_size}, behavior={cfg.rollout.behavior}")
-        results = run_local_ranks(rank_main, world, (cfg,))
+    """Run the job on every rank; returns the per-rank results (local ranks) or this rank's.
+
+    The process that starts the run (the launcher; global rank 0 under torchrun/srun) holds the
+    run folder's lock until it ends: a second start on a live run is a ConfigError naming it,
+    raised before the pre-flight reads or writes an existing folder and before any rank starts.
+    A second Ctrl-C kills the local ranks at once: one line, exit code 130."""
+    import sys
+
+    from trb_nemo.parallel.spawn import Interrupted
+    from trb_nemo.train.run_dir import RunFolderLock, run_dir_of
+
+    lock = RunFolderLock(run_dir_of(cfg)) if global_rank() == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire(create=False)  # the folder exists: it may be a live run's
+        cfg = preflight(cfg)
+        if lock is not None:
+            lock.acquire()  # a new folder (the pre-flight created it)
+        save_composed_config(cfg)
+        if launched_externally():
+            results = [rank_main(cfg)]
+        else:
+            world = cfg.parallel.local_world_size
+            print0(f"trb-nemo: starting {world} local rank(s), TP={cfg.parallel.tensor_model_parallel_size} "
+                   f"PP={cfg.parallel.pipeline_model_parallel_size}, behavior={cfg.rollout.behavior}")
+            results = run_local_ranks(rank_main, world, (cfg,), interrupt_note=(
+                "trb-nemo: Ctrl-C: the ranks finish this step, save a checkpoint and exit; "
+                "Ctrl-C again stops at once"))
+    except KeyboardInterrupt as e:
+        what = ("second Ctrl-C: stopped at once, every rank killed" if isinstance(e, Interrupted)
+                else "interrupted")
+        print(f"trb-nemo: {what}; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        if lock is not None:
+            lock.release()
     r = results[0]
     if r.get("stopped_by_signal"):
         print0(f"trb-nemo: stopped after step {r['step']} (signal {r['stopped_by_signal']}); "
