@@ -1,23 +1,101 @@
-"""Rollout cost of TRB during warmup against vanilla OPD (student-only decoding), in one run.
+"""Rollout engine benchmarks, each a ratio against a baseline measured in the same run.
 
-Baseline: ``student`` behavior (the teacher never runs). Measured on the same prompts, models
-and layout: generated tokens per second of ``trb`` at eps = eps0 (warmup) and at eps = 0 (after
-the warmup: must cost what ``student`` costs), their ratios to ``student``, teacher forward
-calls per generated token (one call serves every row; a prefill counts once) and teacher token
-positions per generated token (prompt prefill and rows that already stopped included). Models: the toy preset (conf/model/toy.yaml)
-or any inline override; TP ranks are started locally (gloo on CPU).
+(a) fed positions: token positions each network computed per (prompt + generated) token, for
+    the continuous-batching engine (prefill in one forward per length-sorted sub-batch) and
+    for the engine it replaced (``benchmarks/legacy_rollout.py``: a static batch, prompts past
+    the shortest fed one token per step, finished rows computed to the end);
+(b) tokens/s of the new engine / the replaced one on a long-tail workload: per-sequence response
+    lengths drawn from a heavy-tailed (log-normal) distribution, student-only and TRB warmup
+    (eps0), same prompts, models and lengths for both (a benchmark policy forces each
+    sequence's stop at its drawn length and never before);
+(c) peak memory of the rollout phase (growth of the process's peak RSS over the models, CPU)
+    at 16, 64 and 256 sequences under the same budget, with the KV cache bytes, on a
+    Qwen3-0.6B-shaped 2-layer student (KV per position as in the real model) and on the toy;
+(d) student-only tokens/s of the engine / HF ``transformers`` ``generate`` (KV cache, sampling
+    at temperature 1, top-k/top-p off) on the toy student exported to HF, same prompts and the
+    same number of new tokens per sequence (stop suppressed in both), one thread.
 
-Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--prompts 16] [--max-new 48] [--repeats 3]
+Models: the toy preset (conf/model/toy.yaml). Ranks are local processes (gloo on CPU).
+
+Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--repeats 3] [--parts abcd]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench(tp: int, prompts: int, max_new: int, repeats: int, eps0: float):
+class ForcedLengths:
+    """Benchmark policy: ``inner``'s draws, except that sequence i (``noise.ids_R``) never
+    draws the stop id before position ``stop_at[i]`` and draws it there."""
+
+    def __init__(self, inner, stop_at: list[int], stop_id: int):
+        self.inner, self.stop_id, self._stop_at = inner, stop_id, stop_at
+        self.name = inner.name
+        self.eps = getattr(inner, "eps", None)
+
+    def needs_teacher(self):
+        return self.inner.needs_teacher()
+
+    def choose(self, zs, zt, noise, group, vocab_size):
+        import torch
+
+        from trb_nemo.ops.vocab_parallel import shard_start
+
+        stop_at = torch.tensor(self._stop_at, device=zs.device)[noise.ids_R]
+        early = noise.counter_R < stop_at
+        col = self.stop_id - shard_start(zs.shape[-1], group)
+        if 0 <= col < zs.shape[-1]:
+            zs, zt = zs.clone(), None if zt is None else zt.clone()
+            for z in (zs, zt):
+                if z is not None:
+                    z[:, col] = torch.where(early, float("-inf"), z[:, col].float()).to(z.dtype)
+        choice = self.inner.choose(zs, zt, noise, group, vocab_size)
+        choice.ids = torch.where(noise.counter_R >= stop_at, self.stop_id, choice.ids)
+        return choice
+
+
+def _workload(n: int, max_new: int, vocab: int, seed: int, long_tail: bool):
+    """Prompts of 4..16 random tokens and each sequence's response length: fixed at max_new,
+    or log-normal (median max_new / 6, sigma 1) clipped to [2, max_new]."""
     import torch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(k),), generator=g).tolist()
+               for k in torch.randint(4, 17, (n,), generator=g)]
+    if not long_tail:
+        return prompts, [max_new] * n
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    lengths = (math.log(max_new / 6) + z).exp().round().clamp(2, max_new).long().tolist()
+    return prompts, lengths
+
+
+def _policy(name: str, eps0: float, lengths, prompts, stop_id):
+    from trb_nemo.rollout.policies import StudentPolicy, TrustRegionPolicy
+
+    inner = StudentPolicy() if name == "student" else TrustRegionPolicy("trb", eps0)
+    # the position whose logits draw response token k is len(prompt) + k - 1: the last is n - 1
+    stop_at = [len(p) + n - 2 for p, n in zip(prompts, lengths, strict=True)]
+    return ForcedLengths(inner, stop_at, stop_id)
+
+
+def _engines(tp: int, n: int, max_new: int, repeats: int, eps0: float, budget: int, seed: int):
+    """(a) and (b) on one layout: per (engine, behavior): tok/s (median), fed positions."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from legacy_rollout import generate as legacy_generate
 
     from trb_nemo.config.compose import load_config
     from trb_nemo.config.schema import ParallelConfig
@@ -26,7 +104,6 @@ def _bench(tp: int, prompts: int, max_new: int, repeats: int, eps0: float):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import StudentPolicy, TrustRegionPolicy
 
     quiet_third_party()
     torch.set_num_threads(1)
@@ -35,46 +112,186 @@ def _bench(tp: int, prompts: int, max_new: int, repeats: int, eps0: float):
     pg = groups.initialize(parallel, seed=0)
     student, teacher = build_student(cfg.model, parallel, pg), build_teacher(cfg.model, parallel, pg)
     vocab = SharedVocab.of(cfg.model)
-    gen = torch.Generator().manual_seed(0)
-    batch = [torch.randint(3, vocab.size, (int(n),), generator=gen).tolist()
-             for n in torch.randint(4, 16, (prompts,), generator=gen)]
-    policies = {"student": StudentPolicy(), "trb_warmup": TrustRegionPolicy("trb", eps0),
-                "trb_after_warmup": TrustRegionPolicy("trb", 0.0)}
     out = {}
-    for name, policy in policies.items():
-        rates, per_token, positions = [], [], []
-        for r in range(repeats + 1):
-            ro = generate(student, teacher, batch, policy, vocab=vocab, max_new_tokens=max_new,
-                          topk_k=cfg.loss.topk, generator=torch.Generator().manual_seed(r), pg=pg)
-            n = int(ro.loss_mask.sum())
-            if r > 0:  # the first run warms up
-                rates.append(n / ro.seconds)
-                per_token.append(ro.forwards["teacher"] / n)
-                positions.append(ro.forwards["teacher_positions"] / n)
-        out[name] = tuple(statistics.median(x) for x in (rates, per_token, positions))
+    for workload in ("long_tail", "uniform"):
+        prompts, lengths = _workload(n, max_new, vocab.size, seed, workload == "long_tail")
+        tokens_in = sum(len(p) for p in prompts) + sum(lengths)
+        for behavior in ("student", "trb_warmup"):
+            policy = _policy("student" if behavior == "student" else "trb", eps0, lengths,
+                             prompts, vocab.stop_id)
+            for engine in ("new", "legacy"):
+                rates, fed = [], None
+                for r in range(repeats + 1):
+                    kw = dict(vocab=vocab, max_new_tokens=max_new, topk_k=cfg.loss.topk,
+                              generator=torch.Generator().manual_seed(r), pg=pg)
+                    if engine == "new":
+                        ro = generate(student, teacher, prompts, policy, max_in_flight=budget, **kw)
+                    else:
+                        ro = legacy_generate(student, teacher, prompts, policy, **kw)
+                    got = ro.response_lengths.tolist()
+                    assert got == lengths, "the forced lengths did not hold"
+                    if r > 0:  # the first run warms up
+                        rates.append(sum(got) / ro.seconds)
+                    fed = {"student": ro.forwards["student_positions"] / tokens_in,
+                           "teacher": ro.forwards["teacher_positions"] / tokens_in}
+                out[(workload, behavior, engine)] = (statistics.median(rates), fed)
     groups.destroy()
     return out
+
+
+def _memory(n: int, budget: int, max_new: int, shape: str):
+    """(c) in a fresh process: peak-RSS growth of one student-only rollout of n sequences."""
+    import torch
+
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.config.schema import ModelConfig, ModelSpec, ParallelConfig
+    from trb_nemo.logs import quiet_third_party
+    from trb_nemo.models.networks import build_student
+    from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
+    from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.policies import StudentPolicy
+
+    quiet_third_party()
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(tensor_model_parallel_size=1)
+    pg = groups.initialize(parallel, seed=0)
+    if shape == "toy":
+        model_cfg = load_config(["parallel=cpu_tp1"]).model
+    else:  # Qwen3-0.6B's attention and width, 2 layers, a 4096-token vocabulary
+        spec = ModelSpec(name="qwen3-0.6b-shaped", num_layers=2, hidden_size=1024,
+                         ffn_hidden_size=3072, num_attention_heads=16, num_query_groups=8,
+                         kv_channels=128, vocab_size=4096, max_sequence_length=512,
+                         qk_layernorm=True, eos_token_id=1)
+        model_cfg = ModelConfig(student=spec, teacher=None, precision="fp32")
+    student = build_student(model_cfg, parallel, pg)
+    vocab = SharedVocab.of(model_cfg)
+    prompts, lengths = _workload(n, max_new, vocab.size, 0, long_tail=True)
+    policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
+    rss = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current RSS
+    ro = generate(student, None, prompts, policy, vocab=vocab, max_new_tokens=max_new, topk_k=16,
+                  generator=torch.Generator().manual_seed(0), pg=pg, max_in_flight=budget)
+    peak = _status_kb("VmHWM")
+    groups.destroy()
+    return {"growth_bytes": (peak - rss) * 1024, "kv_bytes": ro.forwards["kv_cache_bytes"]}
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _hf_vs_engine(n: int, max_new: int, repeats: int):
+    """(d): student-only tokens/s of HF generate and of the engine, same prompts and lengths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.config.schema import ParallelConfig
+    from trb_nemo.logs import quiet_third_party
+    from trb_nemo.models.networks import build_student
+    from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
+    from trb_nemo.rollout.engine import generate
+
+    quiet_third_party()
+    torch.set_num_threads(1)
+    cfg = load_config(["parallel=cpu_tp1"])
+    vocab = SharedVocab.of(cfg.model)
+    prompts, lengths = _workload(n, max_new, vocab.size, 1, long_tail=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "trb_nemo.cli", "convert", "megatron-to-hf",
+                        "--checkpoint", cfg.model.student.checkpoint, "--out", f"{tmp}/hf"],
+                       check=True, capture_output=True)
+        hf = AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", torch_dtype=torch.float32).eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    attn = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as HF generate wants for decoder-only models
+        ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(p), 1
+    hf_rates = []
+    for r in range(repeats + 1):
+        torch.manual_seed(r)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
+                              pad_token_id=0, eos_token_id=vocab.stop_id)
+        seconds = time.perf_counter() - t0
+        assert out.shape[1] - width == max_new
+        if r > 0:
+            hf_rates.append(n * max_new / seconds)
+    pg = groups.initialize(ParallelConfig(tensor_model_parallel_size=1), seed=0)
+    student = build_student(cfg.model, cfg.parallel, pg)
+    policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
+    rates = []
+    for r in range(repeats + 1):
+        ro = generate(student, None, prompts, policy, vocab=vocab, max_new_tokens=max_new, topk_k=1,
+                      generator=torch.Generator().manual_seed(r), pg=pg, max_in_flight=n)
+        assert ro.response_lengths.tolist() == lengths
+        if r > 0:
+            rates.append(n * max_new / ro.seconds)
+    groups.destroy()
+    return statistics.median(rates), statistics.median(hf_rates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=64, help="sequences of (a)/(b)")
+    parser.add_argument("--budget", type=int, default=16, help="sequences in flight, (a)-(c)")
+    parser.add_argument("--max-new", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eps0", type=float, default=0.02)
+    parser.add_argument("--parts", default="abcd")
+    parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     from trb_nemo.parallel.spawn import run_local_ranks
 
-    res = run_local_ranks(_bench, args.tp, (args.tp, args.prompts, args.max_new, args.repeats,
-                                            args.eps0))[0]
-    base = res["student"][0]
-    print(f"rollout, toy models, TP={args.tp}, {args.prompts} prompts x {args.max_new} new tokens, "
-          f"median of {args.repeats}")
-    print(f"{'behavior':<18}{'tokens/s':>10}{'ratio to student':>18}{'teacher calls/token':>21}"
-          f"{'teacher positions/token':>25}")
-    for name, (rate, calls, positions) in res.items():
-        print(f"{name:<18}{rate:>10.1f}{rate / base:>18.2f}{calls:>21.3f}{positions:>25.3f}")
+    report = {}
+    if set("ab") & set(args.parts):
+        res = run_local_ranks(_engines, args.tp, (args.tp, args.prompts, args.max_new,
+                                                  args.repeats, args.eps0, args.budget, 0))[0]
+        print(f"(a, b) toy models, TP={args.tp}, {args.prompts} sequences, budget {args.budget}, "
+              f"up to {args.max_new} new tokens, median of {args.repeats}")
+        print(f"{'workload':<10}{'behavior':<12}{'new tok/s':>10}{'old tok/s':>10}{'new/old':>9}"
+              f"{'fed/token S new':>17}{'T new':>7}{'S old':>7}{'T old':>7}")
+        for (workload, behavior, engine), (rate, fed) in res.items():
+            if engine != "new":
+                continue
+            old_rate, old_fed = res[(workload, behavior, "legacy")]
+            print(f"{workload:<10}{behavior:<12}{rate:>10.0f}{old_rate:>10.0f}"
+                  f"{rate / old_rate:>9.2f}{fed['student']:>17.3f}{fed['teacher']:>7.3f}"
+                  f"{old_fed['student']:>7.3f}{old_fed['teacher']:>7.3f}")
+            report[f"{workload}/{behavior}"] = {"new_tok_s": rate, "old_tok_s": old_rate,
+                                                "fed_new": fed, "fed_old": old_fed}
+    if "c" in args.parts:
+        # glibc serves every block over 16 KiB by mmap and unmaps it when freed, so the peak RSS
+        # follows the live tensors instead of the allocator's cached heap (read at the ranks'
+        # start: they are fresh processes)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "16384"
+        print(f"(c) rollout peak memory (peak-RSS growth over the models), budget {args.budget}")
+        for shape in ("qwen3-0.6b-shaped", "toy"):
+            rows = {n: run_local_ranks(_memory, 1, (n, args.budget, 64, shape))[0]
+                    for n in (16, 64, 256)}
+            base = rows[16]["growth_bytes"]
+            for n, r in rows.items():
+                print(f"  {shape:<18} {n:>4} sequences: {r['growth_bytes'] / 2**20:8.1f} MiB "
+                      f"({r['growth_bytes'] / base:.2f}x of 16), KV cache "
+                      f"{r['kv_bytes'] / 2**20:.1f} MiB")
+            report[f"memory/{shape}"] = {str(n): r for n, r in rows.items()}
+    if "d" in args.parts:
+        print("(d) student-only tokens/s, engine vs HF generate (toy student, 1 thread, "
+              f"median of {args.repeats}, same prompts and lengths)")
+        for n in (16, 64):
+            ours, hf = run_local_ranks(_hf_vs_engine, 1, (n, 48, args.repeats))[0]
+            print(f"  {n:>3} x 48: engine {ours:8.0f}  HF generate {hf:8.0f}  ratio {ours / hf:.2f}")
+            report[f"hf/{n}"] = {"engine_tok_s": ours, "hf_tok_s": hf}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

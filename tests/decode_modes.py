@@ -50,8 +50,8 @@ def check_modes(out):
 
 
 def rows_alone_and_padded(parallel_preset: str = "cpu_tp1"):
-    """A TRB rollout of 3 prompts, and of the same 3 followed by 13 copies of the first (the
-    FP8 decode padding to 16 rows): tokens and records of the 3."""
+    """A TRB rollout of 5 prompts (budget 3) fed as they are, and fed in multiples of 16 rows
+    (the FP8 padding: extra rows feed nothing): tokens, beta and lengths of both."""
     from trb_nemo.config.compose import load_config
     from trb_nemo.data.prompts import build_source
     from trb_nemo.models.networks import build_student, build_teacher
@@ -64,14 +64,13 @@ def rows_alone_and_padded(parallel_preset: str = "cpu_tp1"):
     pg = groups.initialize(cfg.parallel, cfg.seed)
     student = build_student(cfg.model, cfg.parallel, pg)
     teacher = build_teacher(cfg.model, cfg.parallel, pg)
-    prompts = [list(p.ids) for p in build_source(cfg).eval_prompts(3)]
+    prompts = [list(p.ids) for p in build_source(cfg).eval_prompts(5)]
     out = []
-    for rows in (prompts, prompts + [prompts[0]] * 13):
-        ro = generate(student, teacher, rows, TrustRegionPolicy("trb", 0.05), max_new_tokens=12,
-                      vocab=SharedVocab.of(cfg.model), topk_k=4,
-                      generator=torch.Generator().manual_seed(4), pg=pg).first_rows(3)
-        width = ro.tokens.shape[1]
-        out.append({"tokens": ro.tokens, "beta": ro.records["beta"][:, :width],
+    for multiple in (1, 16):
+        ro = generate(student, teacher, prompts, TrustRegionPolicy("trb", 0.05), max_new_tokens=12,
+                      vocab=SharedVocab.of(cfg.model), topk_k=4, max_in_flight=3,
+                      generator=torch.Generator().manual_seed(4), pg=pg, rows_multiple=multiple)
+        out.append({"tokens": ro.tokens, "beta": ro.records["beta"],
                     "lengths": ro.response_lengths})
     groups.destroy()
     return out

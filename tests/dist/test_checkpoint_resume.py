@@ -35,7 +35,8 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
     from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_training
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.train.step import score_with_teacher, train_step
+    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=True)
     pg = groups.initialize(parallel, seed=11)
@@ -55,7 +56,8 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
         share = BATCH // pg.dp_size
         sl = slice(pg.dp_rank * share, (pg.dp_rank + 1) * share)
         batch = {"tokens": tokens[sl], "loss_mask": mask[sl]}
-        batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab, pg=pg)
+        batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], MICRO, vocab=vocab,
+                                                 pg=pg)
         losses[step] = train_step(training, batch, step, LossConfig(kind="full"),
                                   vocab, MICRO, pg)["loss"]
         if step + 1 in (SAVE_AT, TOTAL):

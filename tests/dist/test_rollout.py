@@ -1,7 +1,9 @@
-"""Rollout engine: KV-cached lockstep decoding under the behavior policies.
+"""Rollout engine: continuous batching with per-sequence KV caches under the behavior policies.
 
-TP=2 and PP=2 rollouts equal TP=1 token for token and reruns are identical; cached decode
-logits equal a full recompute; trb with eps = 0 is the student rollout with zero teacher
+TP=2 and PP=2 rollouts equal TP=1 token for token and reruns are identical; a budget of 2
+sequences in flight gives the same sequences as 64; cached decode logits (prompts of different
+lengths prefilled together, then one token per step, a sequence moved to another slot) equal a
+full recompute; trb with eps = 0 is the student rollout with zero teacher
 forwards; a huge eps samples the teacher (beta = 1); 100k first tokens from trb pass a
 chi-square test against mu_beta; skd and temperature reduce to the student where they should.
 
@@ -36,15 +38,15 @@ class TeacherSampler:
     def needs_teacher(self):
         return True
 
-    def choose(self, zs, zt, generator, group, vocab_size):
+    def choose(self, zs, zt, noise, group, vocab_size):
         from trb_nemo.ops.vocab_parallel import sample
         from trb_nemo.rollout.policies import _student_only
 
-        return _student_only(sample(zt, generator=generator, vocab_group=group, vocab_size=vocab_size))
+        return _student_only(sample(zt, noise=noise, vocab_group=group, vocab_size=vocab_size))
 
 
 class ForcedStop:
-    """Test-only policy: the student's draw, except rows 0 and 2 emit the stop id at call 4."""
+    """Test-only policy: the student's draw, except sequences 0 and 2 emit the stop id at call 4."""
 
     name = "forced-stop"
 
@@ -56,12 +58,12 @@ class ForcedStop:
     def needs_teacher(self):
         return False
 
-    def choose(self, zs, zt, generator, group, vocab_size):
-        choice = self.inner.choose(zs, zt, generator, group, vocab_size)
+    def choose(self, zs, zt, noise, group, vocab_size):
+        choice = self.inner.choose(zs, zt, noise, group, vocab_size)
         self.calls += 1
-        if self.calls == 4:
+        if self.calls == 4:  # by sequence (noise.ids_R), wherever the batch put it
             choice.ids = choice.ids.clone()
-            choice.ids[[0, 2]] = STUDENT.eos_token_id
+            choice.ids[(noise.ids_R == 0) | (noise.ids_R == 2)] = STUDENT.eos_token_id
         return choice
 
 
@@ -77,35 +79,49 @@ def _models(parallel, pg):
     return cfg, student, teacher
 
 
-def _rollout(student, teacher, policy, pg, prompts=PROMPTS, seed=0, max_new=MAX_NEW):
+def _rollout(student, teacher, policy, pg, prompts=PROMPTS, seed=0, max_new=MAX_NEW, budget=64):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.rollout.engine import generate
 
     cfg = ModelConfig(student=STUDENT, teacher=TEACHER)
     return generate(student, teacher, prompts, policy, vocab=SharedVocab.of(cfg),
                     max_new_tokens=max_new, topk_k=TOPK,
-                    generator=torch.Generator().manual_seed(seed), pg=pg)
+                    generator=torch.Generator().manual_seed(seed), pg=pg, max_in_flight=budget)
 
 
 def _kv_vs_recompute(student, pg):
-    """max |cached decode logits - full forward logits| over positions 4..19 (last stage)."""
-    from trb_nemo.rollout.kv_decoder import CachedForward
+    """max |cached logits - full forward logits| (last stage; None elsewhere): prompts of 5, 9
+    and 3 tokens prefilled in one forward, 8 one-token steps, then the third sequence moved
+    from slot 2 to slot 3 and decoded alone for 2 more steps."""
+    from trb_nemo.rollout.kv_cache import SequenceCache
     from trb_nemo.train.pipeline import run_schedule
 
     toks = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = run_schedule(student, [{"tokens": toks}], lambda i, mb, z: z.detach(), pg,
                             forward_only=True)
-    cached = CachedForward(student, 3, 32, pg)
-    outs = [cached(toks[:, :5])] + [cached(toks[:, t:t + 1]) for t in range(5, 20)]
+    cache = SequenceCache(student, 4, 24, pg)
+    lens = [5, 9, 3]
+    prompts = torch.stack([torch.nn.functional.pad(toks[b, :n], (0, 9 - n))
+                           for b, n in enumerate(lens)])
+    pairs = [(cache.feed(0, prompts, lens), [(b, n - 1) for b, n in enumerate(lens)])]
+    for _ in range(8):
+        pairs.append((cache.feed(0, torch.stack([toks[b, n:n + 1] for b, n in enumerate(lens)]),
+                                 [1, 1, 1]), [(b, n) for b, n in enumerate(lens)]))
+        lens = [n + 1 for n in lens]
+    cache.move(2, 3)
+    for _ in range(2):
+        pairs.append((cache.feed(3, toks[2:3, lens[2]:lens[2] + 1], [1]), [(2, lens[2])]))
+        lens[2] += 1
     if not full:
         return None
-    return (full[0][:, 4:, :] - torch.stack(outs, 1)).abs().max().item()
+    return max((out[r] - full[0][b, t]).abs().max().item()
+               for out, where in pairs for r, (b, t) in enumerate(where))
 
 
 def _plain(r):
     return {"tokens": r.tokens, "records": r.records, "topk_ids": r.topk_ids,
-            "teacher_topk": r.teacher_topk_logprobs, "lengths": r.response_lengths,
+            "teacher_topk": r.teacher and r.teacher.topk_logprobs, "lengths": r.response_lengths,
             "forwards": r.forwards, "mask": r.loss_mask, "stopped": r.stopped}
 
 
@@ -118,7 +134,9 @@ def run_layout(tp, pp, full_suite):
     _, student, teacher = _models(parallel, pg)
     student.eval()
     out = {"kv_diff": _kv_vs_recompute(student, pg),
-           "trb": _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg))}
+           "trb": _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg)),
+           "trb_budget2": _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg,
+                                          budget=2))}
     if full_suite:
         out["trb_again"] = _plain(_rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg))
         out["student"] = _plain(_rollout(student, teacher, StudentPolicy(), pg))
@@ -142,20 +160,19 @@ def _chi_square_counts(student, teacher, pg):
 
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta
-    from trb_nemo.parallel import groups
-    from trb_nemo.rollout.kv_decoder import CachedForward
+    from trb_nemo.rollout.kv_cache import SequenceCache
     from trb_nemo.rollout.policies import TrustRegionPolicy
 
     prompt = [21, 22, 23]
     counts = torch.zeros(256, dtype=torch.long)  # the padded vocabulary at TP=2
     for chunk in range(CHI_CHUNKS):
         r = _rollout(student, teacher, TrustRegionPolicy("trb", EPS), pg, [prompt] * CHI_ROWS,
-                     seed=100 + chunk, max_new=1)
+                     seed=100 + chunk, max_new=1, budget=CHI_ROWS)
         counts += torch.bincount(r.tokens[:, len(prompt)], minlength=256)
     vocab = SharedVocab.of(ModelConfig(student=STUDENT, teacher=TEACHER))
     grp = pg.tensor
-    zs = vocab.canonical(CachedForward(student, 1, 8, pg)(torch.tensor([prompt])), grp)
-    zt = vocab.canonical(CachedForward(teacher, 1, 8, pg)(torch.tensor([prompt])), grp)
+    zs = vocab.canonical(SequenceCache(student, 1, 8, pg).feed(0, torch.tensor([prompt]), [3]), grp)
+    zt = vocab.canonical(SequenceCache(teacher, 1, 8, pg).feed(0, torch.tensor([prompt]), [3]), grp)
     beta = solve_beta(zs, zt, EPS, vocab_group=grp, vocab_size=100)
     log_mu = behavior_logprobs(zs, zt, beta, vocab_group=grp, vocab_size=100)
     parts = [torch.empty_like(log_mu) for _ in range(dist.get_world_size(grp))]
@@ -189,16 +206,21 @@ def test_kv_cache_equals_recompute(tp1, tp2, pp2):
     assert max(diffs) <= 1e-5, diffs
 
 
-def test_layouts_and_reruns_agree(tp1, tp2, pp2):
+def test_layouts_budgets_and_reruns_agree(tp1, tp2, pp2):
     base = tp1["trb"]
     _same_tokens(base, tp1["trb_again"])
-    for rank in tp2 + pp2:
-        _same_tokens(base, rank["trb"])
-        mask = base["mask"]
-        for name in ("beta", "kl", "student_logprob", "teacher_logprob"):
-            assert torch.allclose(rank["trb"]["records"][name][mask], base["records"][name][mask],
-                                  atol=1e-5), name
-        assert torch.equal(rank["trb"]["topk_ids"][mask], base["topk_ids"][mask])
+    mask = base["mask"]
+    for rank in tp2 + pp2 + [tp1]:
+        for run in (rank["trb"], rank["trb_budget2"]):
+            _same_tokens(base, run)
+            assert torch.equal(run["mask"], mask)
+            for name in ("beta", "kl", "student_logprob", "teacher_logprob"):
+                assert torch.allclose(run["records"][name][mask], base["records"][name][mask],
+                                      atol=1e-5), name
+            assert torch.equal(run["topk_ids"][mask], base["topk_ids"][mask])
+            assert torch.allclose(run["teacher_topk"][mask], base["teacher_topk"][mask], atol=1e-5)
+    # budget 2 holds 2 sequences per network, budget 64 all 4 prompts
+    assert tp1["trb_budget2"]["forwards"]["kv_cache_bytes"] * 2 == base["forwards"]["kv_cache_bytes"]
     # the trust region was active: 0 < beta < 1 somewhere, and KL <= eps everywhere
     beta, kl = base["records"]["beta"][base["mask"]], base["records"]["kl"][base["mask"]]
     assert ((beta > 0) & (beta < 1)).any() and (beta > 0).all()
@@ -218,9 +240,9 @@ def test_responses_end_at_the_canonical_stop(tp1):
             else:
                 assert len(resp) == MAX_NEW
             assert r["mask"][i].sum() == len(resp)
-    forced = tp1["forced_stop"]  # call 4 feeds position 4: row 2 (prompt 1) and row 0 (prompt 3)
-    assert forced["stopped"].tolist() == [True, False, True, False]
-    assert forced["lengths"][[0, 2]].tolist() == [2, 4]
+    forced = tp1["forced_stop"]  # call 4 draws every sequence's 4th token
+    assert forced["stopped"].tolist()[0] and forced["stopped"].tolist()[2]
+    assert forced["lengths"][[0, 2]].tolist() == [4, 4]
 
 
 def test_eps_zero_is_the_student_and_never_runs_the_teacher(tp1):

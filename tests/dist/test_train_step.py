@@ -46,7 +46,8 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
     from trb_nemo.parallel import groups
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.train.step import score_with_teacher, train_step
+    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               use_distributed_optimizer=distopt)
@@ -59,7 +60,8 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
     batch = global_batch()
     share = GLOBAL_BATCH // pg.dp_size
     batch = {k: v[pg.dp_rank * share:(pg.dp_rank + 1) * share] for k, v in batch.items()}
-    batch["teacher_logits"] = score_with_teacher(teacher, batch, MICRO, vocab=vocab, pg=pg)
+    batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], MICRO, vocab=vocab,
+                                                 pg=pg)
     metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, MICRO, pg)
     optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
     teacher_checks = {

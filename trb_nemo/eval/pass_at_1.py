@@ -29,7 +29,10 @@ def evaluate(student, teacher, source, cfg: TrainConfig, vocab: SharedVocab, ste
         seed = cfg.seed * 1_000_003 + 7 * step + 1_000_000 * pg.dp_rank + 5
         ro = generate(student, teacher, prompts, StudentPolicy(cfg.eval.temperature), vocab=vocab,
                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                      topk_k=1, generator=torch.Generator().manual_seed(seed), pg=pg)
+                      topk_k=1, generator=torch.Generator().manual_seed(seed), pg=pg,
+                      max_in_flight=cfg.eval.max_sequences_in_flight
+                      or cfg.rollout.max_sequences_in_flight,
+                      prefill_tokens=cfg.rollout.prefill_chunk_tokens)
         correct = sum(bool(source.check(ro.response(i), mine[i // n].answer))
                       for i in range(len(prompts)))
         total = len(prompts)

@@ -15,6 +15,7 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
+from trb_nemo.models.cached_attention import CachedSelfAttention
 from trb_nemo.parallel.groups import ParallelGroups
 
 VOCAB_PAD_MULTIPLE = 128
@@ -118,17 +119,24 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
 
 
 def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
+    """Megatron's local or Transformer Engine layer spec, with the self-attention that can also
+    decode from the rollout engine's per-sequence KV cache (:mod:`.cached_attention`; same
+    parameters and checkpoints as Megatron's SelfAttention)."""
     if model_cfg.transformer_impl == "transformer_engine":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
                 get_gpt_layer_with_transformer_engine_spec,
             )
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
+            layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_layernorm)
         except ImportError as e:  # pragma: no cover - depends on the image
             raise ConfigError("model.transformer_impl", f"transformer_engine is not importable "
                               f"({e}); use model.transformer_impl=local") from None
-    return get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm, normalization=spec.normalization)
+    else:
+        layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm,
+                                         normalization=spec.normalization)
+    layer.submodules.self_attention.module = CachedSelfAttention
+    return layer
 
 
 def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,

@@ -33,7 +33,7 @@ class _ShardedMerge(torch.autograd.Function):
         dropped = (logits[..., drop_local].float() if drop_local is not None
                    else torch.full(lead, NEG_INF, device=logits.device))
         dropped = dropped.contiguous()
-        if group is not None:
+        if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dropped, op=dist.ReduceOp.MAX, group=group)
         out = logits.clone()
         w_keep = None
@@ -58,7 +58,7 @@ class _ShardedMerge(torch.autograd.Function):
             g_keep = grad_out[..., ctx.keep_local].float()
             grad[..., ctx.keep_local] = (g_keep * w_keep).to(grad.dtype)
             to_drop = g_keep * (1.0 - w_keep)
-        if ctx.group is not None:
+        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
             dist.all_reduce(to_drop, group=ctx.group)
         if ctx.drop_local is not None:
             grad[..., ctx.drop_local] = to_drop.to(grad.dtype)

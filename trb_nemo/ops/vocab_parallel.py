@@ -73,8 +73,9 @@ def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> tor
 
 
 def all_gather_rows(local_RM: torch.Tensor, group) -> torch.Tensor:
-    """[R, M] on each rank -> [P, R, M] on every rank (1 all-gather; identity without a group)."""
-    if group is None:
+    """[R, M] on each rank -> [P, R, M] on every rank (1 all-gather; identity without a group
+    or with a group of one rank)."""
+    if group is None or group_size(group) == 1:
         return local_RM.unsqueeze(0)
     p = group_size(group)
     out = local_RM.new_empty((p * local_RM.shape[0],) + tuple(local_RM.shape[1:]))
@@ -83,8 +84,8 @@ def all_gather_rows(local_RM: torch.Tensor, group) -> torch.Tensor:
 
 
 def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum over the group, out of place (identity without a group)."""
-    if group is None:
+    """Sum over the group, out of place (identity without a group or with one rank)."""
+    if group is None or group_size(group) == 1:
         return t
     t = t.clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -267,42 +268,72 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def counter_uniform(key: int, rows_R: torch.Tensor, cols_V: torch.Tensor) -> torch.Tensor:
-    """U(0,1) fp64 [R, V] that depends only on (key, global row, global column).
+def _uniform(key_R: torch.Tensor, counter_R: torch.Tensor, cols_V: torch.Tensor) -> torch.Tensor:
+    """U(0,1) fp64 [R, V] that depends only on (row key, row counter < 2^31, global column).
 
     Counter-based, so each rank draws only its own columns and the noise of a column does not
     depend on how the vocabulary is sharded: TP=N samples equal TP=1 samples.
     """
-    counter = rows_R.unsqueeze(-1) * 0x100000000 + cols_V.unsqueeze(0)  # row < 2^31, col < 2^32
+    counter = counter_R.unsqueeze(-1) * 0x100000000 + cols_V.unsqueeze(0)  # col < 2^32
+    key = key_R.unsqueeze(-1)
     bits = _mix64(_mix64(counter * _GOLDEN + key) + key)
     mantissa = (bits >> 11) & ((1 << 53) - 1)
     return (mantissa.double() + 0.5) * 2.0**-53
 
 
+class RowNoise(NamedTuple):
+    """The sampling noise of R rows keyed by what each row *is*, not where it sits in a batch:
+    row r's uniforms depend only on (``key``, ``ids_R[r]``, ``counter_R[r]``, column). The
+    rollout engine keys a row by its sequence's index and the position it draws, so a sequence
+    samples the same tokens whichever sequences share its batch and in whatever order.
+    ``ids_R``/``counter_R``: int64 [R] on the logits' device; counters < 2^31."""
+
+    key: int
+    ids_R: torch.Tensor
+    counter_R: torch.Tensor
+
+    def stream(self, salt: int) -> RowNoise:
+        """An independent stream for the same rows (e.g. a policy's second draw)."""
+        x = (self.key * 0x9E3779B97F4A7C15 + salt) % 2**64  # splitmix64 on Python ints
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        x ^= x >> 31
+        return RowNoise(x - 2**64 if x >= 2**63 else x, self.ids_R, self.counter_R)
+
+    def row_keys(self) -> torch.Tensor:
+        return _mix64(self.ids_R * _GOLDEN + self.key)
+
+
 def sample(
     logprobs: torch.Tensor,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
+    noise: RowNoise | None = None,
     vocab_group=None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
     """One exact draw per row from softmax(logprobs) over the vocabulary: ids [...] int64.
 
-    Gumbel-max: argmax_v (logprobs_v + G_v), G_v = -log(-log U_v). U comes from a counter-based
-    generator keyed by one int64 drawn from ``generator``; the generator must be in the same
-    state on every rank of ``vocab_group`` (seed it from (seed, step, dp_rank), not tp_rank).
-    The result is identical on every rank and does not depend on TP. ``logprobs`` need not be
-    normalized. Collectives: 1 all-gather of [P, R, 2] (value, id) in fp64.
+    Gumbel-max: argmax_v (logprobs_v + G_v), G_v = -log(-log U_v). U is counter-based: either
+    keyed per row by ``noise`` (:class:`RowNoise`), or by one int64 drawn from ``generator``
+    and the row's index in the batch. Every rank of ``vocab_group`` must hold the same
+    ``noise``/generator state (seed it from (seed, step), not tp_rank). The result is
+    identical on every rank and does not depend on TP. ``logprobs`` need not be normalized.
+    Collectives: 1 all-gather of [P, R, 2] (value, id) in fp64.
     """
     lead, v_local = logprobs.shape[:-1], logprobs.shape[-1]
     x_RV = logprobs.reshape(-1, v_local)
-    key = int(torch.randint(-(2**62), 2**62, (1,), generator=generator, device=generator.device))
+    if noise is None:
+        key = int(torch.randint(-(2**62), 2**62, (1,), generator=generator, device=generator.device))
+        counter = torch.arange(x_RV.shape[0], device=logprobs.device)
+        keys_R = torch.full_like(counter, key)
+    else:
+        keys_R, counter = noise.row_keys(), noise.counter_R
     valid = valid_columns(v_local, vocab_size, vocab_group, logprobs.device)
     cols_V = torch.arange(v_local, device=logprobs.device) + shard_start(v_local, vocab_group)
     best = []
     for c in row_chunks(x_RV.shape[0], v_local):
-        rows = torch.arange(c.start, c.stop, device=logprobs.device)
-        u = counter_uniform(key, rows, cols_V)
+        u = _uniform(keys_R[c], counter[c], cols_V)
         score = as_fp32_masked(x_RV[c], valid).double() - torch.log(-torch.log(u))
         val, idx = score.max(dim=-1)
         best.append(torch.stack([val, (idx + cols_V[0]).double()], dim=-1))

@@ -162,3 +162,22 @@ def apply_cpu_support() -> bool:
 
     _applied = True
     return True
+
+
+@contextlib.contextmanager
+def device_mode_suspended():
+    """Run a block without patch 8 (a no-op where the patches are not applied, as on a GPU).
+
+    The device mode sees every torch call, which costs a Python round trip per op: in the
+    rollout engine's per-token loop that was more than half the CPU time. Code inside must
+    not allocate with ``device="cuda"`` explicitly (the decode path does not: it allocates
+    on the device of the data).
+    """
+    if _device_mode is None:
+        yield
+        return
+    _device_mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _device_mode.__enter__()

@@ -2,9 +2,10 @@
 
 Each policy sees, at one decode position of B rows on the last pipeline stage, the
 EOS-canonicalized vocab-parallel logits of the student ``zs [B, V_local]`` and (only when
-:meth:`needs_teacher` is true) of the teacher ``zt``, and returns a :class:`Choice`. Sampling
-is exact and TP-invariant (:func:`trb_nemo.ops.vocab_parallel.sample`); every TP rank returns
-the same ids.
+:meth:`needs_teacher` is true) of the teacher ``zt``, and the rows' sampling noise
+(:class:`~trb_nemo.ops.vocab_parallel.RowNoise`, keyed by sequence and position), and returns a
+:class:`Choice`. Sampling is exact and TP-invariant (:func:`trb_nemo.ops.vocab_parallel.sample`);
+every TP rank returns the same ids.
 
 * ``student``: x ~ pi_S (vanilla OPD). The teacher is never run while decoding.
 * ``trb``: x ~ mu_beta ∝ pi_S^(1-beta) pi_T^beta with beta the largest value such that
@@ -26,7 +27,7 @@ import torch
 from trb_nemo.config.schema import RolloutConfig, TRBConfig
 from trb_nemo.ops.schedules import eps_at
 from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta_and_kl
-from trb_nemo.ops.vocab_parallel import sample, topk
+from trb_nemo.ops.vocab_parallel import RowNoise, sample, topk
 
 
 @dataclass
@@ -56,9 +57,9 @@ class StudentPolicy:
     def needs_teacher(self) -> bool:
         return False
 
-    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+    def choose(self, zs, zt, noise: RowNoise, group, vocab_size) -> Choice:
         logits = zs if self.temperature == 1.0 else zs.float() / self.temperature
-        return _student_only(sample(logits, generator=generator, vocab_group=group,
+        return _student_only(sample(logits, noise=noise, vocab_group=group,
                                     vocab_size=vocab_size))
 
 
@@ -73,13 +74,13 @@ class TrustRegionPolicy:
     def needs_teacher(self) -> bool:
         return self.eps > 0
 
-    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
+    def choose(self, zs, zt, noise: RowNoise, group, vocab_size) -> Choice:
         if self.eps == 0:
-            return self._student.choose(zs, zt, generator, group, vocab_size)
+            return self._student.choose(zs, zt, noise, group, vocab_size)
         beta, kl = solve_beta_and_kl(zs, zt, self.eps, vocab_group=group, vocab_size=vocab_size,
                                      tolerance=self.tolerance, max_iterations=self.max_iterations)
         log_mu = behavior_logprobs(zs, zt, beta, vocab_group=group, vocab_size=vocab_size)
-        ids = sample(log_mu, generator=generator, vocab_group=group, vocab_size=vocab_size)
+        ids = sample(log_mu, noise=noise, vocab_group=group, vocab_size=vocab_size)
         return Choice(ids, beta, kl, torch.zeros_like(ids, dtype=torch.bool))
 
 
@@ -88,23 +89,22 @@ class InjectionPolicy:
 
     name = "skd"
 
+    TEACHER_STREAM = 1
+    """Salt of the teacher's draws: a noise stream of their own."""
+
     def __init__(self, top_k: int, teacher_temperature: float):
         self.top_k, self.tau = top_k, teacher_temperature
-        self._teacher_gen = None
 
     def needs_teacher(self) -> bool:
         return True
 
-    def choose(self, zs, zt, generator, group, vocab_size) -> Choice:
-        # the student's draws use ``generator`` exactly as the student policy does (same
-        # proposals for the same seed); the teacher's draws come from a stream of their own
-        if self._teacher_gen is None:
-            self._teacher_gen = torch.Generator(device=generator.device).manual_seed(
-                (generator.initial_seed() * 0x9E3779B1 + 0x5EED) % 2**63)
-        proposal = sample(zs, generator=generator, vocab_group=group, vocab_size=vocab_size)
+    def choose(self, zs, zt, noise: RowNoise, group, vocab_size) -> Choice:
+        # the student's draws use ``noise`` exactly as the student policy does (same proposals
+        # for the same seed); the teacher's draws come from a stream of their own
+        proposal = sample(zs, noise=noise, vocab_group=group, vocab_size=vocab_size)
         _, top_ids = topk(zt, min(self.top_k, vocab_size), vocab_group=group, vocab_size=vocab_size)
         accepted = (top_ids == proposal.unsqueeze(-1)).any(-1)
-        replacement = sample(zt.float() / self.tau, generator=self._teacher_gen,
+        replacement = sample(zt.float() / self.tau, noise=noise.stream(self.TEACHER_STREAM),
                              vocab_group=group, vocab_size=vocab_size)
         ids = torch.where(accepted, proposal, replacement)
         choice = _student_only(ids)

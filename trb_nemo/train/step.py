@@ -23,7 +23,7 @@ import torch
 
 from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, teacher_logprobs_at
+from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
@@ -77,27 +77,3 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     return {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr, "update_ok": bool(update_ok)}
-
-
-@torch.no_grad()
-def score_with_teacher(teacher, batch: dict, micro_batch_size: int, *, vocab: SharedVocab,
-                       pg: ParallelGroups, ids: torch.Tensor | None = None):
-    """The teacher's targets for a batch, forward-only on the same TP/PP layout.
-
-    ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``/``topk``); else
-    log pi_T at ``ids`` [B, S, K] fp32 of the EOS-canonicalized teacher (compact, for
-    ``target_ids``). Last stage only; None on
-    other stages. Memory: one microbatch of teacher activations at a time, plus the result.
-    """
-    mbs = split_microbatches({"tokens": batch["tokens"], "ids": ids}, micro_batch_size)
-
-    def on_logits(index, mb, logits_BSV):
-        if mb["ids"] is None:
-            return logits_BSV.detach()
-        return teacher_logprobs_at(vocab.canonical(logits_BSV, pg.tensor), mb["ids"],
-                                   vocab_group=pg.tensor, vocab_size=vocab.size)
-
-    out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
-    if not pg.is_last_stage:
-        return None
-    return torch.cat([out[i] for i in range(len(mbs))])

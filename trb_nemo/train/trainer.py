@@ -2,23 +2,27 @@
 
 ``Trainer.step`` is the method box, one call per stage:
 
-    prompts  -> rollout from the behavior policy mu_k (TRB: eps_k-trust-region blend)
-             -> teacher targets (reused from decoding when the rollout carries them)
+    prompts  -> rollout from the behavior policy mu_k (TRB: eps_k-trust-region blend;
+                continuous batching, trb_nemo.rollout)
+             -> loss batch (trb_nemo.scoring: the teacher statistics decoding recorded, or
+                one teacher scoring pass)
              -> reverse-KL loss and optimizer step on the student
 
 ``Trainer.fit`` adds evaluation (pass@1 at step 0, every ``eval.interval`` steps and at the
-end), checkpoints (every ``checkpoint.interval`` steps, at the end, and when SIGTERM/SIGUSR1
-arrives, after which it exits cleanly), logging and the final report. Rerunning the same
+end), checkpoints (every ``checkpoint.interval`` steps, at the end, and when SIGTERM, SIGUSR1
+or a first SIGINT arrives, after which it exits cleanly), logging and the final report. Rerunning the same
 command resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 import torch
 
+from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import build_source, step_prompts
 from trb_nemo.eval.pass_at_1 import evaluate
@@ -28,17 +32,19 @@ from trb_nemo.parallel import comm, groups
 from trb_nemo.rollout.engine import Rollout, generate
 from trb_nemo.rollout.policies import policy_for
 from trb_nemo.rollout.stats import summarize
+from trb_nemo.scoring.teacher import loss_batch
 from trb_nemo.train import stop_signal
-from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_training
+from trb_nemo.train.checkpoint import agreed_resume_folder, load_training, save_training
 from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.optimizer import wrap_student
 from trb_nemo.train.report import write_report
 from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
-from trb_nemo.train.step import score_with_teacher, train_step
+from trb_nemo.train.step import train_step
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        stop_signal.install()  # first: a signal during start-up stops after the first step
         self.cfg = cfg
         self.run_dir = run_dir_of(cfg)
         self.pg = pg = groups.initialize(cfg.parallel, cfg.seed)
@@ -50,7 +56,9 @@ class Trainer:
         self.teacher = build_teacher(cfg.model, cfg.parallel, pg)
         self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.step_k, self.resumed_from = 0, None
-        latest = latest_checkpoint(self.checkpoint_dir) if cfg.checkpoint.resume else None
+        # the pre-flight's choice (the newest intact checkpoint), the same on every rank; rank 0
+        # first removes unfinished saves and moves damaged newer checkpoints aside
+        latest = agreed_resume_folder(self.checkpoint_dir, cfg.checkpoint.resume)
         if latest is not None:
             resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
@@ -59,7 +67,6 @@ class Trainer:
             folder, r = self.resumed_from
             self.log.print(f"trb-nemo: resumed from {folder} at step {r.step}"
                            + ("" if r.optimizer_restored else " (new TP/PP layout: Adam restarts)"))
-        stop_signal.install()
 
     # ------------------------------------------------------------------ the method box, per step
 
@@ -68,10 +75,11 @@ class Trainer:
         prompts = self.prompts(k)
         policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
         rollout = self.rollout(prompts, policy, k)
-        batch, teacher_passes = self.teacher_targets(rollout)
-        metrics = train_step(self.training, batch, k, self.cfg.loss, self.vocab,
+        batch = loss_batch(rollout, self.cfg.loss, self.teacher, self.cfg.optim.micro_batch_size,
+                           vocab=self.vocab, pg=self.pg)
+        metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab,
                              self.cfg.optim.micro_batch_size, self.pg)
-        return self.step_metrics(k, policy, rollout, prompts, metrics, teacher_passes)
+        return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes)
 
     def prompts(self, k: int) -> list:
         """This DP rank's prompts of step k, each repeated rollout.num_rollouts_per_prompt times."""
@@ -80,35 +88,17 @@ class Trainer:
         return [p for p in share for _ in range(self.cfg.rollout.num_rollouts_per_prompt)]
 
     def rollout(self, prompts, policy, k: int) -> Rollout:
-        seed = self.cfg.rollout.seed * 1_000_003 + k * 1009 + self.pg.dp_rank * 7919 + 1
+        """Step k's rollouts of this DP rank; sequence ids are global (DP rank x share + i), so
+        a sequence's noise depends on (seed, step, its index), not on the DP layout."""
+        r = self.cfg.rollout
+        seed = r.seed * 1_000_003 + k * 1009 + 1
+        first = self.pg.dp_rank * len(prompts)
         return generate(self.student, self.teacher, [list(p.ids) for p in prompts], policy,
-                        vocab=self.vocab, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                        vocab=self.vocab, max_new_tokens=r.max_new_tokens,
                         topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed),
-                        pg=self.pg)
-
-    def teacher_targets(self, rollout: Rollout) -> tuple[dict, int]:
-        """The loss batch; the teacher runs a scoring pass only if decoding did not already
-        record what the loss needs. Returns (batch, number of teacher scoring passes)."""
-        kind, mask = self.cfg.loss.kind, rollout.loss_mask
-        batch = {"tokens": rollout.tokens, "loss_mask": mask}
-        mbs = self.cfg.optim.micro_batch_size
-        if kind == "full":
-            batch["teacher_logits"] = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab,
-                                                         pg=self.pg)
-            return batch, 1
-        if kind == "topk":
-            ids, lp = rollout.topk_ids, rollout.teacher_topk_logprobs
-        else:  # sampled: the chosen next token at each prefix
-            ids = torch.cat([rollout.tokens[:, 1:], rollout.tokens[:, :1]], dim=1).unsqueeze(-1)
-            lp = rollout.records["teacher_logprob"].unsqueeze(-1)  # NaN where the teacher did not run
-        passes = 0
-        if lp is None or not bool(torch.isfinite(lp[mask]).all()):
-            lp = score_with_teacher(self.teacher, batch, mbs, vocab=self.vocab, pg=self.pg, ids=ids)
-            passes = 1
-        if lp is not None:  # last stage: NaN outside response prefixes would poison the sums
-            lp = torch.where(mask.unsqueeze(-1), lp, torch.zeros_like(lp))
-        batch.update(target_ids=ids, teacher_logprobs=lp)
-        return batch, passes
+                        pg=self.pg, sequence_ids=range(first, first + len(prompts)),
+                        max_in_flight=r.max_sequences_in_flight,
+                        prefill_tokens=r.prefill_chunk_tokens)
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes) -> dict:
         correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)]
@@ -130,7 +120,8 @@ class Trainer:
 
     def save(self) -> None:
         save_training(self.checkpoint_dir, self.step_k, self.training, self.cfg.model.student,
-                      {"step": self.step_k}, self.cfg.checkpoint.keep_last, self.pg)
+                      {"step": self.step_k}, self.cfg.checkpoint.keep_last, self.pg,
+                      config_yaml=composed_yaml(self.cfg))
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -146,11 +137,12 @@ class Trainer:
             last = self.step_k == cfg.optim.max_steps
             if last or (cfg.eval.interval and self.step_k % cfg.eval.interval == 0):
                 self.log.log(self.step_k, {"eval/pass@1": self.evaluate()})
-            stopped = stop_signal.stop_requested()
+            stopped = 0 if last else stop_signal.stop_requested()  # the last step: finish
             if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
                 self.save()
             if stopped:
-                if comm.world_rank() == 0:  # the Slurm job script requeues itself on seeing it
+                if comm.world_rank() == 0 and stopped != signal.SIGINT:  # a Ctrl-C means stop
+                    # the Slurm job script requeues itself on seeing it
                     (self.run_dir / STOP_MARKER).write_text(f"{self.step_k}\n")
                 self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
                                f"{self.checkpoint_dir}; rerun the same command to resume")

@@ -1,0 +1,100 @@
+"""Self-attention that can decode from a per-sequence KV cache (the rollout engine's).
+
+Megatron's static inference context keeps one sequence offset for the whole batch, and its
+dynamic context needs flash-attn; neither lets a finished sequence leave and a new one join at
+its own length on CPU and GPU alike. :class:`CachedSelfAttention` is Megatron's
+``SelfAttention`` (same parameters, same checkpoints, local or Transformer Engine linears) with
+one more path: while a :class:`CacheStep` is active (:func:`active`), it takes each fed token's
+(slot, position) from the step, rotates q and k by the token's own position, writes k and v
+into the step's cache and attends over the slot's prefix with a causal mask. Outside a step
+it is exactly ``SelfAttention`` (training, scoring, teacher-forced recomputation).
+
+Layout of a step (``L`` positions of ``B`` rows, Megatron's [s, b, ...] order): row ``b``
+holds slot ``slot_lo + b``; its token ``l`` sits at position ``positions_LB[l, b]``; padding
+tokens sit at the cache's scratch position (its last), so every write is one index_put with
+no boolean mask (no device sync), and their outputs are ignored. The attention kernel
+is torch's ``scaled_dot_product_attention`` with a boolean mask (a memory-efficient kernel on
+CUDA, the math kernel on CPU); everything else is one code path on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.attention import SelfAttention
+
+
+@dataclass
+class CacheStep:
+    """One forward of a network through its KV cache (see the module docstring).
+
+    ``keys``/``values``: layer number -> [slots, max_len + 1, kv_heads / TP, head_dim] of this
+    stage's layers (allocated by the cache); ``cos_LB1D``/``sin_LB1D``: cos and sin of each fed
+    token's RoPE angles (computed once per forward, for every layer);
+    ``mask_B1LK``: key j visible to token l of row b (j <= its position); ``key_len``: keys read
+    (the longest prefix among the rows after this step).
+    """
+
+    keys: dict
+    values: dict
+    slot_lo: int
+    positions_LB: torch.Tensor
+    cos_LB1D: torch.Tensor
+    sin_LB1D: torch.Tensor
+    mask_B1LK: torch.Tensor
+    key_len: int
+
+
+_ACTIVE: list[CacheStep] = []
+
+
+@contextlib.contextmanager
+def active(step: CacheStep):
+    """Within this block every CachedSelfAttention decodes through ``step``."""
+    _ACTIVE.append(step)
+    try:
+        yield step
+    finally:
+        _ACTIVE.pop()
+
+
+def _rotate(t: torch.Tensor, step: CacheStep) -> torch.Tensor:
+    """RoPE as Megatron applies it unfused (non-interleaved halves): t cos + rotate_half(t) sin
+    on the first rot_dim channels, each token at its own position."""
+    rot = step.cos_LB1D.shape[-1]
+    x, rest = t[..., :rot], t[..., rot:]
+    x1, x2 = x.chunk(2, dim=-1)
+    out = x * step.cos_LB1D.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * step.sin_LB1D.to(t.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class CachedSelfAttention(SelfAttention):
+    """``SelfAttention`` plus the per-sequence cache path (module docstring)."""
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        if not _ACTIVE:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        step = _ACTIVE[-1]
+        if self.config.rotary_interleaved or self.config.multi_latent_attention:
+            raise NotImplementedError("the cached decode path rotates non-interleaved RoPE halves")
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        # query [L, B, np, hn]; key, value [L, B, ng, hn]: this rank's heads
+        query, key = _rotate(query, step), _rotate(key, step)
+        cache_k, cache_v = step.keys[self.layer_number], step.values[self.layer_number]
+        length, rows = step.positions_LB.shape
+        slots_LB = torch.arange(step.slot_lo, step.slot_lo + rows,
+                                device=key.device).expand(length, rows)
+        cache_k[slots_LB, step.positions_LB] = key.to(cache_k.dtype)
+        cache_v[slots_LB, step.positions_LB] = value.to(cache_v.dtype)
+        k = cache_k[step.slot_lo: step.slot_lo + rows, : step.key_len]  # [B, K, ng, hn] (a view)
+        v = cache_v[step.slot_lo: step.slot_lo + rows, : step.key_len]
+        scale = self.config.softmax_scale or self.hidden_size_per_attention_head ** -0.5
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), k.transpose(1, 2).to(query.dtype),
+            v.transpose(1, 2).to(query.dtype), attn_mask=step.mask_B1LK, scale=scale,
+            enable_gqa=k.shape[2] != query.shape[2])  # [B, np, L, hn]
+        out = out.permute(2, 0, 1, 3).reshape(length, rows, -1)
+        return self.linear_proj(out)

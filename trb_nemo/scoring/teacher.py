@@ -1,0 +1,111 @@
+"""Scoring: a finished rollout becomes the loss batch, with the teacher's targets at every
+response prefix (DESIGN.md: rollout -> scoring -> update).
+
+The hand-off from decoding is typed: a rollout carries :class:`TeacherStats` when the teacher
+ran in lockstep (the TRB warmup, fixed eps, SKD), or None. The loss then needs a teacher
+scoring pass only when decoding did not record what it needs:
+
+* ``loss.kind=full``: the teacher's logits at every position (always one pass);
+* ``topk``: log pi_T at the student's top-k ids of each prefix (recorded while decoding);
+* ``sampled``: log pi_T of the token drawn at each prefix (recorded while decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trb_nemo.config.schema import LossConfig
+from trb_nemo.models.vocab import SharedVocab
+from trb_nemo.ops.losses import teacher_logprobs_at
+from trb_nemo.parallel.groups import ParallelGroups
+from trb_nemo.train.pipeline import run_schedule, split_microbatches
+
+
+@dataclass
+class TeacherStats:
+    """What decoding recorded of the teacher at every response prefix."""
+
+    topk_logprobs: torch.Tensor
+    """[B, S, K] fp32: log pi_T (EOS-canonicalized) at the rollout's ``topk_ids``."""
+    chosen_logprob: torch.Tensor
+    """[B, S] fp32: log pi_T of the token drawn at each prefix."""
+
+
+@dataclass
+class LossBatch:
+    """This data-parallel rank's loss batch (the layout of :mod:`trb_nemo.train.step`)."""
+
+    tokens: torch.Tensor
+    """[B, S] int64."""
+    loss_mask: torch.Tensor
+    """[B, S] bool: response prefixes."""
+    teacher_logits: torch.Tensor | None = None
+    """[B, S, V_pad / TP] (``loss.kind=full``; last stage only)."""
+    target_ids: torch.Tensor | None = None
+    """[B, S, K] int64: the support of the loss at each prefix (``topk``/``sampled``)."""
+    teacher_logprobs: torch.Tensor | None = None
+    """[B, S, K] fp32: log pi_T at ``target_ids``, 0 outside response prefixes (last stage)."""
+    teacher_passes: int = 0
+    """Teacher scoring passes it took (0 when decoding recorded the targets)."""
+
+    def as_dict(self) -> dict:
+        """The batch dict :func:`trb_nemo.train.step.train_step` takes."""
+        out = {"tokens": self.tokens, "loss_mask": self.loss_mask}
+        if self.teacher_logits is not None:
+            out["teacher_logits"] = self.teacher_logits
+        if self.target_ids is not None:
+            out.update(target_ids=self.target_ids, teacher_logprobs=self.teacher_logprobs)
+        return out
+
+
+@torch.no_grad()
+def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int, *,
+                       vocab: SharedVocab, pg: ParallelGroups, ids: torch.Tensor | None = None):
+    """The teacher's targets for ``tokens`` [B, S], forward-only on the run's TP/PP layout.
+
+    ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``); else log pi_T at
+    ``ids`` [B, S, K] fp32 of the EOS-canonicalized teacher (compact, for ``target_ids``). Last
+    stage only; None on other stages. Memory: one microbatch of teacher activations at a time,
+    plus the result.
+    """
+    mbs = split_microbatches({"tokens": tokens, "ids": ids}, micro_batch_size)
+
+    def on_logits(index, mb, logits_BSV):
+        if mb["ids"] is None:
+            return logits_BSV.detach()
+        return teacher_logprobs_at(vocab.canonical(logits_BSV, pg.tensor), mb["ids"],
+                                   vocab_group=pg.tensor, vocab_size=vocab.size)
+
+    out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
+    if not pg.is_last_stage:
+        return None
+    return torch.cat([out[i] for i in range(len(mbs))])
+
+
+def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int, *,
+               vocab: SharedVocab, pg: ParallelGroups) -> LossBatch:
+    """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.engine.Rollout`),
+    running the teacher only for what decoding did not record (module docstring)."""
+    tokens, mask = rollout.tokens, rollout.loss_mask
+    batch = LossBatch(tokens, mask)
+    if loss_cfg.kind == "full":
+        batch.teacher_logits = score_with_teacher(teacher, tokens, micro_batch_size, vocab=vocab,
+                                                  pg=pg)
+        batch.teacher_passes = 1
+        return batch
+    recorded = rollout.teacher
+    if loss_cfg.kind == "topk":
+        ids = rollout.topk_ids
+        lp = recorded.topk_logprobs if recorded is not None else None
+    else:  # sampled: the token drawn at each prefix is the next one
+        ids = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).unsqueeze(-1)
+        lp = recorded.chosen_logprob.unsqueeze(-1) if recorded is not None else None
+    if lp is None:
+        lp = score_with_teacher(teacher, tokens, micro_batch_size, vocab=vocab, pg=pg, ids=ids)
+        batch.teacher_passes = 1
+    if lp is not None:  # last stage: NaN outside response prefixes would poison the sums
+        lp = torch.where(mask.unsqueeze(-1), lp, torch.zeros_like(lp))
+    batch.target_ids, batch.teacher_logprobs = ids, lp
+    return batch
