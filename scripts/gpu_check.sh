@@ -288,9 +288,10 @@ run_stage train 150 "$py" -m trb_nemo.cli train "${train_args[@]}" ${GPU_CHECK_T
 # shellcheck disable=SC2086
 run_stage ops_bench 120 "$py" benchmarks/ops.py ${GPU_CHECK_OPS_ARGS:---repeats 3}
 
-# 4. TRB decoding vs student-only decoding with the toy models
+# 4. the rollout engine against the one it replaced (long-tail and uniform lengths, student-only
+# and TRB warmup) with the toy models on the GPU
 # shellcheck disable=SC2086
-run_stage rollout_bench 90 "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:-}
+run_stage rollout_bench 90 "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:---parts ab --repeats 2}
 
 if [ "$skip_cuda" = 1 ]; then summarize "ran without the CUDA check (GPU_CHECK_SKIP_CUDA_CHECK=1)"; else summarize ran; fi
 if [ "$n_failed" -eq 0 ]; then
