@@ -19,3 +19,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """Fail the test if `trb-nemo train` would start a rank (input errors must come before)."""
+    import trb_nemo.train.entry as entry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank started")
+
+    monkeypatch.setattr(entry, "run_local_ranks", refuse)

@@ -12,8 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_inputs import one_line_error, write_word_tokenizer
 
-from trb_nemo.cli import EXIT_CONFIG_ERROR, main
+from trb_nemo.cli import main
 from trb_nemo.config.compose import default_config_dir, load_config
 
 
@@ -21,39 +22,14 @@ from trb_nemo.config.compose import default_config_dir, load_config
 def student(tmp_path_factory):
     """A tiny Qwen3 HF folder (``transformers``) with a word-level tokenizer."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder = tmp_path_factory.mktemp("hf")
     transformers.Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              head_dim=8, max_position_embeddings=256, eos_token_id=1,
                              architectures=["Qwen3ForCausalLM"]).save_pretrained(folder)
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("what is one two three plus".split())}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    write_word_tokenizer(folder, "what is one two three plus".split())
     return str(folder)
-
-
-@pytest.fixture
-def no_ranks(monkeypatch):
-    """Fail the test if a rank would start (errors must come before)."""
-    import trb_nemo.train.entry as entry
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a rank started")
-
-    monkeypatch.setattr(entry, "run_local_ranks", refuse)
-
-
-def one_line_error(capsys, argv) -> str:
-    assert main(argv) == EXIT_CONFIG_ERROR
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("trb-nemo: config error: "), err
-    return err[0].removeprefix("trb-nemo: config error: ")
 
 
 def train_on(capsys, hf, data, *extra) -> str:

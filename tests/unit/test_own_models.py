@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_inputs import one_line_error, write_word_tokenizer
 
-from trb_nemo.cli import EXIT_CONFIG_ERROR, main
+from trb_nemo.cli import main
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ModelSpec
 from trb_nemo.models.convert import _write_hf_folder, plan
@@ -43,14 +44,7 @@ def make_hf(folder: Path, *, vocab_size=160, hidden_size=48, layers=2, max_posit
     if generation_eos is not None:
         transformers.GenerationConfig(eos_token_id=generation_eos).save_pretrained(folder)
     if tokenizer:
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.save(str(folder / "tokenizer.json"))
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+        write_word_tokenizer(folder, WORDS)
     return str(folder)
 
 
@@ -64,25 +58,6 @@ def models(tmp_path_factory):
     teacher = make_hf(root / "teacher", hidden_size=64, layers=4, max_positions=512, eos=6,
                       generation_eos=[150, 6])
     return student, teacher
-
-
-@pytest.fixture
-def no_ranks(monkeypatch):
-    """Fail the test if a rank would start (errors must come before)."""
-    import trb_nemo.train.entry as entry
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a rank started")
-
-    monkeypatch.setattr(entry, "run_local_ranks", refuse)
-
-
-def one_line_error(capsys, argv) -> str:
-    assert main(argv) == EXIT_CONFIG_ERROR
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("trb-nemo: config error: "), err
-    return err[0].removeprefix("trb-nemo: config error: ")
 
 
 def cfg_job(capsys, *overrides) -> tuple[dict, list[str]]:

@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_train_inputs.py
 import json
 
 import pytest
+from cli_inputs import write_word_tokenizer
 
 from trb_nemo.cli import EXIT_CONFIG_ERROR, main
 
@@ -20,15 +21,9 @@ QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate
 @pytest.fixture(scope="module")
 def hf_with_tokenizer(tmp_path_factory):
     """An HF folder with a config.json and a word-level tokenizer `transformers` loads."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     folder = tmp_path_factory.mktemp("hf")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("what is one two three plus".split())}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}))
+    write_word_tokenizer(folder, "what is one two three plus".split())
     (folder / "config.json").write_text(json.dumps(QWEN3))
     return str(folder)
 
