@@ -128,6 +128,9 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     if len(ids) != len(prompts):
         raise ValueError(f"{len(ids)} sequence ids for {len(prompts)} prompts")
     used = [student] + ([teacher] if policy.needs_teacher() else [])
+    if any(m.config.sequence_parallel for m in used):
+        raise ValueError("the rollout engine feeds one token per sequence per step, which "
+                         "sequence parallelism cannot split; set parallel.sequence_parallel=false")
     with decode_mode(*used), device_mode_suspended():
         return _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
                         policy, vocab, max_new_tokens, topk_k, generator, pg, max_in_flight,
