@@ -43,15 +43,16 @@ def _decoded(impl: str):
     """Cached decode logits [B, steps, V]: a 12-token prefill, then 8 one-token steps (eval mode)."""
     from trb_nemo.models.networks import build_network
     from trb_nemo.parallel import groups
-    from trb_nemo.rollout.kv_decoder import CachedForward
+    from trb_nemo.rollout.kv_cache import SequenceCache
 
     parallel = ParallelConfig(tensor_model_parallel_size=1)
     pg = groups.initialize(parallel, seed=0)
     cfg = ModelConfig(student=SPEC, teacher=None, transformer_impl=impl, precision="bf16")
     model = build_network(SPEC, cfg, parallel, pg).eval()
     tokens = torch.randint(0, 256, (4, 20), generator=torch.Generator().manual_seed(1)).cuda()
-    fwd = CachedForward(model, 4, 32, pg)
-    outs = [fwd(tokens[:, :12])] + [fwd(tokens[:, t:t + 1]) for t in range(12, 20)]
+    cache = SequenceCache(model, 4, 32, pg)
+    outs = [cache.feed(0, tokens[:, :12], [12] * 4)]
+    outs += [cache.feed(0, tokens[:, t:t + 1], [1] * 4) for t in range(12, 20)]
     groups.destroy()
     return torch.stack(outs, 1).float().cpu()
 
