@@ -27,7 +27,8 @@ at the student's top-k ids (k = ``loss.topk``), so the loss needs no second teac
 Ranks: every rank of the TP/PP group calls :func:`generate` with the same prompts and generator
 state, and makes the same scheduling decisions. The last pipeline stage chooses tokens (all its
 TP ranks agree); they are broadcast over the pipeline group every step (1 broadcast of [n]).
-Host syncs: one per step (the chosen ids, which the scheduler needs). Records are broadcast at
+Host syncs per step: the chosen ids (the scheduler needs them) and the sampler's check that no
+row lost every finite logit (:func:`~trb_nemo.ops.vocab_parallel.sample`). Records are broadcast at
 the end.
 """
 
