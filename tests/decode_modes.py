@@ -22,7 +22,9 @@ def modes_seen(parallel_preset: str = "cpu_tp1"):
     student.train()
     seen = {"student": [], "teacher": []}
     for name, model in (("student", student), ("teacher", teacher)):
-        model.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(m.training))
+        # a module every forward runs (the decode path calls the layers, not GPTModel.forward)
+        model.decoder.layers[0].self_attention.register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(m.training))
     vocab = SharedVocab.of(cfg.model)
     source = build_source(cfg)
     out = {}

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.dist
 ROWS, V_PAD, V_TRUE, KEEP, DROP, K = 6, 48, 45, 3, 40, 5
 EPS = torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.1, 1e3])
 SAMPLE_ROWS = 200_000
+RECORD_IDS = torch.tensor([[0, 23, 44], [7, KEEP, 46], [DROP, 12, 30], [0, 1, 2],
+                           [44, 24, 23], [KEEP, DROP, 11]])
+"""Ids whose log-probs a decode step records: on every shard, the merged stop id, the masked
+drop id and a padding id (-inf), a -inf logit (row 1, id 7)."""
 
 
 def _full_logits():
@@ -58,6 +62,8 @@ def _sharded_ops():
     out["mu"] = _gather_cols(trust_region.behavior_logprobs(zs, zt, out["beta"], **kw))
     out["kl"] = trust_region.kl_to_student(zs, zt, out["beta"], **kw)
     out["topk_vals"], out["topk_ids"] = vocab_parallel.topk(zs, K, **kw)
+    out["records_logprob"], out["records_topk"] = vocab_parallel.logprobs_and_topk(
+        zs, RECORD_IDS, K, **kw)
     for kind in ("full", "topk"):
         x = zs.clone().requires_grad_(True)
         value = losses.reverse_kl(x, zt, kind=kind, topk=K, **kw)
@@ -175,6 +181,19 @@ def test_losses_match_reference(sharded):
     assert torch.allclose(got["topk_value"].double()[finite], value.detach()[finite], atol=1e-5)
     assert torch.allclose(got["topk_grad"][finite][:, :V_TRUE], y.grad[finite][:, :V_TRUE], atol=1e-5)
     assert torch.allclose(got["at_ids_value"][finite], got["topk_value"][finite], atol=1e-6)
+
+
+def test_decode_records_in_one_collective(sharded, unsharded):
+    """logprobs_and_topk equals log_softmax at the ids and topk's ids (same ties)."""
+    zs, _ = _reference()
+    want = torch.log_softmax(ref.masked(zs, V_TRUE), dim=-1).gather(-1, RECORD_IDS)
+    for got in (sharded[0], unsharded):
+        lp = got["records_logprob"].double()
+        finite = torch.isfinite(want)
+        assert not finite.all() and torch.equal(torch.isfinite(lp), finite)
+        assert (lp[finite] - want[finite]).abs().max() <= 1e-5
+        assert torch.equal(got["records_topk"], got["topk_ids"])
+    assert torch.equal(sharded[0]["records_topk"], unsharded["records_topk"])
 
 
 def test_sampling_does_not_depend_on_tp(sharded, unsharded):

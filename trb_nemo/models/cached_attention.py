@@ -15,6 +15,13 @@ tokens sit at the cache's scratch position (its last), so every write is one ind
 no boolean mask (no device sync), and their outputs are ignored. The attention kernel
 is torch's ``scaled_dot_product_attention`` with a boolean mask (a memory-efficient kernel on
 CUDA, the math kernel on CPU); everything else is one code path on CPU and GPU.
+
+:class:`DecodeColumnParallelLinear` and :class:`DecodeRowParallelLinear` are Megatron's local
+(non-Transformer-Engine) parallel linears with a lean forward while a step is active: the
+same matmul (``x @ W^T``), the same TP all-reduce of the row-parallel output (through
+:mod:`trb_nemo.parallel.comm`), the same bias handling, without the training machinery
+(autograd function, gradient-accumulation and async-communication checks) that costs more than
+the matmul at decode sizes. Transformer Engine's linears (GPU, FP8) are used as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
+
+from trb_nemo.parallel import comm
 
 
 @dataclass
@@ -35,7 +45,8 @@ class CacheStep:
     stage's layers (allocated by the cache); ``cos_LB1D``/``sin_LB1D``: cos and sin of each fed
     token's RoPE angles (computed once per forward, for every layer);
     ``mask_B1LK``: key j visible to token l of row b (j <= its position); ``key_len``: keys read
-    (the longest prefix among the rows after this step).
+    (the longest prefix among the rows after this step); ``slots_LB``: the slot of each fed
+    token (``slot_lo + b``).
     """
 
     keys: dict
@@ -46,6 +57,7 @@ class CacheStep:
     sin_LB1D: torch.Tensor
     mask_B1LK: torch.Tensor
     key_len: int
+    slots_LB: torch.Tensor
 
 
 _ACTIVE: list[CacheStep] = []
@@ -67,7 +79,7 @@ def _rotate(t: torch.Tensor, step: CacheStep) -> torch.Tensor:
     rot = step.cos_LB1D.shape[-1]
     x, rest = t[..., :rot], t[..., rot:]
     x1, x2 = x.chunk(2, dim=-1)
-    out = x * step.cos_LB1D.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * step.sin_LB1D.to(t.dtype)
+    out = x * step.cos_LB1D + torch.cat((-x2, x1), dim=-1) * step.sin_LB1D
     return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
@@ -85,10 +97,8 @@ class CachedSelfAttention(SelfAttention):
         query, key = _rotate(query, step), _rotate(key, step)
         cache_k, cache_v = step.keys[self.layer_number], step.values[self.layer_number]
         length, rows = step.positions_LB.shape
-        slots_LB = torch.arange(step.slot_lo, step.slot_lo + rows,
-                                device=key.device).expand(length, rows)
-        cache_k[slots_LB, step.positions_LB] = key.to(cache_k.dtype)
-        cache_v[slots_LB, step.positions_LB] = value.to(cache_v.dtype)
+        cache_k[step.slots_LB, step.positions_LB] = key.to(cache_k.dtype)
+        cache_v[step.slots_LB, step.positions_LB] = value.to(cache_v.dtype)
         k = cache_k[step.slot_lo: step.slot_lo + rows, : step.key_len]  # [B, K, ng, hn] (a view)
         v = cache_v[step.slot_lo: step.slot_lo + rows, : step.key_len]
         scale = self.config.softmax_scale or self.hidden_size_per_attention_head ** -0.5
@@ -98,3 +108,42 @@ class CachedSelfAttention(SelfAttention):
             enable_gqa=k.shape[2] != query.shape[2])  # [B, np, L, hn]
         out = out.permute(2, 0, 1, 3).reshape(length, rows, -1)
         return self.linear_proj(out)
+
+
+class DecodeColumnParallelLinear(ColumnParallelLinear):
+    """Megatron's ColumnParallelLinear; lean inside a cache step (module docstring): returns
+    (x @ W^T [+ bias], bias if ``skip_bias_add`` else None), this rank's output columns."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return column_linear(self, input_, weight, runtime_gather_output)
+
+
+def column_linear(module: ColumnParallelLinear, input_, weight=None, runtime_gather_output=None):
+    """``module(input_, weight, runtime_gather_output)`` for a Megatron ColumnParallelLinear
+    (GPTModel's output layer included), lean inside a cache step (module docstring)."""
+    if type(module) not in (ColumnParallelLinear, DecodeColumnParallelLinear):  # e.g. TE's
+        return module(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+    gather = module.gather_output if runtime_gather_output is None else runtime_gather_output
+    if not _ACTIVE or torch.is_grad_enabled() or module.sequence_parallel or gather:
+        return ColumnParallelLinear.forward(module, input_, weight, runtime_gather_output)
+    out = torch.matmul(input_, (module.weight if weight is None else weight).t())
+    if module.bias is not None and not module.skip_bias_add:
+        return out + module.bias, None
+    return out, module.bias if module.skip_bias_add else None
+
+
+class DecodeRowParallelLinear(RowParallelLinear):
+    """Megatron's RowParallelLinear; lean inside a cache step (module docstring): the partial
+    products x_i @ W_i^T summed over TP (1 all-reduce of the output when TP > 1), then the
+    bias as Megatron adds it."""
+
+    def forward(self, input_):
+        if (not _ACTIVE or torch.is_grad_enabled() or self.sequence_parallel
+                or not self.input_is_parallel or self.explicit_expert_comm):
+            return super().forward(input_)
+        out = torch.matmul(input_, self.weight.t())
+        if self.config.tensor_model_parallel_size > 1:
+            out = comm.all_reduce(out, self.tp_group)
+        if not self.skip_bias_add:
+            return (out + self.bias if self.bias is not None else out), None
+        return out, self.bias

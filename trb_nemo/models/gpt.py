@@ -7,6 +7,9 @@ Architecture: pre-norm decoder, RoPE, SwiGLU MLP, no linear biases (the Qwen3/Ll
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -15,7 +18,11 @@ from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
-from trb_nemo.models.cached_attention import CachedSelfAttention
+from trb_nemo.models.cached_attention import (
+    CachedSelfAttention,
+    DecodeColumnParallelLinear,
+    DecodeRowParallelLinear,
+)
 from trb_nemo.parallel.groups import ParallelGroups
 
 VOCAB_PAD_MULTIPLE = 128
@@ -121,7 +128,8 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
 def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
     """Megatron's local or Transformer Engine layer spec, with the self-attention that can also
     decode from the rollout engine's per-sequence KV cache (:mod:`.cached_attention`; same
-    parameters and checkpoints as Megatron's SelfAttention)."""
+    parameters and checkpoints as Megatron's SelfAttention) and, in the local spec, the parallel
+    linears with a lean decode forward (same parameters)."""
     if model_cfg.transformer_impl == "transformer_engine":
         try:
             from megatron.core.models.gpt.gpt_layer_specs import (
@@ -135,6 +143,14 @@ def layer_spec(spec: ModelSpec, model_cfg: ModelConfig):
     else:
         layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_layernorm,
                                          normalization=spec.normalization)
+        attention = layer.submodules.self_attention.submodules
+        attention.linear_qkv, attention.linear_proj = (DecodeColumnParallelLinear,
+                                                       DecodeRowParallelLinear)
+        mlp = layer.submodules.mlp  # functools.partial(MLP.as_mlp_submodule, submodules=...)
+        layer.submodules.mlp = functools.partial(mlp.func, *mlp.args, **{
+            **mlp.keywords, "submodules": dataclasses.replace(
+                mlp.keywords["submodules"], linear_fc1=DecodeColumnParallelLinear,
+                linear_fc2=DecodeRowParallelLinear)})
     layer.submodules.self_attention.module = CachedSelfAttention
     return layer
 

@@ -15,6 +15,29 @@ import torch.distributed as dist
 from trb_nemo.ops.vocab_parallel import NEG_INF, shard_start
 
 
+def _merge(logits, keep_local, drop_local, group, weight: bool = True):
+    """The forward of :class:`_ShardedMerge`: (merged logits, w_keep [R]; None off the keep
+    owner or without ``weight``, which only the backward needs)."""
+    lead = logits.shape[:-1]
+    dropped = (logits[..., drop_local].float() if drop_local is not None
+               else torch.full(lead, NEG_INF, device=logits.device))
+    dropped = dropped.contiguous()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(dropped, op=dist.ReduceOp.MAX, group=group)
+    out = logits.clone()
+    w_keep = None
+    if keep_local is not None:
+        kept = logits[..., keep_local].float()
+        merged = torch.logaddexp(kept, dropped)
+        out[..., keep_local] = merged.to(logits.dtype)
+        if weight:
+            w_keep = torch.where(torch.isfinite(merged), torch.exp(kept - merged),
+                                 torch.zeros_like(merged))
+    if drop_local is not None:
+        out[..., drop_local] = NEG_INF
+    return out, w_keep
+
+
 class _ShardedMerge(torch.autograd.Function):
     """canonicalize() on any shard layout (``group`` None: the whole vocabulary is local, no
     collective), with its exact gradient.
@@ -29,22 +52,7 @@ class _ShardedMerge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, keep_local, drop_local, group):
-        lead = logits.shape[:-1]
-        dropped = (logits[..., drop_local].float() if drop_local is not None
-                   else torch.full(lead, NEG_INF, device=logits.device))
-        dropped = dropped.contiguous()
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(dropped, op=dist.ReduceOp.MAX, group=group)
-        out = logits.clone()
-        w_keep = None
-        if keep_local is not None:
-            kept = logits[..., keep_local].float()
-            merged = torch.logaddexp(kept, dropped)
-            out[..., keep_local] = merged.to(logits.dtype)
-            w_keep = torch.where(torch.isfinite(merged), torch.exp(kept - merged),
-                                 torch.zeros_like(merged))
-        if drop_local is not None:
-            out[..., drop_local] = NEG_INF
+        out, w_keep = _merge(logits, keep_local, drop_local, group)
         ctx.keep_local, ctx.drop_local, ctx.group = keep_local, drop_local, group
         ctx.save_for_backward(w_keep if w_keep is not None else torch.zeros(0))
         return out
@@ -79,5 +87,8 @@ def canonicalize(logits: torch.Tensor, *, keep_id: int, drop_id: int, vocab_grou
     owns_drop = start <= drop_id < start + v_local
     if vocab_group is None and not (owns_keep and owns_drop):
         raise ValueError(f"keep_id={keep_id} and drop_id={drop_id} must be < vocab {v_local}")
-    return _ShardedMerge.apply(logits, keep_id - start if owns_keep else None,
-                               drop_id - start if owns_drop else None, vocab_group)
+    keep_local = keep_id - start if owns_keep else None
+    drop_local = drop_id - start if owns_drop else None
+    if not (torch.is_grad_enabled() and logits.requires_grad):  # decoding: no autograd node
+        return _merge(logits, keep_local, drop_local, vocab_group, weight=False)[0]
+    return _ShardedMerge.apply(logits, keep_local, drop_local, vocab_group)

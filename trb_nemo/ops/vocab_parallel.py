@@ -49,11 +49,10 @@ def row_chunks(num_rows: int, v_local: int, fused: bool = False):
 
 def valid_columns(v_local: int, vocab_size: int | None, group, device) -> torch.Tensor | None:
     """Bool [V]: which local columns are real tokens (None when there is no padding here)."""
-    if vocab_size is None:
+    n = valid_count(v_local, vocab_size, group)  # host ints: no device sync
+    if n == v_local:
         return None
-    ids = torch.arange(v_local, device=device) + shard_start(v_local, group)
-    valid = ids < vocab_size
-    return None if bool(valid.all()) else valid
+    return torch.arange(v_local, device=device) < n
 
 
 def valid_count(v_local: int, vocab_size: int | None, group) -> int:
@@ -208,20 +207,59 @@ def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | No
         raise ValueError(f"top-k needs 0 < k <= vocabulary size {true_vocab}, got k={k}")
     x_RV = as_fp32_masked(values.reshape(-1, v_local),
                           valid_columns(v_local, vocab_size, vocab_group, values.device))
-    k_local = min(k, v_local)
-    val_RK, idx_RK = x_RV.topk(k_local, dim=-1, sorted=True)
-    ids_RK = idx_RK + shard_start(v_local, vocab_group)
-    packed = torch.cat([val_RK.double(), ids_RK.double()], dim=-1)
-    gathered_PRK2 = all_gather_rows(packed, vocab_group)
-    vals_RN = gathered_PRK2[..., :k_local].permute(1, 0, 2).reshape(x_RV.shape[0], -1)
-    ids_RN = gathered_PRK2[..., k_local:].permute(1, 0, 2).reshape(x_RV.shape[0], -1)
+    gathered_PRK2 = all_gather_rows(_local_topk(x_RV, k, vocab_group), vocab_group)
+    top_vals, top_ids = _merge_topk(gathered_PRK2, k)
+    return top_vals.reshape(*lead, k), top_ids.reshape(*lead, k)
+
+
+def _local_topk(x_RV: torch.Tensor, k: int, group) -> torch.Tensor:
+    """This shard's top-min(k, V) as fp64 [R, 2K'] (values, then global ids: exact in fp64)."""
+    val_RK, idx_RK = x_RV.topk(min(k, x_RV.shape[-1]), dim=-1, sorted=True)
+    return torch.cat([val_RK.double(), (idx_RK + shard_start(x_RV.shape[-1], group)).double()],
+                     dim=-1)
+
+
+def _merge_topk(gathered_PRK2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's :func:`_local_topk` [P, R, 2K'] -> global (values [R, K] fp32, ids [R, K]
+    int64), sorted descending, ties to the lower global id."""
+    k_local = gathered_PRK2.shape[-1] // 2
+    rows = gathered_PRK2.shape[1]
+    vals_RN = gathered_PRK2[..., :k_local].permute(1, 0, 2).reshape(rows, -1)
+    ids_RN = gathered_PRK2[..., k_local:].permute(1, 0, 2).reshape(rows, -1)
     # ties -> lower global id: sort by id first, then a stable sort by value
     order = ids_RN.argsort(dim=-1)
     vals_RN, ids_RN = vals_RN.gather(-1, order), ids_RN.gather(-1, order)
     order = vals_RN.argsort(dim=-1, descending=True, stable=True)[..., :k]
-    top_vals = vals_RN.gather(-1, order).float().reshape(*lead, k)
-    top_ids = ids_RN.gather(-1, order).long().reshape(*lead, k)
-    return top_vals, top_ids
+    return vals_RN.gather(-1, order).float(), ids_RN.gather(-1, order).long()
+
+
+def logprobs_and_topk(logits_RV: torch.Tensor, ids_RJ: torch.Tensor, k: int, *, vocab_group=None,
+                      vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's records in one collective: (log p at global ``ids_RJ`` [R, J] fp32,
+    global top-k ids [R, K] int64), p the softmax over the true vocabulary. Equal to
+    ``gather_at_ids(z, ids) - logsumexp(z)`` and ``topk(z, k)[1]`` (same ties), without
+    gradient.
+
+    Each rank packs its (max, sum exp(z - max)), its local top-k and its values at the ids it
+    owns (-inf at the others) into one fp64 row. Collectives: 1 all-gather of
+    [P, R, 2 + 2K' + J] (K' = min(k, V)).
+    """
+    rows, v_local = logits_RV.shape
+    true_vocab = vocab_size if vocab_size is not None else v_local * group_size(vocab_group)
+    if not 0 < k <= true_vocab:
+        raise ValueError(f"top-k needs 0 < k <= vocabulary size {true_vocab}, got k={k}")
+    x_RV = as_fp32_masked(logits_RV, valid_columns(v_local, vocab_size, vocab_group,
+                                                   logits_RV.device))
+    local_ids = ids_RJ - shard_start(v_local, vocab_group)
+    mine = (local_ids >= 0) & (local_ids < v_local)
+    at_ids = torch.where(mine, x_RV.gather(-1, local_ids.clamp(0, v_local - 1)), NEG_INF)
+    packed = torch.cat([local_lse_stats(x_RV).double(), at_ids.double(),
+                        _local_topk(x_RV, k, vocab_group)], dim=-1)
+    gathered = all_gather_rows(packed, vocab_group)  # [P, R, 2 + J + 2K']
+    j = ids_RJ.shape[-1]
+    lse_R = combine_lse(gathered[..., :2])
+    logprob_RJ = gathered[..., 2: 2 + j].amax(dim=0) - lse_R.unsqueeze(-1)
+    return logprob_RJ.float(), _merge_topk(gathered[..., 2 + j:], k)[1]
 
 
 def gather_at_ids(values: torch.Tensor, ids: torch.Tensor, *, vocab_group=None) -> torch.Tensor:
@@ -259,26 +297,29 @@ _MIX2 = -7723592293110705685  # 0x94d049bb133111eb as int64
 _GOLDEN = -7046029254386353131  # 0x9e3779b97f4a7c15 as int64
 
 
-def _mix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finalizer on int64 tensors (wrapping multiply, logical shifts)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _MIX1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _MIX2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+def _mix64_(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer on int64 tensors (wrapping multiply, logical shifts), in place:
+    ``x`` is overwritten and returned."""
+    x.bitwise_xor_((x >> 30).bitwise_and_((1 << 34) - 1)).mul_(_MIX1)
+    x.bitwise_xor_((x >> 27).bitwise_and_((1 << 37) - 1)).mul_(_MIX2)
+    return x.bitwise_xor_((x >> 31).bitwise_and_((1 << 33) - 1))
 
 
 def _uniform(key_R: torch.Tensor, counter_R: torch.Tensor, cols_V: torch.Tensor) -> torch.Tensor:
     """U(0,1) fp64 [R, V] that depends only on (row key, row counter < 2^31, global column).
 
     Counter-based, so each rank draws only its own columns and the noise of a column does not
-    depend on how the vocabulary is sharded: TP=N samples equal TP=1 samples.
+    depend on how the vocabulary is sharded: TP=N samples equal TP=1 samples. Each (row key,
+    counter) seeds, through one finalizer round of key XOR counter x a second odd constant (a
+    bijection of the counter for each key), its own SplitMix64 stream, whose
+    output at step ``column`` is one finalizer round of seed + column x golden ratio: one
+    mix per element (the per-element cost of sampling), and no two rows' streams are shifted
+    copies of each other unless two 64-bit seeds land within V steps (probability ~ V / 2^64
+    per pair).
     """
-    counter = counter_R.unsqueeze(-1) * 0x100000000 + cols_V.unsqueeze(0)  # col < 2^32
-    key = key_R.unsqueeze(-1)
-    bits = _mix64(_mix64(counter * _GOLDEN + key) + key)
-    mantissa = (bits >> 11) & ((1 << 53) - 1)
-    return (mantissa.double() + 0.5) * 2.0**-53
+    seed_R = _mix64_((counter_R * _MIX2).bitwise_xor_(key_R))
+    bits = _mix64_(seed_R.unsqueeze(-1) + cols_V * _GOLDEN)
+    return ((bits >> 11).bitwise_and_((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)
 
 
 class RowNoise(NamedTuple):
@@ -301,7 +342,7 @@ class RowNoise(NamedTuple):
         return RowNoise(x - 2**64 if x >= 2**63 else x, self.ids_R, self.counter_R)
 
     def row_keys(self) -> torch.Tensor:
-        return _mix64(self.ids_R * _GOLDEN + self.key)
+        return _mix64_(self.ids_R * _GOLDEN + self.key)
 
 
 def sample(
@@ -334,7 +375,7 @@ def sample(
     best = []
     for c in row_chunks(x_RV.shape[0], v_local):
         u = _uniform(keys_R[c], counter[c], cols_V)
-        score = as_fp32_masked(x_RV[c], valid).double() - torch.log(-torch.log(u))
+        score = as_fp32_masked(x_RV[c], valid).double() - u.log_().neg_().log_()  # + Gumbel
         val, idx = score.max(dim=-1)
         best.append(torch.stack([val, (idx + cols_V[0]).double()], dim=-1))
     local_R2 = torch.cat(best) if best else x_RV.new_zeros((0, 2), dtype=torch.float64)

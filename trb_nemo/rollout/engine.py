@@ -43,7 +43,7 @@ import torch
 from trb_nemo.models.gpt import fp8_padded_length
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import teacher_logprobs_at
-from trb_nemo.ops.vocab_parallel import RowNoise, gather_at_ids, logsumexp, topk
+from trb_nemo.ops.vocab_parallel import RowNoise, logprobs_and_topk
 from trb_nemo.parallel import groups
 from trb_nemo.parallel.cpu_support import device_mode_suspended
 from trb_nemo.parallel.groups import ParallelGroups
@@ -51,7 +51,8 @@ from trb_nemo.rollout.kv_cache import SequenceCache
 from trb_nemo.scoring.teacher import TeacherStats
 
 RECORDS = ("beta", "kl", "injected", "student_logprob", "teacher_logprob")
-"""Per-token [B, S] fp32 records (NaN where not a response prefix or not measured)."""
+"""Per-token [B, S] fp32 records (NaN where not a response prefix or not measured), in this
+order (the decoder keeps them as one [B, S, len(RECORDS)] tensor)."""
 
 
 @dataclass
@@ -167,8 +168,7 @@ class _Decoder:
         if teacher is not None:
             self.caches.append(SequenceCache(teacher, slots, self.width, pg))
         self.budget = min(max_in_flight, n)
-        nan = torch.full((n, self.width), float("nan"), device=device)
-        self.records = {k: nan.clone() for k in RECORDS}
+        self.records_BSN = torch.full((n, self.width, len(RECORDS)), float("nan"), device=device)
         self.topk_k = topk_k
         self.topk_ids = torch.zeros(n, self.width, topk_k, dtype=torch.long, device=device)
         self.teacher_topk = (torch.full((n, self.width, topk_k), float("nan"), device=device)
@@ -296,19 +296,18 @@ class _Decoder:
         zt = vocab.canonical(logits[1], group) if len(logits) > 1 else None
         noise = RowNoise(self.key, self.ids_all[seq_B], pos_B)
         choice = self.policy.choose(zs, zt, noise, group, vocab.size)
-        lse_s = logsumexp(zs, vocab_group=group, vocab_size=vocab.size)
-        values = {"beta": choice.beta, "kl": choice.kl, "injected": choice.injected.float(),
-                  "student_logprob": gather_at_ids(zs, choice.ids[:, None],
-                                                   vocab_group=group)[:, 0] - lse_s}
-        _, top = topk(zs, self.topk_k, vocab_group=group, vocab_size=vocab.size)
+        logprob, top = logprobs_and_topk(zs, choice.ids[:, None], self.topk_k, vocab_group=group,
+                                         vocab_size=vocab.size)
         self.topk_ids[seq_B, pos_B] = top
+        values = [choice.beta, choice.kl, choice.injected, logprob[:, 0]]
         if zt is not None:
             at = teacher_logprobs_at(zt, torch.cat([choice.ids[:, None], top], dim=-1),
                                      vocab_group=group, vocab_size=vocab.size)
-            values["teacher_logprob"] = at[:, 0]
+            values.append(at[:, 0])
             self.teacher_topk[seq_B, pos_B] = at[:, 1:]
-        for name, v in values.items():
-            self.records[name][seq_B, pos_B] = v.float()
+        # one write of every record (RECORDS order) at these positions
+        self.records_BSN[seq_B, pos_B, : len(values)] = torch.stack(
+            [v.to(torch.float32) for v in values], dim=-1)
         return choice.ids
 
     def _advance(self, live: list[int], chosen: torch.Tensor) -> list[bool]:
@@ -327,8 +326,8 @@ class _Decoder:
         response = torch.tensor(self.generated, dtype=torch.long, device=dev)
         pos = torch.arange(self.width, device=dev)
         loss_mask = (pos >= plen[:, None] - 1) & (pos < (plen + response)[:, None] - 1)
-        records = {k: groups.broadcast_from_last_stage(v.contiguous(), pg)
-                   for k, v in self.records.items()}
+        records_BSN = groups.broadcast_from_last_stage(self.records_BSN, pg)
+        records = {k: records_BSN[..., i].contiguous() for i, k in enumerate(RECORDS)}
         topk_ids = groups.broadcast_from_last_stage(self.topk_ids, pg)
         teacher = None if self.teacher_topk is None else TeacherStats(
             groups.broadcast_from_last_stage(self.teacher_topk, pg), records["teacher_logprob"])

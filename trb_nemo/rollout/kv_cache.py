@@ -12,7 +12,7 @@ scheduler knows them without asking the device).
 several prompts of any lengths, right-padded, or one decode token per slot) through
 :class:`~trb_nemo.models.cached_attention.CachedSelfAttention` and returns the vocab-parallel
 logits of each row's last fed token only: ``[B, V_pad / TP]``, never gathered over TP and never
-materialized at other positions (Megatron's ``output_processor`` hook). Under pipeline
+materialized at other positions (:func:`stage_forward`). Under pipeline
 parallelism stage s receives the hidden states ``[L, B, h]`` from stage s-1 and sends its own
 on (1 p2p each way through :mod:`trb_nemo.parallel.comm`); only the last stage returns logits.
 :meth:`move` copies a sequence to another slot (the scheduler keeps live sequences in slots
@@ -21,19 +21,72 @@ on (1 p2p each way through :mod:`trb_nemo.parallel.comm`); only the last stage r
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
-from trb_nemo.models.cached_attention import CacheStep, active
+import torch
+from megatron.core.enums import Fp8Recipe
+from megatron.core.fp8_utils import get_fp8_context
+
+from trb_nemo.models.cached_attention import CacheStep, active, column_linear
 from trb_nemo.parallel import comm
 from trb_nemo.parallel.groups import ParallelGroups
 
 
-def _last_token_logits(hidden_states, output_layer, output_weight, context, **_):
-    """Megatron output processor: logits [B, V_pad / TP] at row b's position ``context[b]``."""
-    rows = torch.arange(hidden_states.shape[1], device=hidden_states.device)
-    last = hidden_states[context, rows].unsqueeze(0)  # [1, B, h]
-    logits, _ = output_layer(last, weight=output_weight, runtime_gather_output=False)
+def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
+                  hidden_LBh: torch.Tensor | None, last_B: torch.Tensor) -> torch.Tensor:
+    """This pipeline stage of ``model`` on one cache step (active): GPTModel's forward in eval
+    mode, one layer after another (pre-norm attention and MLP, each added to the residual as
+    Megatron's bias-dropout-add does without dropout), without its per-call machinery
+    (rotary tables, masks, packed-sequence and inference-context branches), which costs more
+    than the layers at decode sizes. Input: the tokens on the first stage, else the previous
+    stage's hidden states [L, B, h]. Output: [L, B, h] hidden states, or on the last stage the
+    vocab-parallel logits at row b's position ``last_B[b]`` only: [B, V_pad / TP] (the final
+    norm and the output layer see those B rows)."""
+    if model.pre_process:
+        hidden = model.embedding(input_ids=tokens_BL, position_ids=pos_BL)  # [L, B, h]
+    else:
+        hidden = hidden_LBh
+    cfg = model.config
+    # FP8 as TransformerBlock applies it: one context around the stage under delayed scaling,
+    # else one per layer (which may keep the first/last layers in bf16)
+    delayed = cfg.fp8 is not None and cfg.fp8_recipe == Fp8Recipe.delayed
+    with get_fp8_context(cfg) if delayed else contextlib.nullcontext():
+        for layer in model.decoder.layers:
+            per_layer = (get_fp8_context(cfg, layer.layer_number - 1)
+                         if cfg.fp8 is not None and not delayed else contextlib.nullcontext())
+            with per_layer:
+                out, bias = layer.self_attention(layer.input_layernorm(hidden), None)
+                hidden = _residual_add(hidden, out, bias, cfg)
+                out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+                hidden = _residual_add(hidden, out, bias, cfg)
+    if not model.post_process:
+        return hidden
+    rows = torch.arange(hidden.shape[1], device=hidden.device)
+    last = hidden[last_B, rows].unsqueeze(0)  # [1, B, h]
+    if model.decoder.final_layernorm is not None:
+        last = model.decoder.final_layernorm(last)
+    weight = (model.shared_embedding_or_output_weight()
+              if model.share_embeddings_and_output_weights else None)
+    logits, _ = column_linear(model.output_layer, last, weight, runtime_gather_output=False)
     return logits[0]
+
+
+def _residual_add(residual, out, bias, cfg):
+    """Megatron's bias-dropout-add in eval mode: residual + (out + bias)."""
+    if cfg.fp32_residual_connection:
+        residual = residual.float()
+    return residual + (out if bias is None else out + bias)
+
+
+def check_decodable(model) -> None:
+    """Refuse, in one line, a network :func:`stage_forward` does not run as Megatron would."""
+    cfg = model.config
+    unsupported = {"mtp_num_layers": cfg.mtp_num_layers, "num_moe_experts": cfg.num_moe_experts,
+                   "multi_latent_attention": cfg.multi_latent_attention,
+                   "rotary_interleaved": cfg.rotary_interleaved}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"the rollout engine's decode path does not support {', '.join(bad)}")
 
 
 class SequenceCache:
@@ -41,6 +94,7 @@ class SequenceCache:
     positions the network computed (padding included)."""
 
     def __init__(self, model, slots: int, max_len: int, pg: ParallelGroups):
+        check_decodable(model)
         self.model, self.pg, self.slots, self.max_len = model, pg, slots, max_len
         cfg = model.config
         kv_heads = (cfg.num_query_groups or cfg.num_attention_heads) // pg.tp_size
@@ -94,18 +148,18 @@ class SequenceCache:
         pos_BL = torch.where(valid_BL, start_B[:, None] + offs_L, self.max_len)  # padding: scratch
         mask = torch.arange(key_len, device=dev)[None, None, None, :] <= pos_BL[:, None, :, None]
         freqs = self._freqs[pos_BL.T]  # [L, B, 1, D]
-        step = CacheStep(self.keys, self.values, slot_lo, pos_BL.T, freqs.cos(), freqs.sin(), mask,
-                         key_len)
+        dtype = self._hidden[1]
+        slots_LB = torch.arange(slot_lo, slot_lo + rows, device=dev).expand(length, rows)
+        step = CacheStep(self.keys, self.values, slot_lo, pos_BL.T, freqs.cos().to(dtype),
+                         freqs.sin().to(dtype), mask, key_len, slots_LB)
         pg = self.pg
+        hidden = None
         if not pg.is_first_stage:
-            hidden = comm.recv((length, rows, self._hidden[0]), self._hidden[1], pg.pp_rank - 1,
+            hidden = comm.recv((length, rows, self._hidden[0]), dtype, pg.pp_rank - 1,
                                pg.pipeline, device=dev)
-            self.model.set_input_tensor(hidden)
         last_B = (count_B - 1).clamp(min=0)
         with active(step):
-            out = self.model(tokens_BL, pos_BL, attention_mask=None,
-                             output_processor=_last_token_logits if pg.is_last_stage else None,
-                             output_processor_context=last_B)
+            out = stage_forward(self.model, tokens_BL, pos_BL, hidden, last_B)
         for b, c in enumerate(counts):
             self.lengths[slot_lo + b] += c
         self.forwards += 1
