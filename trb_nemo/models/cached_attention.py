@@ -42,8 +42,10 @@ class CacheStep:
     """One forward of a network through its KV cache (see the module docstring).
 
     ``keys``/``values``: layer number -> [slots, max_len + 1, kv_heads / TP, head_dim] of this
-    stage's layers (allocated by the cache); ``cos_LB1D``/``sin_LB1D``: cos and sin of each fed
-    token's RoPE angles (computed once per forward, for every layer);
+    stage's layers (allocated by the cache); ``cos_LB1D``/``sin_LB1D``: cos and sign x sin of
+    each fed token's RoPE angles in the model's dtype, the sign -1 on the first half of the
+    rotary channels (computed once per forward, for every layer); ``rope_swap`` [D]: the
+    rotary channels' halves swapped (D/2 .. D-1, 0 .. D/2-1);
     ``mask_B1LK``: key j visible to token l of row b (j <= its position); ``key_len``: keys read
     (the longest prefix among the rows after this step); ``slots_LB``: the slot of each fed
     token (``slot_lo + b``).
@@ -58,6 +60,7 @@ class CacheStep:
     mask_B1LK: torch.Tensor
     key_len: int
     slots_LB: torch.Tensor
+    rope_swap: torch.Tensor
 
 
 _ACTIVE: list[CacheStep] = []
@@ -75,12 +78,13 @@ def active(step: CacheStep):
 
 def _rotate(t: torch.Tensor, step: CacheStep) -> torch.Tensor:
     """RoPE as Megatron applies it unfused (non-interleaved halves): t cos + rotate_half(t) sin
-    on the first rot_dim channels, each token at its own position."""
+    on the first rot_dim channels, each token at its own position. rotate_half(x) =
+    (-x2, x1) is written x[swap] * sign, the sign folded into the step's ``sin_LB1D``."""
     rot = step.cos_LB1D.shape[-1]
+    if rot == t.shape[-1]:
+        return t * step.cos_LB1D + t[..., step.rope_swap] * step.sin_LB1D
     x, rest = t[..., :rot], t[..., rot:]
-    x1, x2 = x.chunk(2, dim=-1)
-    out = x * step.cos_LB1D + torch.cat((-x2, x1), dim=-1) * step.sin_LB1D
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    return torch.cat((x * step.cos_LB1D + x[..., step.rope_swap] * step.sin_LB1D, rest), dim=-1)
 
 
 class CachedSelfAttention(SelfAttention):
@@ -97,14 +101,18 @@ class CachedSelfAttention(SelfAttention):
         query, key = _rotate(query, step), _rotate(key, step)
         cache_k, cache_v = step.keys[self.layer_number], step.values[self.layer_number]
         length, rows = step.positions_LB.shape
-        cache_k[step.slots_LB, step.positions_LB] = key.to(cache_k.dtype)
-        cache_v[step.slots_LB, step.positions_LB] = value.to(cache_v.dtype)
+        if key.dtype != cache_k.dtype:  # the cache is in the model's dtype
+            key, value = key.to(cache_k.dtype), value.to(cache_v.dtype)
+        cache_k[step.slots_LB, step.positions_LB] = key
+        cache_v[step.slots_LB, step.positions_LB] = value
         k = cache_k[step.slot_lo: step.slot_lo + rows, : step.key_len]  # [B, K, ng, hn] (a view)
         v = cache_v[step.slot_lo: step.slot_lo + rows, : step.key_len]
+        if k.dtype != query.dtype:
+            k, v = k.to(query.dtype), v.to(query.dtype)
         scale = self.config.softmax_scale or self.hidden_size_per_attention_head ** -0.5
         out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), k.transpose(1, 2).to(query.dtype),
-            v.transpose(1, 2).to(query.dtype), attn_mask=step.mask_B1LK, scale=scale,
+            query.permute(1, 2, 0, 3), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=step.mask_B1LK, scale=scale,
             enable_gqa=k.shape[2] != query.shape[2])  # [B, np, L, hn]
         out = out.permute(2, 0, 1, 3).reshape(length, rows, -1)
         return self.linear_proj(out)

@@ -80,6 +80,18 @@ class Rollout:
     {"student_positions", "teacher_positions"} (rows x positions)."""
     seconds: float = 0.0
 
+    def outside_inference_mode(self) -> Rollout:
+        """A copy whose tensors are ordinary ones (made outside ``torch.inference_mode``)."""
+        def plain(x):
+            return x.clone() if isinstance(x, torch.Tensor) else x
+
+        teacher = None if self.teacher is None else TeacherStats(
+            plain(self.teacher.topk_logprobs), plain(self.teacher.chosen_logprob))
+        return Rollout(plain(self.tokens), plain(self.prompt_lengths),
+                       plain(self.response_lengths), plain(self.loss_mask),
+                       {k: plain(v) for k, v in self.records.items()}, plain(self.topk_ids),
+                       teacher, plain(self.stopped), dict(self.forwards), self.seconds)
+
     def response(self, row: int) -> list[int]:
         """Token ids of row ``row``'s response (the stop id included when emitted)."""
         start = int(self.prompt_lengths[row])
@@ -114,7 +126,6 @@ PREFILL_PADDING = 1.25
 stays within this factor of the prompt tokens it holds."""
 
 
-@torch.no_grad()
 def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: SharedVocab,
              max_new_tokens: int, topk_k: int, generator: torch.Generator, pg: ParallelGroups,
              sequence_ids: list[int] | None = None, max_in_flight: int = 64,
@@ -133,10 +144,13 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     if any(m.config.sequence_parallel for m in used):
         raise ValueError("the rollout engine feeds one token per sequence per step, which "
                          "sequence parallelism cannot split; set parallel.sequence_parallel=false")
-    with decode_mode(*used), device_mode_suspended():
-        return _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
-                        policy, vocab, max_new_tokens, topk_k, generator, pg, max_in_flight,
-                        prefill_tokens, rows_multiple).run()
+    # inference mode (no autograd bookkeeping per op, as Megatron's own engines decode); the
+    # result is copied out of it so training may use it like any tensor
+    with decode_mode(*used), device_mode_suspended(), torch.inference_mode():
+        rollout = _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
+                           policy, vocab, max_new_tokens, topk_k, generator, pg, max_in_flight,
+                           prefill_tokens, rows_multiple).run()
+    return rollout.outside_inference_mode()
 
 
 class _Decoder:

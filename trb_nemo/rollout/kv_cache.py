@@ -107,6 +107,10 @@ class SequenceCache:
         self.values = {n: torch.zeros_like(k) for n, k in self.keys.items()}
         self.lengths = [0] * slots
         self._freqs = model.rotary_pos_emb(max_len + 1)[:, 0].to(self.device)  # [max_len + 1, 1, D]
+        half = self._freqs.shape[-1] // 2  # rotate_half(x) = x[swap] * sign (cached_attention)
+        self._rope_swap = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(
+            self.device)
+        self._rope_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.device)
         self._hidden = (cfg.hidden_size, cfg.params_dtype)
         self.forwards = 0
         self.positions = 0
@@ -151,7 +155,8 @@ class SequenceCache:
         dtype = self._hidden[1]
         slots_LB = torch.arange(slot_lo, slot_lo + rows, device=dev).expand(length, rows)
         step = CacheStep(self.keys, self.values, slot_lo, pos_BL.T, freqs.cos().to(dtype),
-                         freqs.sin().to(dtype), mask, key_len, slots_LB)
+                         (freqs.sin() * self._rope_sign).to(dtype), mask, key_len, slots_LB,
+                         self._rope_swap)
         pg = self.pg
         hidden = None
         if not pg.is_first_stage:
