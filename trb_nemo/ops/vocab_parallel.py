@@ -157,6 +157,9 @@ def gather_pair_sums(row_kernel, zs_RV, zt_RV, num_sums: int, group) -> PairSums
 
 def combine_lse(stats_PR2: torch.Tensor) -> torch.Tensor:
     """Global log-sum-exp [R] from every rank's (max, sumexp); identical on every rank."""
+    if stats_PR2.shape[0] == 1:  # one shard: its own maximum is the global one
+        m_R = stats_PR2[0, :, 0]
+        return torch.where(torch.isfinite(m_R), m_R, 0.0) + torch.log(stats_PR2[0, :, 1])
     big_R, scale_PR = max_shift(stats_PR2[..., 0])
     safe_R = torch.where(torch.isfinite(big_R), big_R, torch.zeros_like(big_R))
     return safe_R + torch.log((stats_PR2[..., 1] * scale_PR).sum(dim=0))
@@ -371,17 +374,24 @@ def sample(
     else:
         keys_R, counter = noise.row_keys(), noise.counter_R
     valid = valid_columns(v_local, vocab_size, vocab_group, logprobs.device)
-    cols_V = torch.arange(v_local, device=logprobs.device) + shard_start(v_local, vocab_group)
+    start = shard_start(v_local, vocab_group)
+    cols_V = torch.arange(start, start + v_local, device=logprobs.device)
     best = []
     for c in row_chunks(x_RV.shape[0], v_local):
         u = _uniform(keys_R[c], counter[c], cols_V)
         score = as_fp32_masked(x_RV[c], valid).double() - u.log_().neg_().log_()  # + Gumbel
         val, idx = score.max(dim=-1)
-        best.append(torch.stack([val, (idx + cols_V[0]).double()], dim=-1))
-    local_R2 = torch.cat(best) if best else x_RV.new_zeros((0, 2), dtype=torch.float64)
+        best.append(torch.stack([val, (idx + start).double()], dim=-1))
+    local_R2 = torch.cat(best) if len(best) != 1 else best[0]
+    if not best:
+        local_R2 = x_RV.new_zeros((0, 2), dtype=torch.float64)
     gathered_PR2 = all_gather_rows(local_R2, vocab_group)
-    winner_R = gathered_PR2[..., 0].argmax(dim=0)  # ties -> lower rank -> lower id
-    ids_R = gathered_PR2[..., 1].gather(0, winner_R.unsqueeze(0)).squeeze(0)
-    if bool(torch.isinf(gathered_PR2[..., 0].amax(dim=0)).any()):
+    if gathered_PR2.shape[0] == 1:  # one shard: its best is the winner
+        ids_R, best_R = gathered_PR2[0, :, 1], gathered_PR2[0, :, 0]
+    else:
+        winner_R = gathered_PR2[..., 0].argmax(dim=0)  # ties -> lower rank -> lower id
+        ids_R = gathered_PR2[..., 1].gather(0, winner_R.unsqueeze(0)).squeeze(0)
+        best_R = gathered_PR2[..., 0].amax(dim=0)
+    if bool(torch.isinf(best_R).any()):
         raise ValueError("sample: a row has no finite log-probability")
     return ids_R.long().reshape(lead)

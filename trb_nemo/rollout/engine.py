@@ -321,7 +321,7 @@ class _Decoder:
             self.teacher_topk[seq_B, pos_B] = at[:, 1:]
         # one write of every record (RECORDS order) at these positions
         self.records_BSN[seq_B, pos_B, : len(values)] = torch.stack(
-            [v.to(torch.float32) for v in values], dim=-1)
+            [v if v.dtype == torch.float32 else v.float() for v in values], dim=-1)
         return choice.ids
 
     def _advance(self, live: list[int], chosen: torch.Tensor) -> list[bool]:

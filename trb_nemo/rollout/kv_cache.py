@@ -33,15 +33,15 @@ from trb_nemo.parallel.groups import ParallelGroups
 
 
 def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
-                  hidden_LBh: torch.Tensor | None, last_B: torch.Tensor) -> torch.Tensor:
+                  hidden_LBh: torch.Tensor | None, last_B: torch.Tensor | None) -> torch.Tensor:
     """This pipeline stage of ``model`` on one cache step (active): GPTModel's forward in eval
     mode, one layer after another (pre-norm attention and MLP, each added to the residual as
     Megatron's bias-dropout-add does without dropout), without its per-call machinery
     (rotary tables, masks, packed-sequence and inference-context branches), which costs more
     than the layers at decode sizes. Input: the tokens on the first stage, else the previous
     stage's hidden states [L, B, h]. Output: [L, B, h] hidden states, or on the last stage the
-    vocab-parallel logits at row b's position ``last_B[b]`` only: [B, V_pad / TP] (the final
-    norm and the output layer see those B rows)."""
+    vocab-parallel logits at row b's position ``last_B[b]`` (None: the last position) only:
+    [B, V_pad / TP] (the final norm and the output layer see those B rows)."""
     if model.pre_process:
         hidden = model.embedding(input_ids=tokens_BL, position_ids=pos_BL)  # [L, B, h]
     else:
@@ -61,8 +61,11 @@ def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
                 hidden = _residual_add(hidden, out, bias, cfg)
     if not model.post_process:
         return hidden
-    rows = torch.arange(hidden.shape[1], device=hidden.device)
-    last = hidden[last_B, rows].unsqueeze(0)  # [1, B, h]
+    if last_B is None:
+        last = hidden[-1:]  # [1, B, h]
+    else:
+        rows = torch.arange(hidden.shape[1], device=hidden.device)
+        last = hidden[last_B, rows].unsqueeze(0)  # [1, B, h]
     if model.decoder.final_layernorm is not None:
         last = model.decoder.final_layernorm(last)
     weight = (model.shared_embedding_or_output_weight()
@@ -106,11 +109,17 @@ class SequenceCache:
                      for layer in model.decoder.layers}
         self.values = {n: torch.zeros_like(k) for n, k in self.keys.items()}
         self.lengths = [0] * slots
-        self._freqs = model.rotary_pos_emb(max_len + 1)[:, 0].to(self.device)  # [max_len + 1, 1, D]
-        half = self._freqs.shape[-1] // 2  # rotate_half(x) = x[swap] * sign (cached_attention)
+        # RoPE tables of every position [max_len + 1, 1, D] in the model's dtype, the sine signed
+        # so that rotate_half(x) = x[swap] * sign needs no negation (cached_attention)
+        freqs = model.rotary_pos_emb(max_len + 1)[:, 0].to(self.device)
+        half = freqs.shape[-1] // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.device)
+        self._cos = freqs.cos().to(cfg.params_dtype)
+        self._sin_signed = (freqs.sin() * sign).to(cfg.params_dtype)
         self._rope_swap = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(
             self.device)
-        self._rope_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.device)
+        self._key_positions = torch.arange(max_len + 1, device=self.device)
+        self._slot_ids = torch.arange(slots, device=self.device)
         self._hidden = (cfg.hidden_size, cfg.params_dtype)
         self.forwards = 0
         self.positions = 0
@@ -145,24 +154,28 @@ class SequenceCache:
             raise ValueError(f"KV cache holds {self.max_len} positions per sequence; "
                              f"feeding up to position {key_len}")
         dev = self.device
-        start_B = torch.tensor(starts, dtype=torch.long, device=dev)
-        count_B = torch.tensor(counts, dtype=torch.long, device=dev)
-        offs_L = torch.arange(length, device=dev)
-        valid_BL = offs_L < count_B[:, None]
-        pos_BL = torch.where(valid_BL, start_B[:, None] + offs_L, self.max_len)  # padding: scratch
-        mask = torch.arange(key_len, device=dev)[None, None, None, :] <= pos_BL[:, None, :, None]
-        freqs = self._freqs[pos_BL.T]  # [L, B, 1, D]
+        if length == 1:  # a decode step: positions known on the host, the only one is the last
+            pos_BL = torch.tensor([[s if c else self.max_len] for s, c in zip(starts, counts)],
+                                  dtype=torch.long, device=dev)
+            last_B = None
+        else:
+            start_B = torch.tensor(starts, dtype=torch.long, device=dev)
+            count_B = torch.tensor(counts, dtype=torch.long, device=dev)
+            offs_L = torch.arange(length, device=dev)
+            valid_BL = offs_L < count_B[:, None]
+            pos_BL = torch.where(valid_BL, start_B[:, None] + offs_L, self.max_len)  # padding: scratch
+            last_B = (count_B - 1).clamp(min=0)
+        mask = self._key_positions[:key_len] <= pos_BL[:, None, :, None]  # [B, 1, L, K]
+        pos_LB = pos_BL.T
+        slots_LB = self._slot_ids[slot_lo: slot_lo + rows].expand(length, rows)
+        step = CacheStep(self.keys, self.values, slot_lo, pos_LB, self._cos[pos_LB],
+                         self._sin_signed[pos_LB], mask, key_len, slots_LB, self._rope_swap)
         dtype = self._hidden[1]
-        slots_LB = torch.arange(slot_lo, slot_lo + rows, device=dev).expand(length, rows)
-        step = CacheStep(self.keys, self.values, slot_lo, pos_BL.T, freqs.cos().to(dtype),
-                         (freqs.sin() * self._rope_sign).to(dtype), mask, key_len, slots_LB,
-                         self._rope_swap)
         pg = self.pg
         hidden = None
         if not pg.is_first_stage:
             hidden = comm.recv((length, rows, self._hidden[0]), dtype, pg.pp_rank - 1,
                                pg.pipeline, device=dev)
-        last_B = (count_B - 1).clamp(min=0)
         with active(step):
             out = stage_forward(self.model, tokens_BL, pos_BL, hidden, last_B)
         for b, c in enumerate(counts):
