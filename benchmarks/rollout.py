@@ -9,7 +9,9 @@
     (eps0), same prompts, models and lengths for both (a benchmark policy forces each
     sequence's stop at its drawn length and never before);
 (c) peak memory of the rollout phase (growth of the process's peak RSS over the models, CPU)
-    at 16, 64 and 256 sequences under the same budget, with the KV cache bytes, on a
+    at 16, 64 and 256 sequences under the same budget (sequences in flight and prefill
+    positions per forward), with the KV cache bytes and the bytes of the returned rollout
+    (tokens, records, top-k ids: they grow with the sequences by definition), on a
     Qwen3-0.6B-shaped 2-layer student (KV per position as in the real model) and on the toy;
 (d) student-only tokens/s of the engine / HF ``transformers`` ``generate`` (KV cache, sampling
     at temperature 1, top-k/top-p off) on the toy student exported to HF, same prompts and the
@@ -139,8 +141,10 @@ def _engines(tp: int, n: int, max_new: int, repeats: int, eps0: float, budget: i
     return out
 
 
-def _memory(n: int, budget: int, max_new: int, shape: str):
-    """(c) in a fresh process: peak-RSS growth of one student-only rollout of n sequences."""
+def _memory(n: int, budget: int, max_new: int, shape: str, prefill_tokens: int):
+    """(c) in a fresh process: peak-RSS growth of one student-only rollout of n sequences under
+    the budget (``budget`` sequences in flight, ``prefill_tokens`` positions per prefill
+    forward: the two knobs that bound the rollout's memory)."""
     import torch
 
     from trb_nemo.config.compose import load_config
@@ -171,10 +175,15 @@ def _memory(n: int, budget: int, max_new: int, shape: str):
     rss = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current RSS
     ro = generate(student, None, prompts, policy, vocab=vocab, max_new_tokens=max_new, topk_k=16,
-                  generator=torch.Generator().manual_seed(0), pg=pg, max_in_flight=budget)
+                  generator=torch.Generator().manual_seed(0), pg=pg, max_in_flight=budget,
+                  prefill_tokens=prefill_tokens)
     peak = _status_kb("VmHWM")
     groups.destroy()
-    return {"growth_bytes": (peak - rss) * 1024, "kv_bytes": ro.forwards["kv_cache_bytes"]}
+    tensors = [ro.tokens, ro.prompt_lengths, ro.response_lengths, ro.loss_mask, ro.topk_ids,
+               ro.stopped] + list({id(v.untyped_storage()): v for v in ro.records.values()}.values())
+    outputs = sum(t.untyped_storage().nbytes() for t in tensors)
+    return {"growth_bytes": (peak - rss) * 1024, "kv_bytes": ro.forwards["kv_cache_bytes"],
+            "output_bytes": outputs}
 
 
 def _status_kb(key: str) -> int:
@@ -243,6 +252,10 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=64, help="sequences of (a)/(b)")
     parser.add_argument("--budget", type=int, default=16, help="sequences in flight, (a)-(c)")
+    parser.add_argument("--prefill-tokens", type=int, default=128,
+                        help="positions per prefill forward, (c): with the sequence budget it "
+                             "bounds the rollout's memory (the longest prompts of a larger "
+                             "workload otherwise make a larger first prefill)")
     parser.add_argument("--max-new", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eps0", type=float, default=0.02)
@@ -273,15 +286,20 @@ def main() -> None:
         # follows the live tensors instead of the allocator's cached heap (read at the ranks'
         # start: they are fresh processes)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "16384"
-        print(f"(c) rollout peak memory (peak-RSS growth over the models), budget {args.budget}")
+        print(f"(c) rollout peak memory (peak-RSS growth over the models), budget {args.budget} "
+              f"sequences and {args.prefill_tokens} prefill positions per forward")
         for shape in ("qwen3-0.6b-shaped", "toy"):
-            rows = {n: run_local_ranks(_memory, 1, (n, args.budget, 64, shape))[0]
+            rows = {n: run_local_ranks(_memory, 1, (n, args.budget, 64, shape,
+                                                    args.prefill_tokens))[0]
                     for n in (16, 64, 256)}
             base = rows[16]["growth_bytes"]
+            work = rows[16]["growth_bytes"] - rows[16]["output_bytes"]
             for n, r in rows.items():
                 print(f"  {shape:<18} {n:>4} sequences: {r['growth_bytes'] / 2**20:8.1f} MiB "
                       f"({r['growth_bytes'] / base:.2f}x of 16), KV cache "
-                      f"{r['kv_bytes'] / 2**20:.1f} MiB")
+                      f"{r['kv_bytes'] / 2**20:.1f} MiB, returned rollout "
+                      f"{r['output_bytes'] / 2**20:.1f} MiB, peak without it "
+                      f"{(r['growth_bytes'] - r['output_bytes']) / work:.2f}x of 16")
             report[f"memory/{shape}"] = {str(n): r for n, r in rows.items()}
     if "d" in args.parts:
         print("(d) student-only tokens/s, engine vs HF generate (toy student, 1 thread, "

@@ -80,18 +80,6 @@ class Rollout:
     {"student_positions", "teacher_positions"} (rows x positions)."""
     seconds: float = 0.0
 
-    def outside_inference_mode(self) -> Rollout:
-        """A copy whose tensors are ordinary ones (made outside ``torch.inference_mode``)."""
-        def plain(x):
-            return x.clone() if isinstance(x, torch.Tensor) else x
-
-        teacher = None if self.teacher is None else TeacherStats(
-            plain(self.teacher.topk_logprobs), plain(self.teacher.chosen_logprob))
-        return Rollout(plain(self.tokens), plain(self.prompt_lengths),
-                       plain(self.response_lengths), plain(self.loss_mask),
-                       {k: plain(v) for k, v in self.records.items()}, plain(self.topk_ids),
-                       teacher, plain(self.stopped), dict(self.forwards), self.seconds)
-
     def response(self, row: int) -> list[int]:
         """Token ids of row ``row``'s response (the stop id included when emitted)."""
         start = int(self.prompt_lengths[row])
@@ -144,13 +132,16 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
     if any(m.config.sequence_parallel for m in used):
         raise ValueError("the rollout engine feeds one token per sequence per step, which "
                          "sequence parallelism cannot split; set parallel.sequence_parallel=false")
-    # inference mode (no autograd bookkeeping per op, as Megatron's own engines decode); the
-    # result is copied out of it so training may use it like any tensor
-    with decode_mode(*used), device_mode_suspended(), torch.inference_mode():
-        rollout = _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
+    with decode_mode(*used), device_mode_suspended():
+        # the outputs are allocated and handed over outside inference mode (training uses them
+        # like any tensor); the decoding itself runs in it (no autograd bookkeeping per op, as
+        # Megatron's own engines decode) and writes into them in place
+        decoder = _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
                            policy, vocab, max_new_tokens, topk_k, generator, pg, max_in_flight,
-                           prefill_tokens, rows_multiple).run()
-    return rollout.outside_inference_mode()
+                           prefill_tokens, rows_multiple)
+        with torch.inference_mode():
+            decoder.run()
+        return decoder.result()
 
 
 class _Decoder:
@@ -192,7 +183,8 @@ class _Decoder:
 
     # ------------------------------------------------------------------------- scheduling
 
-    def run(self) -> Rollout:
+    def run(self) -> None:
+        """Decode every sequence (the outputs are written in place; :meth:`result`)."""
         n = len(self.prompts)
         # longest prompts first: admitted groups then pad little (the order changes no result)
         waiting = sorted(range(n), key=lambda i: -self.plen[i])
@@ -212,7 +204,8 @@ class _Decoder:
             live, src = self._compact(live, ended)
             if live:  # every live sequence feeds the token it drew: its next logits
                 logits = self._decode(len(live), chosen[src])
-        return self._result()
+        for c in self.caches:
+            c.release()
 
     def _padded_rows(self, lo: int, hi: int) -> tuple[int, int]:
         """Slots [lo', hi') covering [lo, hi) with a multiple of ``rows_multiple`` rows."""
@@ -334,14 +327,15 @@ class _Decoder:
             ended.append(stop or self.generated[i] >= self.max_new)
         return ended
 
-    def _result(self) -> Rollout:
+    def result(self) -> Rollout:
+        """The outputs of :meth:`run` on every rank (records broadcast from the last stage)."""
         dev, pg = self.device, self.pg
         plen = torch.tensor(self.plen, dtype=torch.long, device=dev)
         response = torch.tensor(self.generated, dtype=torch.long, device=dev)
         pos = torch.arange(self.width, device=dev)
         loss_mask = (pos >= plen[:, None] - 1) & (pos < (plen + response)[:, None] - 1)
         records_BSN = groups.broadcast_from_last_stage(self.records_BSN, pg)
-        records = {k: records_BSN[..., i].contiguous() for i, k in enumerate(RECORDS)}
+        records = {k: records_BSN[..., i] for i, k in enumerate(RECORDS)}  # views
         topk_ids = groups.broadcast_from_last_stage(self.topk_ids, pg)
         teacher = None if self.teacher_topk is None else TeacherStats(
             groups.broadcast_from_last_stage(self.teacher_topk, pg), records["teacher_logprob"])

@@ -108,6 +108,8 @@ class SequenceCache:
                                                      device=self.device)
                      for layer in model.decoder.layers}
         self.values = {n: torch.zeros_like(k) for n, k in self.keys.items()}
+        self._bytes = sum(t.numel() * t.element_size() for d in (self.keys, self.values)
+                          for t in d.values())
         self.lengths = [0] * slots
         # RoPE tables of every position [max_len + 1, 1, D] in the model's dtype, the sine signed
         # so that rotate_half(x) = x[swap] * sign needs no negation (cached_attention)
@@ -125,9 +127,12 @@ class SequenceCache:
         self.positions = 0
 
     def bytes(self) -> int:
-        """Bytes held by the keys and values."""
-        return sum(t.numel() * t.element_size() for d in (self.keys, self.values)
-                   for t in d.values())
+        """Bytes the keys and values hold (held, until :meth:`release`)."""
+        return self._bytes
+
+    def release(self) -> None:
+        """Free the keys and values (the decoding is over; the counters stay)."""
+        self.keys, self.values = {}, {}
 
     def start(self, slot: int) -> None:
         """A new sequence takes ``slot``."""
