@@ -348,6 +348,13 @@ class RowNoise(NamedTuple):
         return _mix64_(self.ids_R * _GOLDEN + self.key)
 
 
+def row_uniforms(noise: RowNoise) -> torch.Tensor:
+    """One U(0, 1) per row [R] fp64 of ``noise`` (its column 0): no collective, the same on
+    every rank (it depends only on the row's key and counter)."""
+    cols = torch.zeros(1, dtype=torch.long, device=noise.ids_R.device)
+    return _uniform(noise.row_keys(), noise.counter_R, cols)[:, 0]
+
+
 def sample(
     logprobs: torch.Tensor,
     *,

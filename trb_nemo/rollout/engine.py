@@ -48,6 +48,7 @@ from trb_nemo.parallel import groups
 from trb_nemo.parallel.cpu_support import device_mode_suspended
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.kv_cache import SequenceCache
+from trb_nemo.rollout.policies import TrustRegionPolicy
 from trb_nemo.scoring.teacher import TeacherStats
 
 RECORDS = ("beta", "kl", "injected", "student_logprob", "teacher_logprob")
@@ -117,12 +118,16 @@ stays within this factor of the prompt tokens it holds."""
 def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: SharedVocab,
              max_new_tokens: int, topk_k: int, generator: torch.Generator, pg: ParallelGroups,
              sequence_ids: list[int] | None = None, max_in_flight: int = 64,
-             prefill_tokens: int = 8192, rows_multiple: int | None = None) -> Rollout:
+             prefill_tokens: int = 8192, rows_multiple: int | None = None,
+             draft_tokens: int = 0) -> Rollout:
     """Decode ``prompts`` with ``policy`` (see the module docstring), the networks in eval mode
     (:func:`decode_mode`; their modes are restored on return). ``sequence_ids`` (default
     0..B-1) key each sequence's sampling noise together with one key drawn from ``generator``.
     Every forward feeds a multiple of ``rows_multiple`` rows (None: 16 under FP8, whose TE
-    GEMMs need it, else 1); the extra rows feed nothing."""
+    GEMMs need it, else 1); the extra rows feed nothing. ``draft_tokens > 0`` with a
+    trust-region policy that runs the teacher decodes speculatively
+    (:mod:`trb_nemo.rollout.speculative`: the same distribution, the teacher verifying that
+    many student drafts per forward); other policies ignore it."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
@@ -136,9 +141,15 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
         # the outputs are allocated and handed over outside inference mode (training uses them
         # like any tensor); the decoding itself runs in it (no autograd bookkeeping per op, as
         # Megatron's own engines decode) and writes into them in place
-        decoder = _Decoder(student, teacher if policy.needs_teacher() else None, prompts, ids,
-                           policy, vocab, max_new_tokens, topk_k, generator, pg, max_in_flight,
-                           prefill_tokens, rows_multiple)
+        args = (student, teacher if policy.needs_teacher() else None, prompts, ids, policy,
+                vocab, max_new_tokens, topk_k, generator, pg, max_in_flight, prefill_tokens,
+                rows_multiple)
+        if draft_tokens > 0 and policy.needs_teacher() and isinstance(policy, TrustRegionPolicy):
+            from trb_nemo.rollout.speculative import SpeculativeDecoder
+
+            decoder = SpeculativeDecoder(*args, draft_tokens=draft_tokens)
+        else:
+            decoder = _Decoder(*args)
         with torch.inference_mode():
             decoder.run()
         return decoder.result()
@@ -146,6 +157,12 @@ def generate(student, teacher, prompts: list[list[int]], policy, *, vocab: Share
 
 class _Decoder:
     """The scheduler and the records of one :func:`generate` call."""
+
+    extra_positions = 0
+    """Cache positions per sequence beyond prompt + max_new_tokens (speculative drafts)."""
+    held_back = 0
+    """Prompt tokens the prefill leaves unfed (the speculative decoder feeds the last one with
+    the first drafts)."""
 
     def __init__(self, student, teacher, prompts, ids, policy, vocab, max_new_tokens, topk_k,
                  generator, pg, max_in_flight, prefill_tokens, rows_multiple):
@@ -169,9 +186,11 @@ class _Decoder:
                     and m.config.fp8 is not None), None)
         m = self.rows_multiple = rows_multiple or fp8_padded_length(1, fp8)
         slots = -(-min(max_in_flight, n) // m) * m
-        self.caches = [SequenceCache(student, slots, self.width, pg)]
+        room = self.width + self.extra_positions
+        self.caches = [SequenceCache(student, slots, room, pg)]
         if teacher is not None:
-            self.caches.append(SequenceCache(teacher, slots, self.width, pg))
+            self.caches.append(SequenceCache(teacher, slots, room, pg))
+        self.prefill_len = [k - self.held_back for k in self.plen]
         self.budget = min(max_in_flight, n)
         self.records_BSN = torch.full((n, self.width, len(RECORDS)), float("nan"), device=device)
         self.topk_k = topk_k
@@ -215,15 +234,18 @@ class _Decoder:
         lo2 = min(lo, slots - rows)
         return lo2, lo2 + rows
 
-    def _feed_all(self, lo: int, hi: int, tokens_BL: torch.Tensor, counts: list[int]) -> list:
-        """Every network feeds slots [lo, hi); logits of those rows (last stage) or None."""
+    def _feed_all(self, lo: int, hi: int, tokens_BL: torch.Tensor, counts: list[int],
+                  caches: list | None = None, all_positions: bool = False) -> list:
+        """Every network (or those of ``caches``) feeds slots [lo, hi); logits of those rows
+        (last stage; at every fed position with ``all_positions``) or None."""
         lo2, hi2 = self._padded_rows(lo, hi)
         if (lo2, hi2) != (lo, hi):
             full = torch.zeros(hi2 - lo2, tokens_BL.shape[1], dtype=torch.long, device=self.device)
             full[lo - lo2: hi - lo2] = tokens_BL
             counts = [0] * (lo - lo2) + counts + [0] * (hi2 - hi)
             tokens_BL = full
-        out = [c.feed(lo2, tokens_BL, counts) for c in self.caches]
+        out = [c.feed(lo2, tokens_BL, counts, all_positions)
+               for c in (self.caches if caches is None else caches)]
         return [None if z is None else z[lo - lo2: hi - lo2] for z in out]
 
     def _prefill(self, slot_lo: int, group: list[int]) -> list:
@@ -235,30 +257,30 @@ class _Decoder:
                 c.start(s)
         start = 0
         while start < len(group):  # sub-batches: rows x longest within both bounds
-            longest, end, held = self.plen[group[start]], start, 0
+            longest, end, held = self.prefill_len[group[start]], start, 0
             while end < len(group) and (end - start + 1) * longest <= min(
                     max(self.prefill_tokens, longest),
-                    PREFILL_PADDING * (held + self.plen[group[end]])):
-                held += self.plen[group[end]]
+                    PREFILL_PADDING * (held + self.prefill_len[group[end]])):
+                held += self.prefill_len[group[end]]
                 end += 1
             rows = group[start:end]
             chunk = max(1, self.prefill_tokens // len(rows))  # positions per forward
             last = None
             for c0 in range(0, longest, chunk):
                 c1 = min(longest, c0 + chunk)
-                counts = [max(0, min(self.plen[i], c1) - c0) for i in rows]
+                counts = [max(0, min(self.prefill_len[i], c1) - c0) for i in rows]
                 z = self._feed_all(slot_lo + start, slot_lo + end, self.tokens[rows, c0:c1],
                                    counts)
                 if z[0] is None:  # not the last pipeline stage
                     continue
-                ends_here = torch.tensor([c0 < self.plen[i] <= c1 for i in rows],
+                ends_here = torch.tensor([c0 < self.prefill_len[i] <= c1 for i in rows],
                                          device=self.device)[:, None]
                 last = z if last is None else [torch.where(ends_here, zn, prev)
                                                for prev, zn in zip(last, z, strict=True)]
             for k in range(len(self.caches)):
                 out[k].append(None if last is None else last[k])
             start = end
-        return [None if parts[0] is None else torch.cat(parts) for parts in out]
+        return [None if any(p is None for p in parts) else torch.cat(parts) for parts in out]
 
     def _decode(self, rows: int, tokens_B: torch.Tensor) -> list:
         return self._feed_all(0, rows, tokens_B[:, None], [1] * rows)

@@ -33,7 +33,7 @@ from trb_nemo.parallel.groups import ParallelGroups
 
 
 def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
-                  hidden_LBh: torch.Tensor | None, last_B: torch.Tensor | None) -> torch.Tensor:
+                  hidden_LBh: torch.Tensor | None, last_B) -> torch.Tensor:
     """This pipeline stage of ``model`` on one cache step (active): GPTModel's forward in eval
     mode, one layer after another (pre-norm attention and MLP, each added to the residual as
     Megatron's bias-dropout-add does without dropout), without its per-call machinery
@@ -41,7 +41,8 @@ def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
     than the layers at decode sizes. Input: the tokens on the first stage, else the previous
     stage's hidden states [L, B, h]. Output: [L, B, h] hidden states, or on the last stage the
     vocab-parallel logits at row b's position ``last_B[b]`` (None: the last position) only:
-    [B, V_pad / TP] (the final norm and the output layer see those B rows)."""
+    [B, V_pad / TP] (the final norm and the output layer see those B rows), or at every
+    position when ``last_B == "all"``: [B, L, V_pad / TP]."""
     if model.pre_process:
         hidden = model.embedding(input_ids=tokens_BL, position_ids=pos_BL)  # [L, B, h]
     else:
@@ -61,7 +62,9 @@ def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
                 hidden = _residual_add(hidden, out, bias, cfg)
     if not model.post_process:
         return hidden
-    if last_B is None:
+    if isinstance(last_B, str):  # "all": every position
+        last = hidden
+    elif last_B is None:
         last = hidden[-1:]  # [1, B, h]
     else:
         rows = torch.arange(hidden.shape[1], device=hidden.device)
@@ -71,7 +74,7 @@ def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
     weight = (model.shared_embedding_or_output_weight()
               if model.share_embeddings_and_output_weights else None)
     logits, _ = column_linear(model.output_layer, last, weight, runtime_gather_output=False)
-    return logits[0]
+    return logits.transpose(0, 1) if isinstance(last_B, str) else logits[0]
 
 
 def _residual_add(residual, out, bias, cfg):
@@ -138,6 +141,14 @@ class SequenceCache:
         """A new sequence takes ``slot``."""
         self.lengths[slot] = 0
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions of ``slot`` (speculative decoding rolls back the
+        rejected drafts; the stale positions are overwritten by the next feed and no query
+        attends past its own position)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, not {length}")
+        self.lengths[slot] = length
+
     def move(self, src: int, dst: int) -> None:
         """The sequence in ``src`` now lives in ``dst`` (its keys/values copied)."""
         n = self.lengths[src]
@@ -147,11 +158,13 @@ class SequenceCache:
         self.lengths[dst], self.lengths[src] = n, 0
 
     @torch.no_grad()
-    def feed(self, slot_lo: int, tokens_BL: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    def feed(self, slot_lo: int, tokens_BL: torch.Tensor, counts: list[int],
+             all_positions: bool = False) -> torch.Tensor | None:
         """Feed row b (slot ``slot_lo + b``) its next ``counts[b]`` tokens ``tokens_BL[b, :count]``
         at positions ``lengths[slot] ...``; returns the logits at each row's last fed token
-        [B, V_pad / TP] on the last stage (None elsewhere). ``counts[b] == 0`` feeds nothing for
-        that row (its logits are meaningless)."""
+        [B, V_pad / TP] on the last stage (None elsewhere), or with ``all_positions`` at every
+        fed position [B, L, V_pad / TP] (speculative verification). ``counts[b] == 0`` feeds
+        nothing for that row (its logits are meaningless)."""
         rows, length = tokens_BL.shape
         starts = self.lengths[slot_lo: slot_lo + rows]
         key_len = max(s + c for s, c in zip(starts, counts, strict=True))
@@ -159,10 +172,10 @@ class SequenceCache:
             raise ValueError(f"KV cache holds {self.max_len} positions per sequence; "
                              f"feeding up to position {key_len}")
         dev = self.device
-        if length == 1:  # a decode step: positions known on the host, the only one is the last
-            pos_BL = torch.tensor([[s if c else self.max_len] for s, c in zip(starts, counts)],
-                                  dtype=torch.long, device=dev)
-            last_B = None
+        if length == 1 or all_positions:  # positions known on the host
+            pos_BL = torch.tensor([[s + i if i < c else self.max_len for i in range(length)]
+                                   for s, c in zip(starts, counts)], dtype=torch.long, device=dev)
+            last_B = "all" if all_positions else None
         else:
             start_B = torch.tensor(starts, dtype=torch.long, device=dev)
             count_B = torch.tensor(counts, dtype=torch.long, device=dev)
