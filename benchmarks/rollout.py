@@ -15,11 +15,15 @@
     Qwen3-0.6B-shaped 2-layer student (KV per position as in the real model) and on the toy;
 (d) student-only tokens/s of the engine / HF ``transformers`` ``generate`` (KV cache, sampling
     at temperature 1, top-k/top-p off) on the toy student exported to HF, same prompts and the
-    same number of new tokens per sequence (stop suppressed in both), one thread.
+    same number of new tokens per sequence (stop suppressed in both), one thread;
+(e) speculative TRB warmup (``rollout.draft_tokens`` 0, 2, 4, 8) against student-only decoding
+    on the same prompts: tokens/s, teacher forwards and positions per generated token, the
+    draft acceptance (also at eps 0.005 / 0.02 / 0.05, against Pinsker's 1 - sqrt(eps / 2)),
+    and one TRB-warmup step against one OPD step (student rollout + teacher scoring pass).
 
 Models: the toy preset (conf/model/toy.yaml). Ranks are local processes (gloo on CPU).
 
-Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--repeats 3] [--parts abcd]
+Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--repeats 3] [--parts abcde]
 """
 
 from __future__ import annotations
@@ -247,6 +251,68 @@ def _hf_vs_engine(n: int, max_new: int, repeats: int):
     return statistics.median(rates), statistics.median(hf_rates)
 
 
+def _speculative(n: int, max_new: int, repeats: int, eps0: float, budget: int):
+    """(e) toy models, TP=1, natural stops: per draft length (0 = lockstep TRB) the TRB-warmup
+    rollout's tokens/s, teacher forwards and positions per generated token and the draft
+    acceptance; the student-only rate on the same prompts; the acceptance at several eps; one
+    TRB-warmup step (rollout; the teacher's statistics come with it) against one OPD step
+    (student rollout + teacher scoring pass), both up to the loss batch."""
+    import torch
+
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.logs import quiet_third_party
+    from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
+    from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.policies import StudentPolicy, TrustRegionPolicy
+    from trb_nemo.scoring.teacher import loss_batch
+
+    quiet_third_party()
+    torch.set_num_threads(1)
+    cfg = load_config(["parallel=cpu_tp1"])
+    pg = groups.initialize(cfg.parallel, seed=0)
+    student, teacher = build_student(cfg.model, cfg.parallel, pg), build_teacher(cfg.model,
+                                                                                 cfg.parallel, pg)
+    vocab = SharedVocab.of(cfg.model)
+    prompts, _ = _workload(n, max_new, vocab.size, 2, long_tail=False)
+
+    def run(policy, draft, r):
+        t0 = time.perf_counter()
+        ro = generate(student, teacher, prompts, policy, vocab=vocab, max_new_tokens=max_new,
+                      topk_k=cfg.loss.topk, generator=torch.Generator().manual_seed(r), pg=pg,
+                      max_in_flight=budget, draft_tokens=draft)
+        loss_batch(ro, cfg.loss, teacher, cfg.optim.micro_batch_size, vocab=vocab, pg=pg)
+        return ro, ro.seconds, time.perf_counter() - t0
+
+    def median_of(policy, draft):
+        rates, steps, last = [], [], None
+        for r in range(repeats + 1):
+            ro, seconds, step = run(policy, draft, r)
+            if r > 0:  # the first run warms up
+                rates.append(int(ro.response_lengths.sum()) / seconds)
+                steps.append(step)
+            last = ro
+        f = last.forwards
+        tokens = int(last.response_lengths.sum())
+        drafts = f.get("drafts_accepted", 0) + f.get("drafts_rejected", 0)
+        return {"tok_s": statistics.median(rates), "step_s": statistics.median(steps),
+                "teacher_forwards_per_token": f["teacher"] / tokens,
+                "teacher_positions_per_token": f["teacher_positions"] / tokens,
+                "acceptance": f["drafts_accepted"] / drafts if drafts else None}
+
+    out = {"student": median_of(StudentPolicy(), 0)}
+    for g in (0, 2, 4, 8):
+        out[f"trb_g{g}"] = median_of(TrustRegionPolicy("trb", eps0), g)
+    for eps in (0.005, 0.02, 0.05):
+        ro, _, _ = run(TrustRegionPolicy("trb", eps), 4, 0)
+        f = ro.forwards
+        out[f"accept_eps{eps}"] = f["drafts_accepted"] / (f["drafts_accepted"]
+                                                         + f["drafts_rejected"])
+    groups.destroy()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=1)
@@ -259,7 +325,7 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eps0", type=float, default=0.02)
-    parser.add_argument("--parts", default="abcd")
+    parser.add_argument("--parts", default="abcde")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     from trb_nemo.parallel.spawn import run_local_ranks
@@ -308,6 +374,30 @@ def main() -> None:
             ours, hf = run_local_ranks(_hf_vs_engine, 1, (n, 48, args.repeats))[0]
             print(f"  {n:>3} x 48: engine {ours:8.0f}  HF generate {hf:8.0f}  ratio {ours / hf:.2f}")
             report[f"hf/{n}"] = {"engine_tok_s": ours, "hf_tok_s": hf}
+    if "e" in args.parts:
+        res = run_local_ranks(_speculative, 1, (args.prompts, args.max_new, args.repeats,
+                                                args.eps0, args.budget))[0]
+        print(f"(e) speculative TRB warmup (eps = {args.eps0}), toy models, TP=1, "
+              f"{args.prompts} sequences, budget {args.budget}, up to {args.max_new} new tokens, "
+              f"natural stops, median of {args.repeats}")
+        base = res["student"]["tok_s"]
+        print(f"{'decoding':<22}{'tok/s':>8}{'/student':>10}{'teacher fwd/token':>19}"
+              f"{'T positions/token':>19}{'acceptance':>12}{'step s':>8}")
+        for name, r in res.items():
+            if name.startswith("accept_"):
+                continue
+            acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
+            print(f"{name:<22}{r['tok_s']:>8.0f}{r['tok_s'] / base:>10.2f}"
+                  f"{r['teacher_forwards_per_token']:>19.3f}{r['teacher_positions_per_token']:>19.3f}"
+                  f"{acc:>12}{r['step_s']:>8.2f}")
+        best = min((k for k in res if k.startswith("trb_g")), key=lambda k: res[k]["step_s"])
+        print(f"  one TRB-warmup step ({best}) / one OPD step (student rollout + teacher scoring "
+              f"pass), up to the loss batch: {res[best]['step_s'] / res['student']['step_s']:.2f}"
+              f"; lockstep TRB: {res['trb_g0']['step_s'] / res['student']['step_s']:.2f}")
+        for eps in (0.005, 0.02, 0.05):
+            print(f"  acceptance at eps {eps}: {res[f'accept_eps{eps}']:.3f} "
+                  f"(Pinsker's bound 1 - sqrt(eps/2) = {1 - math.sqrt(eps / 2):.3f})")
+        report["speculative"] = res
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

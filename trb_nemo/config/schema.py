@@ -348,6 +348,9 @@ class LossConfig:
 
 
 BEHAVIORS = ("trb", "student", "fixed", "skd", "temperature")
+MAX_DRAFT_TOKENS = 32
+"""Longest speculative draft: acceptance decays geometrically, so longer drafts waste student
+forwards (about 1 / (1 - acceptance) tokens are kept per round)."""
 
 
 @dataclass
@@ -382,11 +385,20 @@ class RolloutConfig:
     """Prompt prefill feeds an admitted group's prompts in one forward of up to this many token
     positions (rows x positions); longer groups are split by rows, then long prompts by
     positions."""
+    draft_tokens: int = 0
+    """Speculative TRB (behavior trb or fixed, while eps > 0): the student drafts this many
+    tokens and the teacher verifies them in one forward; the samples are exact draws from the
+    same mu. 0 decodes one token per step with both networks in lockstep."""
 
     def __post_init__(self):
         _one_of(self.behavior, BEHAVIORS, "behavior")
         _positive(self.max_sequences_in_flight, "max_sequences_in_flight")
         _positive(self.prefill_chunk_tokens, "prefill_chunk_tokens")
+        _check(0 <= self.draft_tokens <= MAX_DRAFT_TOKENS, "draft_tokens",
+               f"must be in [0, {MAX_DRAFT_TOKENS}], got {self.draft_tokens}")
+        _check(self.draft_tokens == 0 or self.behavior in ("trb", "fixed"), "draft_tokens",
+               f"speculative decoding verifies drafts against the trust-region policy; "
+               f"behavior={self.behavior} needs rollout.draft_tokens=0")
         _positive(self.max_new_tokens, "max_new_tokens")
         _positive(self.num_rollouts_per_prompt, "num_rollouts_per_prompt")
         _positive(self.temperature, "temperature")

@@ -14,7 +14,8 @@ from trb_nemo.rollout.engine import Rollout
 def summarize(rollout: Rollout, eps: float | None = None) -> dict:
     """Flat dict of floats: beta mean/p10/p50/p90, realized KL mean/max (and vs eps),
     teacher-token share, teacher log-prob of visited prefixes, response lengths, tokens/s,
-    teacher forward calls and teacher token positions per generated token."""
+    teacher forward calls and teacher token positions per generated token, and under
+    speculative TRB the draft acceptance rate and the draft/verify rounds."""
     mask = rollout.loss_mask
     n = int(mask.sum())
     out = {"rollout/tokens": float(n), "rollout/seconds": rollout.seconds,
@@ -39,6 +40,10 @@ def summarize(rollout: Rollout, eps: float | None = None) -> dict:
     teacher_lp = rollout.records["teacher_logprob"][mask]
     if bool(torch.isfinite(teacher_lp).any()):
         out["rollout/teacher_logprob_mean"] = float(teacher_lp[torch.isfinite(teacher_lp)].mean())
+    drafts = rollout.forwards.get("drafts_accepted", 0) + rollout.forwards.get("drafts_rejected", 0)
+    if drafts:  # speculative TRB: the share of verified drafts accepted (>= 1 - sqrt(eps / 2))
+        out["rollout/draft_acceptance"] = rollout.forwards["drafts_accepted"] / drafts
+        out["rollout/draft_rounds"] = float(rollout.forwards["rounds"])
     if eps is not None:
         out["rollout/eps"] = float(eps)
         out["rollout/kl_over_eps"] = float(kl.max()) / eps if eps > 0 else 0.0

@@ -15,9 +15,12 @@ from pathlib import Path
 from trb_nemo.config.schema import LoggingConfig
 from trb_nemo.logs import global_rank
 
-BAR_KEYS = (("eps", "rollout/eps"), ("beta", "rollout/beta_mean"), ("loss", "train/loss"),
+BAR_KEYS = (("eps", "rollout/eps"), ("beta", "rollout/beta_mean"),
+            ("accept", "rollout/draft_acceptance"), ("loss", "train/loss"),
             ("reward", "rollout/reward"), ("tok/s", "rollout/tokens_per_second"),
             ("pass@1", "eval/pass@1"))
+STEP_ONLY_BAR_KEYS = ("accept",)
+"""Shown only while the step's rollout reports them (speculative drafts: the TRB warmup)."""
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -58,6 +61,10 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         self.live.update({short: row[key] for short, key in BAR_KEYS if key in row})
+        if "rollout/tokens" in row:  # a step's row: drop what this step did not report
+            for short, key in BAR_KEYS:
+                if short in STEP_ONLY_BAR_KEYS and key not in row:
+                    self.live.pop(short, None)
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in self.live.items()}, refresh=False)
             if advance:

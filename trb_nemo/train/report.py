@@ -34,9 +34,15 @@ CONFIG_CHANGES = "config_changes.jsonl"
 ``step`` and ``differences`` (``key: old -> new`` strings) or ``changes`` (key -> [old, new])."""
 
 
-def curves(behavior: str) -> tuple[tuple[str, str], ...]:
+SPECULATIVE_CURVES = (("rollout/draft_acceptance", "draft acceptance (speculative TRB)"),
+                      ("rollout/teacher_forwards_per_token", "teacher forwards per token"))
+"""Shown when rollout.draft_tokens > 0."""
+
+
+def curves(behavior: str, speculative: bool = False) -> tuple[tuple[str, str], ...]:
     """The (metric, label) pairs of the report for ``behavior``, pass@1 first."""
-    return (("eval/pass@1", "pass@1"), *BEHAVIOR_CURVES.get(behavior, ()), *COMMON_CURVES)
+    return (("eval/pass@1", "pass@1"), *BEHAVIOR_CURVES.get(behavior, ()),
+            *(SPECULATIVE_CURVES if speculative else ()), *COMMON_CURVES)
 
 
 def _warmup(cfg: TrainConfig) -> tuple[int, str]:
@@ -107,7 +113,7 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
                "pass@1_best": max(passes) if passes else None,
                "best_step": steps[passes.index(max(passes))] if passes else None,
                "steps": max((r["step"] for r in rows), default=0)}
-    shown = curves(cfg.rollout.behavior)
+    shown = curves(cfg.rollout.behavior, cfg.rollout.draft_tokens > 0)
     plotted = _plot(run_dir / "report.png", rows, warmup, shown, phase)
     train_rows = [r for r in rows if "train/loss" in r]
 

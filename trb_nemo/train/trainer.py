@@ -98,7 +98,7 @@ class Trainer:
                         topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed),
                         pg=self.pg, sequence_ids=range(first, first + len(prompts)),
                         max_in_flight=r.max_sequences_in_flight,
-                        prefill_tokens=r.prefill_chunk_tokens)
+                        prefill_tokens=r.prefill_chunk_tokens, draft_tokens=r.draft_tokens)
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes) -> dict:
         correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)]
