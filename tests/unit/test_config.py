@@ -74,6 +74,8 @@ def test_overrides_reach_the_typed_config():
         ("model.teacher=null", "model.teacher", "teacher"),
         ("model.student.num_attention_heads=3", "model.student.hidden_size", "divisible"),
         ("parallel.fused_ops=yes", "parallel.fused_ops", "auto|on|off"),
+        ("rollout.draft_tokens=-1", "rollout.draft_tokens", "[0, 32]"),
+        ("rollout.draft_tokens=64", "rollout.draft_tokens", "[0, 32]"),
     ],
 )
 def test_bad_values_name_the_key(override, key, fragment):
@@ -82,6 +84,16 @@ def test_bad_values_name_the_key(override, key, fragment):
     assert err.value.key == key
     assert fragment in err.value.reason
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("behavior", ["student", "skd", "temperature"])
+def test_speculative_drafts_need_a_trust_region_behavior(behavior):
+    with pytest.raises(ConfigError) as err:
+        load_config([f"rollout.behavior={behavior}", "rollout.draft_tokens=4"])
+    assert err.value.key == "rollout.draft_tokens"
+    assert "rollout.draft_tokens=0" in err.value.reason
+    for ok in ("trb", "fixed"):
+        assert load_config([f"rollout.behavior={ok}", "rollout.draft_tokens=4"]).rollout.draft_tokens == 4
 
 
 def test_cross_field_tp_must_divide_heads():

@@ -41,6 +41,23 @@ def test_summary_values():
     assert math.isclose(s["rollout/teacher_positions_per_token"], 1.5, rel_tol=1e-6)
 
 
+def test_speculative_acceptance_and_the_bar():
+    from trb_nemo.config.schema import LoggingConfig
+    from trb_nemo.train.metrics_log import MetricsLog
+
+    r = _rollout()
+    assert "rollout/draft_acceptance" not in summarize(r, eps=0.02)
+    r.forwards.update({"drafts_accepted": 27, "drafts_rejected": 3, "rounds": 4})
+    s = summarize(r, eps=0.02)
+    assert math.isclose(s["rollout/draft_acceptance"], 0.9) and s["rollout/draft_rounds"] == 4
+    log = MetricsLog.__new__(MetricsLog)  # only the live progress-bar fields
+    log.enabled, log.cfg, log.tb, log.bar, log.live = True, LoggingConfig(jsonl=False), None, None, {}
+    log.log(1, s)
+    assert log.live["accept"] == 0.9
+    log.log(2, summarize(_rollout(), eps=0.0))  # after the warmup: no drafts, no field
+    assert "accept" not in log.live and log.live["eps"] == 0.0
+
+
 def test_compare_table_mean_and_spread():
     from trb_nemo.config.compose import load_config
     from trb_nemo.train.compare import format_table
