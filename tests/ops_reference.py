@@ -61,6 +61,15 @@ def reverse_kl_full(zs, zt, vocab_size=None):
     return kl(log_softmax(zs, vocab_size), log_softmax(zt, vocab_size))
 
 
+def veto_kl(zs, zt, b, direction, vocab_size=None):
+    """Veto's loss in float64: Q = softmax(z_T + b sg(z_S)); forward KL(Q || p) or reverse
+    KL(p || Q), differentiable through p only."""
+    zt_m = masked(zt, vocab_size)
+    x = zt_m if b == 0 else zt_m + b * masked(zs, vocab_size).detach()
+    lq, lp = torch.log_softmax(x, dim=-1), log_softmax(zs, vocab_size)
+    return kl(lq, lp) if direction == "forward" else kl(lp, lq)
+
+
 def reverse_kl_support(zs, zt, ids, vocab_size=None, gradient="support"):
     """Value sum_j w_j (lp_j - lq_j) and a surrogate with the chosen gradient: ``support`` =
     autograd of KL(w || q) with w the student renormalized on the ids (no gradient outside

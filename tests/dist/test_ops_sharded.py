@@ -21,6 +21,8 @@ pytestmark = pytest.mark.dist
 ROWS, V_PAD, V_TRUE, KEEP, DROP, K = 6, 48, 45, 3, 40, 5
 EPS = torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.1, 1e3])
 SAMPLE_ROWS = 200_000
+VETO_CASES = [(0.0, "forward"), (0.4, "forward"), (0.8, "forward"), (0.0, "reverse"),
+              (0.4, "reverse")]
 RECORD_IDS = torch.tensor([[0, 23, 44], [7, KEEP, 46], [DROP, 12, 30], [0, 1, 2],
                            [44, 24, 23], [KEEP, DROP, 11]])
 """Ids whose log-probs a decode step records: on every shard, the merged stop id, the masked
@@ -69,6 +71,12 @@ def _sharded_ops():
         value = losses.reverse_kl(x, zt, kind=kind, topk=K, **kw)
         (value * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
         out[f"{kind}_value"], out[f"{kind}_grad"] = value, _gather_cols(x.grad)
+    for b, direction in VETO_CASES:
+        x = zs.clone().requires_grad_(True)
+        value = losses.veto_kl(x, zt, b, direction=direction, **kw)
+        finite = torch.isfinite(value)
+        (value[finite] * torch.arange(1.0, ROWS + 1, dtype=torch.float64)[finite]).sum().backward()
+        out[f"veto_{b}_{direction}"] = (value, _gather_cols(x.grad))
     # the gradient flows back through canonicalization to both stop ids on their own shards
     raw = _shard(zs_full, world, rank).requires_grad_(True)
     merged = eos.canonicalize(raw, keep_id=KEEP, drop_id=DROP, vocab_group=grp)
@@ -194,6 +202,29 @@ def test_decode_records_in_one_collective(sharded, unsharded):
         assert (lp[finite] - want[finite]).abs().max() <= 1e-5
         assert torch.equal(got["records_topk"], got["topk_ids"])
     assert torch.equal(sharded[0]["records_topk"], unsharded["records_topk"])
+
+
+@pytest.mark.parametrize("b,direction", VETO_CASES)
+def test_veto_loss_matches_reference(sharded, unsharded, b, direction):
+    """Veto's target Q ∝ pi_T pi_S^b (student detached): values and gradients against float64
+    at TP = 1, 2, 4 (stop ids on different shards, padded vocabulary)."""
+    zs, zt = _reference()
+    weights = torch.arange(1.0, ROWS + 1, dtype=torch.float64)
+    x = zs.clone().requires_grad_(True)
+    want = ref.veto_kl(x, zt, b, direction, V_TRUE)
+    finite = torch.isfinite(want)
+    assert finite.sum() >= 4
+    (want[finite] * weights[finite]).sum().backward()
+    for got in (sharded[0], unsharded):
+        value, grad = got[f"veto_{b}_{direction}"]
+        assert torch.equal(torch.isfinite(value), finite)
+        assert torch.allclose(value.double()[finite], want.detach()[finite], atol=1e-5)
+        assert torch.allclose(grad[finite][:, :V_TRUE], x.grad[finite][:, :V_TRUE], atol=1e-5)
+        assert torch.all(grad[:, V_TRUE:] == 0)
+    if b == 0 and direction == "forward":  # the plain forward KL to the teacher
+        plain = ref.kl(ref.log_softmax(zt, V_TRUE), ref.log_softmax(zs, V_TRUE))
+        assert torch.allclose(want[finite], plain[finite])
+        assert not finite.all()  # the student lacks a token the teacher has: KL = inf
 
 
 def test_sampling_does_not_depend_on_tp(sharded, unsharded):

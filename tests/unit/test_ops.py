@@ -301,6 +301,15 @@ def test_schedules():
         schedules.eps_at(0, schedule="exp", eps0=0.01, warmup_steps=4)
 
 
+def test_veto_b_schedule():
+    b = [schedules.veto_b_at(k, b_start=0.6, total_steps=5) for k in range(5)]
+    assert b == pytest.approx([0.6, 0.45, 0.3, 0.15, 0.0])
+    assert schedules.veto_b_at(9, b_start=0.6, total_steps=5) == 0.0
+    assert schedules.veto_b_at(0, b_start=0.4, total_steps=1) == 0.0
+    with pytest.raises(ValueError):
+        schedules.veto_b_at(0, b_start=-0.1, total_steps=5)
+
+
 def test_solve_beta_and_kl_equals_the_two_calls():
     zs, zt = _logits(6, 40)
     eps = torch.tensor([0.0, 1e-4, 1e-3, 0.01, 0.1, 1e3])

@@ -252,3 +252,108 @@ def reverse_kl_at_ids(
     out = _SupportReverseKL.apply(zs_RV, ids.reshape(-1, k), teacher_logprobs.reshape(-1, k),
                                   valid, vocab_group, gradient)
     return out.reshape(student_logits.shape[:-1])
+
+
+# ------------------------------------------------------------------------------ Veto target
+# Veto (Jang et al., arXiv 2601.07155): the loss target is Q ∝ pi_T pi_S^b with the student
+# term detached, i.e. Q = softmax(x) with x = z_T + b sg(z_S) (the normalizers cancel). With
+# a = z_S - M_s and c = x - M_x (global maxima), s_s = sum e^a, s_x = sum e^c:
+#   KL(Q || p) = sum e^c (c - a) / s_x - log s_x + log s_s,    dKL/dz_S = p - Q
+# (Q carries no gradient). Reverse direction: KL(p || Q) is the reverse KL with teacher
+# logits x (:class:`_FullReverseKL`).
+
+
+def veto_target_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       b: float) -> torch.Tensor:
+    """x = z_T + b sg(z_S), the logits of Veto's target Q (b = 0: the teacher's; a -inf student
+    logit stays -inf in x for b > 0)."""
+    zt = teacher_logits.detach()
+    if b == 0:
+        return zt
+    return zt + b * student_logits.detach()
+
+
+@kernel
+def _veto_sums(zs_RV, x_RV):
+    """[R, 5] of one shard, in one read of it: m_s, m_x (the shard's maxima), then with them
+    sums of e^a, e^c and e^c (c - a) over supp Q."""
+    m_s, a = own_max_shift(zs_RV)
+    m_x, c = own_max_shift(x_RV)
+    ex = torch.exp(c)
+    # off supp Q: 0 * (..) = NaN -> 0; where p = 0 < Q: +inf stays (KL = inf)
+    term = torch.nan_to_num(ex * (c - a), nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return torch.stack([m_s[:, 0], m_x[:, 0], torch.exp(a).sum(-1), ex.sum(-1), term.sum(-1)],
+                       dim=-1)
+
+
+@kernel
+def _veto_grad(zs_RV, x_RV, row_R4, grad_R1):
+    """dKL(Q || p)/dz_S = g (p - Q) in the student logits' dtype. row: (M_s, M_x, log s_s,
+    log s_x)."""
+    p = torch.exp(zs_RV.float() - row_R4[:, 0:1] - row_R4[:, 2:3])
+    q = torch.exp(x_RV.float() - row_R4[:, 1:2] - row_R4[:, 3:4])
+    return ((p - q) * grad_R1).to(zs_RV.dtype)
+
+
+class _ForwardKLToTarget(torch.autograd.Function):
+    """KL(Q || pi_S) with Q = softmax(x) fixed. Forward: 1 pass, 1 all-gather of [P, R, 5].
+    Backward: 1 pass, no collective. Saves the inputs and [R, 4] statistics."""
+
+    @staticmethod
+    def forward(ctx, zs_RV, x_RV, n_valid, group):
+        ps = gather_pair_sums(_veto_sums, zs_RV[:, :n_valid], x_RV[:, :n_valid], 3, group)
+        s_s, s_x, cross = (ps.sums[..., k] for k in range(3))
+        # each rank's c - a used its own maxima: (c - a)_global = (c - a)_local + delta
+        cross = ((cross + ps.delta * s_x) * ps.scale_t).sum(0)
+        s_s, s_x = (s_s * ps.scale_s).sum(0), (s_x * ps.scale_t).sum(0)
+        log_s, log_x = torch.log(s_s), torch.log(s_x)
+        kl = cross / s_x - log_x + log_s
+        ctx.save_for_backward(zs_RV, x_RV, torch.stack([ps.m_s, ps.m_t, log_s, log_x],
+                                                       dim=-1).float())
+        ctx.n_valid = n_valid
+        return kl.float()
+
+    @staticmethod
+    def backward(ctx, grad_R):
+        zs_RV, x_RV, rows_R4 = ctx.saved_tensors
+        n = ctx.n_valid
+        grad_R1 = grad_R.float().unsqueeze(-1)
+        grad = torch.empty_like(zs_RV)
+        grad[:, n:] = 0
+        for c in row_chunks(zs_RV.shape[0], n, is_fused(zs_RV.device)) if n > 0 else ():
+            grad[c, :n] = _veto_grad(zs_RV[c, :n], x_RV[c, :n], rows_R4[c], grad_R1[c])
+        return grad, None, None, None
+
+
+VETO_DIRECTIONS = ("forward", "reverse")
+
+
+def veto_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    b: float,
+    *,
+    direction: str = "forward",
+    vocab_group=None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Veto's per-prefix loss over the full vocabulary: [...] fp32, differentiable w.r.t.
+    ``student_logits`` only.
+
+    Target Q ∝ pi_T pi_S^b, the student term detached (Jang et al., arXiv 2601.07155);
+    ``direction="forward"``: KL(Q || pi_theta), gradient p - Q (exact, local); ``"reverse"``:
+    KL(pi_theta || Q), the reverse KL to Q. b = 0 gives the plain forward (or reverse) KL to
+    the teacher. Collectives: 1 all-gather of [P, R, 5] forward, none backward.
+    """
+    if direction not in VETO_DIRECTIONS:
+        raise ValueError(f"direction must be {'|'.join(VETO_DIRECTIONS)}, got {direction!r}")
+    if not 0 <= b:
+        raise ValueError(f"Veto's b must be >= 0, got {b}")
+    x = veto_target_logits(student_logits, teacher_logits, b)
+    if direction == "reverse":
+        return reverse_kl(student_logits, x, kind="full", vocab_group=vocab_group,
+                          vocab_size=vocab_size)
+    zs_RV, x_RV = _flat_pair(student_logits, x)
+    n_valid = valid_count(zs_RV.shape[-1], vocab_size, vocab_group)
+    return _ForwardKLToTarget.apply(zs_RV, x_RV, n_valid, vocab_group).reshape(
+        student_logits.shape[:-1])

@@ -32,3 +32,15 @@ def eps_at(step: int, *, schedule: str, eps0: float, warmup_steps: int) -> float
     if schedule == "linear":
         return eps0 * (1.0 - frac)
     return eps0 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def veto_b_at(step: int, *, b_start: float, total_steps: int) -> float:
+    """Veto's target exponent b_k: linear from ``b_start`` at step 0 to 0 at the last step
+    (``total_steps`` - 1), as Jang et al. anneal it over training."""
+    if step < 0 or total_steps < 1:
+        raise ValueError(f"need step >= 0 and total_steps >= 1, got {step}, {total_steps}")
+    if b_start < 0:
+        raise ValueError(f"b_start must be >= 0, got {b_start}")
+    if total_steps == 1:
+        return 0.0
+    return b_start * max(0.0, 1.0 - step / (total_steps - 1))
