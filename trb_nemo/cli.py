@@ -110,13 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dtype of the Megatron weights (export always writes fp32)")
     convert.set_defaults(func=_convert)
 
-    from trb_nemo.train.compare import BEHAVIORS
+    from trb_nemo.methods import METHOD_NAMES
 
     compare = sub.add_parser("compare", help="every behavior x seeds on the same config: the "
                              "paper's Table 1 on the toy task")
     compare.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    compare.add_argument("--behaviors", nargs="+", default=list(BEHAVIORS), choices=BEHAVIORS)
+    compare.add_argument("--behaviors", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
     compare.set_defaults(func=_compare)
 
     launch = sub.add_parser("launch", help="submit the run to a cluster scheduler")

@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+from trb_nemo.methods import METHOD_NAMES, METHODS
 from trb_nemo.ops.schedules import SCHEDULES
 
 
@@ -341,13 +342,20 @@ class LossConfig:
     ``sampled`` (single-sample estimate at the generated token)."""
     topk: int = 16
     """k of the student top-k support for kind=topk."""
+    veto_b_start: float = 0.4
+    """behavior=veto: b of the target Q ∝ pi_T pi_S^b at step 0, annealed linearly to 0 at the
+    last step (the paper sweeps 0.2, 0.4, 0.6, 0.8). Veto's loss is over the full vocabulary
+    (the teacher's logits are scored, whatever ``kind`` says)."""
+    veto_direction: str = "forward"
+    """behavior=veto: ``forward`` KL(Q || pi_theta) (Veto's) or ``reverse`` KL(pi_theta || Q)."""
 
     def __post_init__(self):
         _one_of(self.kind, ("topk", "full", "sampled"), "kind")
         _positive(self.topk, "topk")
+        _non_negative(self.veto_b_start, "veto_b_start")
+        _one_of(self.veto_direction, ("forward", "reverse"), "veto_direction")
 
 
-BEHAVIORS = ("trb", "student", "fixed", "skd", "temperature")
 MAX_DRAFT_TOKENS = 32
 """Longest speculative draft: acceptance decays geometrically, so longer drafts waste student
 forwards (about 1 / (1 - acceptance) tokens are kept per round)."""
@@ -358,8 +366,10 @@ class RolloutConfig:
     """Behavior policy that generates the training prefixes, and decoding limits."""
 
     behavior: str = "trb"
-    """``trb`` (the paper), ``student`` (vanilla OPD), ``fixed`` (constant eps), ``skd``
-    (interleaved teacher injection), ``temperature`` (student temperature warmup)."""
+    """The method (:mod:`trb_nemo.methods`: its behavior policy and loss target): ``trb`` (the
+    paper), ``student`` (vanilla OPD), ``fixed`` (constant eps), ``skd`` (interleaved teacher
+    injection), ``temperature`` (student temperature warmup), ``veto`` (student rollouts, Veto's
+    target)."""
     max_new_tokens: int = 64
     num_rollouts_per_prompt: int = 4
     temperature: float = 1.0
@@ -391,12 +401,12 @@ class RolloutConfig:
     same mu. 0 decodes one token per step with both networks in lockstep."""
 
     def __post_init__(self):
-        _one_of(self.behavior, BEHAVIORS, "behavior")
+        _one_of(self.behavior, METHOD_NAMES, "behavior")
         _positive(self.max_sequences_in_flight, "max_sequences_in_flight")
         _positive(self.prefill_chunk_tokens, "prefill_chunk_tokens")
         _check(0 <= self.draft_tokens <= MAX_DRAFT_TOKENS, "draft_tokens",
                f"must be in [0, {MAX_DRAFT_TOKENS}], got {self.draft_tokens}")
-        _check(self.draft_tokens == 0 or self.behavior in ("trb", "fixed"), "draft_tokens",
+        _check(self.draft_tokens == 0 or METHODS[self.behavior].speculative, "draft_tokens",
                f"speculative decoding verifies drafts against the trust-region policy; "
                f"behavior={self.behavior} needs rollout.draft_tokens=0")
         _positive(self.max_new_tokens, "max_new_tokens")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from trb_nemo.config.schema import RolloutConfig, TRBConfig
-from trb_nemo.ops.schedules import eps_at
+from trb_nemo.methods import method_of
 from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta_and_kl
 from trb_nemo.ops.vocab_parallel import RowNoise, sample, topk
 
@@ -121,18 +121,6 @@ def temperature_at(step: int, rollout: RolloutConfig) -> float:
 
 
 def policy_for(step: int, rollout: RolloutConfig, trb: TRBConfig):
-    """The behavior policy of training step ``step`` (0-based) from the config."""
-    b = rollout.behavior
-    if b == "student":
-        return StudentPolicy(rollout.temperature)
-    if b == "trb":
-        eps = eps_at(step, schedule=trb.schedule, eps0=trb.eps0, warmup_steps=trb.warmup_steps)
-        return TrustRegionPolicy("trb", eps, trb.solver_tolerance, trb.solver_max_iterations)
-    if b == "fixed":
-        return TrustRegionPolicy("fixed", rollout.fixed_eps, trb.solver_tolerance,
-                                 trb.solver_max_iterations)
-    if b == "skd":
-        return InjectionPolicy(rollout.skd_topk, rollout.skd_teacher_temperature)
-    if b == "temperature":
-        return StudentPolicy(temperature_at(step, rollout))
-    raise ValueError(f"unknown rollout.behavior {b!r}")
+    """The behavior policy of training step ``step`` (0-based): the method's own
+    (:mod:`trb_nemo.methods`, named by ``rollout.behavior``)."""
+    return method_of(rollout.behavior).policy(step, rollout, trb)

@@ -85,12 +85,13 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int, *,
 
 
 def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int, *,
-               vocab: SharedVocab, pg: ParallelGroups) -> LossBatch:
+               vocab: SharedVocab, pg: ParallelGroups, target: str = "teacher") -> LossBatch:
     """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.engine.Rollout`),
-    running the teacher only for what decoding did not record (module docstring)."""
+    running the teacher only for what decoding did not record (module docstring). ``target``
+    is the method's (:mod:`trb_nemo.methods`): ``veto`` needs the teacher's full logits."""
     tokens, mask = rollout.tokens, rollout.loss_mask
     batch = LossBatch(tokens, mask)
-    if loss_cfg.kind == "full":
+    if loss_cfg.kind == "full" or target == "veto":
         batch.teacher_logits = score_with_teacher(teacher, tokens, micro_batch_size, vocab=vocab,
                                                   pg=pg)
         batch.teacher_passes = 1

@@ -14,14 +14,11 @@ import statistics
 from pathlib import Path
 
 from trb_nemo.config.compose import load_config
+from trb_nemo.methods import METHOD_NAMES, METHODS
 from trb_nemo.train.metrics_log import read_jsonl
 
-BEHAVIORS = ("student", "trb", "fixed", "skd", "temperature")
-LABELS = {"student": "Vanilla OPD", "trb": "TRB (ours)", "fixed": "Fixed-eps blending",
-          "skd": "Interleaved teacher injection (SKD)", "temperature": "Temperature warmup"}
 
-
-def run_compare(overrides: list[str], seeds: list[int], behaviors=BEHAVIORS) -> Path:
+def run_compare(overrides: list[str], seeds: list[int], behaviors=METHOD_NAMES) -> Path:
     from trb_nemo.train.entry import run_train
 
     base = load_config(overrides)
@@ -65,6 +62,6 @@ def format_table(runs: dict, behaviors, seeds, cfg) -> str:
                 before.append(evals[0])
                 best.append(max(evals))
                 final.append(evals[-1])
-        lines.append(f"| {LABELS[behavior]} | {_mean_std(before)} | {_mean_std(best)} | "
+        lines.append(f"| {METHODS[behavior].label} | {_mean_std(before)} | {_mean_std(best)} | "
                      f"{_mean_std(final)} |")
     return "\n".join(lines) + "\n"

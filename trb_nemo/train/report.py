@@ -4,9 +4,10 @@ shaded, the behavior's own curves, the loss and the rollout reward). Built from
 ``metrics.jsonl`` (and ``config_changes.jsonl`` when a resume changed the config), on global
 rank 0.
 
-What each behavior does is shown by its own metrics (BEHAVIOR_CURVES): TRB and fixed-eps
-blending by eps, mean beta and the realized KL; SKD by its teacher-token (injection) share;
-the temperature warmup by the sampling temperature; vanilla OPD by the loss and reward alone.
+What each method does is shown by its own metrics (``Method.curves`` in
+:mod:`trb_nemo.methods`): TRB and fixed-eps blending by eps, mean beta and the realized KL; SKD
+by its teacher-token (injection) share; the temperature warmup by the sampling temperature;
+Veto by its b; vanilla OPD by the loss and reward alone.
 """
 
 from __future__ import annotations
@@ -16,18 +17,9 @@ from pathlib import Path
 
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import evaluated_problems
+from trb_nemo.methods import method_of
 from trb_nemo.train.metrics_log import read_jsonl
 
-_BLEND = (("rollout/eps", "eps_k"), ("rollout/beta_mean", "mean beta"),
-          ("rollout/kl_mean", "realized KL"))
-BEHAVIOR_CURVES = {
-    "trb": _BLEND,
-    "fixed": _BLEND,
-    "skd": (("rollout/teacher_token_share", "teacher-token share (SKD injections)"),),
-    "temperature": (("rollout/temperature", "sampling temperature"),),
-    "student": (),
-}
-"""rollout.behavior -> the (metric, label) pairs that show what it does."""
 COMMON_CURVES = (("train/loss", "reverse-KL loss"), ("rollout/reward", "rollout reward"))
 CONFIG_CHANGES = "config_changes.jsonl"
 """Written into the run folder when a resume changed the config: one JSON object per line with
@@ -41,31 +33,24 @@ SPECULATIVE_CURVES = (("rollout/draft_acceptance", "draft acceptance (speculativ
 
 def curves(behavior: str, speculative: bool = False) -> tuple[tuple[str, str], ...]:
     """The (metric, label) pairs of the report for ``behavior``, pass@1 first."""
-    return (("eval/pass@1", "pass@1"), *BEHAVIOR_CURVES.get(behavior, ()),
+    return (("eval/pass@1", "pass@1"), *method_of(behavior).curves,
             *(SPECULATIVE_CURVES if speculative else ()), *COMMON_CURVES)
 
 
 def _warmup(cfg: TrainConfig) -> tuple[int, str]:
-    """(steps, name) of the behavior's warmup phase; (0, "") when it has none."""
-    if cfg.rollout.behavior == "trb":
-        return cfg.trb.warmup_steps, "TRB warmup"
-    if cfg.rollout.behavior == "temperature":
-        return cfg.rollout.temperature_warmup_steps, "temperature warmup"
-    return 0, ""
+    """(steps, name) of the method's warmup phase; (0, "") when it has none."""
+    return method_of(cfg.rollout.behavior).warmup(cfg)
 
 
 def _behavior_line(cfg: TrainConfig) -> str:
-    r, t = cfg.rollout, cfg.trb
-    return {
-        "trb": f"Behavior `trb`: eps0 = {t.eps0}, schedule `{t.schedule}`, warmup K = "
-               f"{t.warmup_steps} steps",
-        "fixed": f"Behavior `fixed`: eps = {r.fixed_eps} at every step",
-        "skd": f"Behavior `skd`: student tokens outside the teacher's top-{r.skd_topk} replaced "
-               f"by teacher samples at temperature {r.skd_teacher_temperature}",
-        "temperature": f"Behavior `temperature`: student temperature {r.temperature_start} -> "
-                       f"{r.temperature} over {r.temperature_warmup_steps} steps",
-        "student": "Behavior `student`: vanilla on-policy distillation on student rollouts",
-    }.get(r.behavior, f"Behavior `{r.behavior}`")
+    return method_of(cfg.rollout.behavior).describe(cfg)
+
+
+def _loss_line(cfg: TrainConfig) -> str:
+    if method_of(cfg.rollout.behavior).target == "veto":
+        return "loss: Veto's KL to its target over the full vocabulary"
+    topk = f" (k = {cfg.loss.topk})" if cfg.loss.kind == "topk" else ""
+    return f"loss `{cfg.loss.kind}`{topk}"
 
 
 def _evaluated(cfg: TrainConfig) -> tuple[str, list[str]]:
@@ -125,8 +110,7 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
     columns = [c for c in shown if c[0] != "eval/pass@1" and c[0] != "rollout/eps"]
     lines = [
         f"# trb-nemo run `{cfg.logging.run_name}`", "",
-        f"{_behavior_line(cfg)}; loss `{cfg.loss.kind}`"
-        f"{f' (k = {cfg.loss.topk})' if cfg.loss.kind == 'topk' else ''}, "
+        f"{_behavior_line(cfg)}; {_loss_line(cfg)}, "
         f"TP = {cfg.parallel.tensor_model_parallel_size}, PP = {cfg.parallel.pipeline_model_parallel_size}.",
         "", f"| pass@1 (temperature {cfg.eval.temperature:.1f}, {evaluated}) | value |",
         "|---|---|",

@@ -2,6 +2,7 @@
 
     L(theta) = (1 / N) sum over response prefixes h in the global batch of KL(pi_theta(.|h) || pi_T(.|h))
 
+(the Veto baseline replaces the KL by Veto's, :func:`trb_nemo.ops.losses.veto_kl`).
 N = number of response prefixes (``loss_mask`` ones) over all data-parallel ranks: a token mean
 over the global batch, so long and short responses weigh each prefix equally and the loss does
 not depend on the DP/microbatch split (this is what DP=2 == DP=1 tests check). TRB changes only
@@ -23,7 +24,7 @@ import torch
 
 from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids
+from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, veto_kl
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
@@ -31,10 +32,16 @@ from trb_nemo.train.pipeline import run_schedule, split_microbatches
 
 
 def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
-              group) -> torch.Tensor:
-    """Per-prefix reverse KL [b, S] of one microbatch on the last stage (vocab-parallel over
-    ``group``, the tensor-parallel group), on EOS-canonicalized distributions."""
+              group, veto_b: float | None = None) -> torch.Tensor:
+    """Per-prefix loss [b, S] of one microbatch on the last stage (vocab-parallel over
+    ``group``, the tensor-parallel group), on EOS-canonicalized distributions: the reverse KL
+    to the teacher, or with ``veto_b`` Veto's KL to Q ∝ pi_T pi_S^b (needs the teacher's
+    logits)."""
     student = vocab.canonical(logits_BSV, group)
+    if veto_b is not None:
+        teacher = vocab.canonical(mb["teacher_logits"], group)
+        return veto_kl(student, teacher, veto_b, direction=loss_cfg.veto_direction,
+                       vocab_group=group, vocab_size=vocab.size)
     if mb.get("teacher_logits") is not None:
         teacher = vocab.canonical(mb["teacher_logits"], group)
         return reverse_kl(student, teacher, kind=loss_cfg.kind, topk=loss_cfg.topk,
@@ -45,10 +52,12 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
-               vocab: SharedVocab, micro_batch_size: int, pg: ParallelGroups) -> dict:
+               vocab: SharedVocab, micro_batch_size: int, pg: ParallelGroups,
+               veto_b: float | None = None) -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
-    ``tokens`` (global response prefixes), ``update_ok``.
+    ``tokens`` (global response prefixes), ``update_ok``. ``veto_b``: this step's b of Veto's
+    target (None: the reverse KL to the teacher).
 
     Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
     and a broadcast [2] over PP for the metrics.
@@ -60,7 +69,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
     def on_logits(index, mb, logits_BSV):
         mask = mb["loss_mask"].to(torch.float32)
-        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor) * mask).sum()
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor, veto_b) * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 
@@ -74,6 +83,9 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     if pg.is_last_stage:
         totals = comm.all_reduce(totals, group=pg.data)
     groups.broadcast_from_last_stage(totals, pg)
-    return {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": lr, "update_ok": bool(update_ok)}
+    out = {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
+           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+           "lr": lr, "update_ok": bool(update_ok)}
+    if veto_b is not None:
+        out["veto_b"] = veto_b
+    return out

@@ -26,8 +26,10 @@ from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import build_source, step_prompts
 from trb_nemo.eval.pass_at_1 import evaluate
+from trb_nemo.methods import method_of
 from trb_nemo.models.networks import build_student, build_teacher
 from trb_nemo.models.vocab import SharedVocab
+from trb_nemo.ops.schedules import veto_b_at
 from trb_nemo.parallel import comm, groups
 from trb_nemo.rollout.engine import Rollout, generate
 from trb_nemo.rollout.policies import policy_for
@@ -75,10 +77,13 @@ class Trainer:
         prompts = self.prompts(k)
         policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
         rollout = self.rollout(prompts, policy, k)
+        target = method_of(self.cfg.rollout.behavior).target
         batch = loss_batch(rollout, self.cfg.loss, self.teacher, self.cfg.optim.micro_batch_size,
-                           vocab=self.vocab, pg=self.pg)
+                           vocab=self.vocab, pg=self.pg, target=target)
+        veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
+                            total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
         metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab,
-                             self.cfg.optim.micro_batch_size, self.pg)
+                             self.cfg.optim.micro_batch_size, self.pg, veto_b=veto_b)
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes)
 
     def prompts(self, k: int) -> list:

@@ -1,0 +1,135 @@
+"""The methods of the paper's Table 1, one named entry each (``rollout.behavior=<name>``).
+
+A method is what generates the training prefixes (its behavior policy at step k) and what the
+loss pulls the student towards there (its target), with the settings and schedules that tune
+them. This table is the one place they are named: the config validation, :func:`policy_for`,
+the report, the CLI and ``trb-nemo compare`` read it.
+
+Targets: ``teacher``, the per-prefix reverse KL(pi_theta || pi_T) of ``loss.kind`` (OPD; TRB
+and the behavior baselines leave it unchanged); ``veto``, Veto's KL to Q ∝ pi_T pi_S^b (the
+student term detached, b annealed from ``loss.veto_b_start`` to 0,
+:func:`trb_nemo.ops.losses.veto_kl`), over the full vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+TARGETS = ("teacher", "veto")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    """The method's row in the comparison table."""
+    target: str
+    """``teacher`` or ``veto`` (module docstring)."""
+    policy: Callable
+    """(step, rollout config, trb config) -> the behavior policy of that step."""
+    describe: Callable
+    """TrainConfig -> one line for the report."""
+    settings: tuple[str, ...] = ()
+    """The config keys that tune it."""
+    sweep: tuple[tuple[str, ...], ...] = ((),)
+    """The paper's sweep (appendix "Baseline Setup Details"): override lists, one per point;
+    ``trb-nemo compare`` runs a chosen point or all of them."""
+    curves: tuple[tuple[str, str], ...] = ()
+    """(metric, label) pairs that show what it does, in the report."""
+    warmup: Callable = field(default=lambda cfg: (0, ""))
+    """TrainConfig -> (steps, name) of its warmup phase, (0, "") without one."""
+    teacher_online: bool = False
+    """Its behavior policy runs the teacher while decoding (at some steps)."""
+    speculative: bool = False
+    """Its behavior is the trust-region policy, which ``rollout.draft_tokens`` can decode
+    speculatively."""
+
+
+def _student(step, rollout, trb):
+    from trb_nemo.rollout.policies import StudentPolicy
+
+    return StudentPolicy(rollout.temperature)
+
+
+def _trb(step, rollout, trb):
+    from trb_nemo.ops.schedules import eps_at
+    from trb_nemo.rollout.policies import TrustRegionPolicy
+
+    eps = eps_at(step, schedule=trb.schedule, eps0=trb.eps0, warmup_steps=trb.warmup_steps)
+    return TrustRegionPolicy("trb", eps, trb.solver_tolerance, trb.solver_max_iterations)
+
+
+def _fixed(step, rollout, trb):
+    from trb_nemo.rollout.policies import TrustRegionPolicy
+
+    return TrustRegionPolicy("fixed", rollout.fixed_eps, trb.solver_tolerance,
+                             trb.solver_max_iterations)
+
+
+def _skd(step, rollout, trb):
+    from trb_nemo.rollout.policies import InjectionPolicy
+
+    return InjectionPolicy(rollout.skd_topk, rollout.skd_teacher_temperature)
+
+
+def _temperature(step, rollout, trb):
+    from trb_nemo.rollout.policies import StudentPolicy, temperature_at
+
+    return StudentPolicy(temperature_at(step, rollout))
+
+
+_BLEND = (("rollout/eps", "eps_k"), ("rollout/beta_mean", "mean beta"),
+          ("rollout/kl_mean", "realized KL"))
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("student", "Vanilla OPD", "teacher", _student,
+           lambda cfg: "Method `student`: vanilla on-policy distillation on student rollouts"),
+    Method("trb", "TRB (ours)", "teacher", _trb,
+           lambda cfg: f"Method `trb`: eps0 = {cfg.trb.eps0}, schedule `{cfg.trb.schedule}`, "
+                       f"warmup K = {cfg.trb.warmup_steps} steps",
+           settings=("trb.eps0", "trb.warmup_steps", "trb.schedule", "rollout.draft_tokens"),
+           sweep=tuple((f"trb.eps0={e}", f"trb.warmup_steps={k}")
+                       for e in (0.001, 0.005, 0.01, 0.02, 0.05) for k in (15, 25, 50)),
+           curves=_BLEND,
+           warmup=lambda cfg: (cfg.trb.warmup_steps, "TRB warmup"), teacher_online=True,
+           speculative=True),
+    Method("fixed", "Fixed-eps blending", "teacher", _fixed,
+           lambda cfg: f"Method `fixed`: eps = {cfg.rollout.fixed_eps} at every step",
+           settings=("rollout.fixed_eps", "rollout.draft_tokens"),
+           sweep=tuple((f"rollout.fixed_eps={e}",) for e in (0.001, 0.005, 0.01, 0.02, 0.05)),
+           curves=_BLEND, teacher_online=True, speculative=True),
+    Method("skd", "Interleaved teacher injection (SKD)", "teacher", _skd,
+           lambda cfg: f"Method `skd`: student tokens outside the teacher's top-"
+                       f"{cfg.rollout.skd_topk} replaced by teacher samples at temperature "
+                       f"{cfg.rollout.skd_teacher_temperature}",
+           settings=("rollout.skd_topk", "rollout.skd_teacher_temperature"),
+           sweep=tuple((f"rollout.skd_topk={k}", f"rollout.skd_teacher_temperature={t}")
+                       for k in (15, 25, 50) for t in (0.2, 0.6, 1.0)),
+           curves=(("rollout/teacher_token_share", "teacher-token share (SKD injections)"),),
+           teacher_online=True),
+    Method("temperature", "Temperature warmup", "teacher", _temperature,
+           lambda cfg: f"Method `temperature`: student temperature "
+                       f"{cfg.rollout.temperature_start} -> {cfg.rollout.temperature} over "
+                       f"{cfg.rollout.temperature_warmup_steps} steps",
+           settings=("rollout.temperature_start", "rollout.temperature_warmup_steps"),
+           sweep=tuple((f"rollout.temperature_start={t}", f"rollout.temperature_warmup_steps={k}")
+                       for t in (0.8, 0.9, 0.95) for k in (15, 25)),
+           curves=(("rollout/temperature", "sampling temperature"),),
+           warmup=lambda cfg: (cfg.rollout.temperature_warmup_steps, "temperature warmup")),
+    Method("veto", "Veto", "veto", _student,
+           lambda cfg: f"Method `veto`: student rollouts, target Q ∝ pi_T pi_S^b, b from "
+                       f"{cfg.loss.veto_b_start} to 0, {cfg.loss.veto_direction} KL",
+           settings=("loss.veto_b_start", "loss.veto_direction"),
+           sweep=tuple((f"loss.veto_b_start={b}",) for b in (0.2, 0.4, 0.6, 0.8)),
+           curves=(("train/veto_b", "Veto's b"),)),
+)}
+METHOD_NAMES = tuple(METHODS)
+
+
+def method_of(name: str) -> Method:
+    """The entry named ``name`` (a ValueError listing the names otherwise)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; one of {'|'.join(METHOD_NAMES)}") from None
