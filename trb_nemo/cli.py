@@ -62,7 +62,7 @@ def _compare(args: argparse.Namespace) -> int:
     from trb_nemo.train.compare import run_compare
 
     load_config(args.overrides)  # one-line errors before the first run starts
-    run_compare(args.overrides, args.seeds, tuple(args.behaviors))
+    run_compare(args.overrides, args.seeds, tuple(args.behaviors), sweep=args.sweep)
     return 0
 
 
@@ -112,11 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from trb_nemo.methods import METHOD_NAMES
 
-    compare = sub.add_parser("compare", help="every behavior x seeds on the same config: the "
-                             "paper's Table 1 on the toy task")
+    compare = sub.add_parser("compare", help="methods x seeds on the same config, with standard "
+                             "errors and paired intervals against vanilla OPD: the paper's "
+                             "Table 1")
     compare.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    compare.add_argument("--behaviors", nargs="+", default=list(METHOD_NAMES), choices=METHOD_NAMES)
+    compare.add_argument("--behaviors", "--methods", nargs="+", default=list(METHOD_NAMES),
+                         choices=METHOD_NAMES, help="the methods (trb_nemo/methods.py)")
+    compare.add_argument("--sweep", action="store_true", help="run each method's sweep from "
+                         "the paper and report its best point (the paper's selection)")
     compare.set_defaults(func=_compare)
 
     launch = sub.add_parser("launch", help="submit the run to a cluster scheduler")

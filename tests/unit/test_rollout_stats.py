@@ -58,14 +58,33 @@ def test_speculative_acceptance_and_the_bar():
     assert "accept" not in log.live and log.live["eps"] == 0.0
 
 
-def test_compare_table_mean_and_spread():
-    from trb_nemo.config.compose import load_config
-    from trb_nemo.train.compare import format_table
+def _eval(step, correct, n=2):
+    return {"step": step, "eval/pass@1": sum(correct) / (n * len(correct)),
+            "eval/correct_per_problem": correct, "eval/samples_per_problem": n}
 
-    runs = {("student", 0): [{"step": 0, "eval/pass@1": 0.1}, {"step": 5, "eval/pass@1": 0.3},
-                             {"step": 10, "eval/pass@1": 0.2}],
-            ("student", 1): [{"step": 0, "eval/pass@1": 0.1}, {"step": 5, "eval/pass@1": 0.5},
-                             {"step": 10, "eval/pass@1": 0.4}]}
-    table = format_table(runs, ["student"], [0, 1], load_config())
-    row = [line for line in table.splitlines() if line.startswith("| Vanilla OPD")][0]
-    assert row == "| Vanilla OPD | 10.0 ± 0.0 | 40.0 ± 14.1 | 30.0 ± 14.1 |"
+
+def test_compare_table_standard_errors_and_paired_intervals():
+    from trb_nemo.config.compose import load_config
+    from trb_nemo.train.compare import bootstrap, format_table, selected
+
+    runs = {("student", None, 0): [_eval(0, [0, 1, 0, 0]), _eval(5, [1, 1, 0, 1]),
+                                   _eval(10, [1, 0, 0, 1])],
+            ("student", None, 1): [_eval(0, [0, 1, 0, 1]), _eval(5, [1, 1, 1, 1]),
+                                   _eval(10, [1, 1, 0, 1])],
+            ("trb", None, 0): [_eval(0, [0, 1, 0, 0]), _eval(5, [2, 2, 1, 1]),
+                               _eval(10, [2, 2, 1, 2])],
+            ("trb", None, 1): [_eval(0, [0, 1, 0, 1]), _eval(5, [2, 1, 1, 2]),
+                               _eval(10, [2, 2, 2, 1])]}
+    assert selected(runs[("student", None, 0)], "best")["step"] == 5
+    assert selected(runs[("trb", None, 0)], "final")["step"] == 10
+    table = format_table(runs, ["student", "trb"], [0, 1], load_config())
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    # vanilla: best checkpoints of the two seeds average (3/8 + 4/8)/2 = 43.75% (paired with itself: no Δ)
+    assert " 43.8 ± " in rows["Vanilla OPD"] and rows["Vanilla OPD"].endswith("| - |")
+    trb = rows["TRB (ours)"]
+    assert " 87.5 ± " in trb  # the final checkpoints: 7/8 and 7/8
+    assert "+" in trb.split(" | ")[4]  # Δ best is positive with its interval
+    b = bootstrap(torch.ones(2, 4), torch.zeros(2, 4))
+    assert b["mean"] == 1 and b["se"] == 0 and b["diff"] == 1 and b["lo"] == b["hi"] == 1
+    noisy = bootstrap(torch.rand(3, 50, generator=torch.Generator().manual_seed(0)))
+    assert 0.01 < noisy["se"] < 0.1

@@ -88,4 +88,6 @@ class MetricsLog:
 
 
 def _finite(v) -> bool:
+    if isinstance(v, list):  # e.g. eval/correct_per_problem (the paired comparison's input)
+        return all(_finite(x) for x in v)
     return isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v)) or isinstance(v, str)

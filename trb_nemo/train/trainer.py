@@ -119,7 +119,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- loop
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
         return evaluate(self.student, self.teacher, self.source, self.cfg, self.vocab, self.step_k,
                         self.pg)
 
@@ -131,7 +131,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         if self.step_k == 0:
-            self.log.log(0, {"eval/pass@1": self.evaluate()})
+            self.log.log(0, self.evaluate())
         stopped = 0
         while self.step_k < cfg.optim.max_steps:
             t0 = time.perf_counter()
@@ -141,7 +141,7 @@ class Trainer:
             self.log.log(self.step_k - 1, metrics, advance=True)
             last = self.step_k == cfg.optim.max_steps
             if last or (cfg.eval.interval and self.step_k % cfg.eval.interval == 0):
-                self.log.log(self.step_k, {"eval/pass@1": self.evaluate()})
+                self.log.log(self.step_k, self.evaluate())
             stopped = 0 if last else stop_signal.stop_requested()  # the last step: finish
             if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
                 self.save()
