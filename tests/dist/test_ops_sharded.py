@@ -77,6 +77,10 @@ def _sharded_ops():
         finite = torch.isfinite(value)
         (value[finite] * torch.arange(1.0, ROWS + 1, dtype=torch.float64)[finite]).sum().backward()
         out[f"veto_{b}_{direction}"] = (value, _gather_cols(x.grad))
+    x = zs.clone().requires_grad_(True)
+    value = losses.cross_entropy(x, RECORD_IDS[:, 1], **kw)
+    (value * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
+    out["ce"] = (value, _gather_cols(x.grad))
     # the gradient flows back through canonicalization to both stop ids on their own shards
     raw = _shard(zs_full, world, rank).requires_grad_(True)
     merged = eos.canonicalize(raw, keep_id=KEEP, drop_id=DROP, vocab_group=grp)
@@ -225,6 +229,20 @@ def test_veto_loss_matches_reference(sharded, unsharded, b, direction):
         plain = ref.kl(ref.log_softmax(zt, V_TRUE), ref.log_softmax(zs, V_TRUE))
         assert torch.allclose(want[finite], plain[finite])
         assert not finite.all()  # the student lacks a token the teacher has: KL = inf
+
+
+def test_cross_entropy_matches_reference(sharded, unsharded):
+    """-log p(x) (the SFT warmup's loss): values and gradients against float64."""
+    zs, _ = _reference()
+    x = zs.clone().requires_grad_(True)
+    ids = RECORD_IDS[:, 1]  # on both shards, the merged stop id
+    want = -ref.log_softmax(x, V_TRUE).gather(-1, ids[:, None])[:, 0]
+    (want * torch.arange(1.0, ROWS + 1, dtype=torch.float64)).sum().backward()
+    for got in (sharded[0], unsharded):
+        value, grad = got["ce"]
+        assert torch.allclose(value.double(), want.detach(), atol=1e-5)
+        assert torch.allclose(grad[:, :V_TRUE], x.grad[:, :V_TRUE], atol=1e-5)
+        assert torch.all(grad[:, V_TRUE:] == 0)
 
 
 def test_sampling_does_not_depend_on_tp(sharded, unsharded):
