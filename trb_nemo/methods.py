@@ -8,7 +8,12 @@ the report, the CLI and ``trb-nemo compare`` read it.
 Targets: ``teacher``, the per-prefix reverse KL(pi_theta || pi_T) of ``loss.kind`` (OPD; TRB
 and the behavior baselines leave it unchanged); ``veto``, Veto's KL to Q ∝ pi_T pi_S^b (the
 student term detached, b annealed from ``loss.veto_b_start`` to 0,
-:func:`trb_nemo.ops.losses.veto_kl`), over the full vocabulary.
+:func:`trb_nemo.ops.losses.veto_kl`), over the full vocabulary; ``sft``, the cross-entropy of
+the sampled (teacher) tokens.
+
+A method may run a stage of another method first (``pre_stage``): ``sft_warmup`` fine-tunes the
+student on teacher responses (the internal ``sft`` method, its own resumable run) and then runs
+OPD from those weights.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-TARGETS = ("teacher", "veto")
+TARGETS = ("teacher", "veto", "sft")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,10 @@ class Method:
     speculative: bool = False
     """Its behavior is the trust-region policy, which ``rollout.draft_tokens`` can decode
     speculatively."""
+    pre_stage: str | None = None
+    """A method whose run comes first, its final weights this run's initial student."""
+    public: bool = True
+    """Offered by the CLI and ``compare`` (an internal stage is not)."""
 
 
 def _student(step, rollout, trb):
@@ -71,6 +80,12 @@ def _skd(step, rollout, trb):
     from trb_nemo.rollout.policies import InjectionPolicy
 
     return InjectionPolicy(rollout.skd_topk, rollout.skd_teacher_temperature)
+
+
+def _teacher(step, rollout, trb):
+    from trb_nemo.rollout.policies import TeacherPolicy
+
+    return TeacherPolicy(1.0)
 
 
 def _temperature(step, rollout, trb):
@@ -123,8 +138,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            settings=("loss.veto_b_start", "loss.veto_direction"),
            sweep=tuple((f"loss.veto_b_start={b}",) for b in (0.2, 0.4, 0.6, 0.8)),
            curves=(("train/veto_b", "Veto's b"),)),
+    Method("sft_warmup", "SFT warmup", "teacher", _student,
+           lambda cfg: f"Method `sft_warmup`: OPD from the student fine-tuned for "
+                       f"{cfg.sft.updates} updates on teacher responses to the prompts of the "
+                       f"first {cfg.sft.prompt_steps} steps",
+           settings=("sft.updates", "sft.prompt_steps", "sft.lr", "sft.lr_warmup_steps"),
+           sweep=tuple((f"sft.updates={s}",) for s in (15, 25, 50)), pre_stage="sft"),
+    Method("sft", "SFT on teacher responses (sft_warmup's first stage)", "sft", _teacher,
+           lambda cfg: f"Method `sft`: the student fine-tuned on teacher responses (T = 1.0) "
+                       f"to the prompts of the first {cfg.sft.prompt_steps} OPD steps",
+           teacher_online=True, public=False),
 )}
-METHOD_NAMES = tuple(METHODS)
+METHOD_NAMES = tuple(name for name, m in METHODS.items() if m.public)
+"""The methods a user picks (the CLI, compare); the config accepts every entry of METHODS."""
 
 
 def method_of(name: str) -> Method:

@@ -66,7 +66,7 @@ def test_overrides_reach_the_typed_config():
         ("+trb.no_such_key=1", "trb.no_such_key", "unknown key"),
         ("trb.eps0=abc", "trb.eps0", "Float"),
         ("trb.schedule=exponential", "trb.schedule", "linear|cosine|constant|none"),
-        ("rollout.behavior=dagger", "rollout.behavior", "student|trb|fixed|skd|temperature|veto"),
+        ("rollout.behavior=dagger", "rollout.behavior", "student|trb|fixed|skd|temperature|veto|sft_warmup|sft"),
         ("loss.kind=forward", "loss.kind", "topk|full|sampled"),
         ("model.student.no_field=3", "model.student.no_field", "unknown key"),
         ("model=nope", "model", "available"),

@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from trb_nemo.methods import METHOD_NAMES, METHODS
+from trb_nemo.methods import METHODS
 from trb_nemo.ops.schedules import SCHEDULES
 
 
@@ -401,7 +401,7 @@ class RolloutConfig:
     same mu. 0 decodes one token per step with both networks in lockstep."""
 
     def __post_init__(self):
-        _one_of(self.behavior, METHOD_NAMES, "behavior")
+        _one_of(self.behavior, tuple(METHODS), "behavior")
         _positive(self.max_sequences_in_flight, "max_sequences_in_flight")
         _positive(self.prefill_chunk_tokens, "prefill_chunk_tokens")
         _check(0 <= self.draft_tokens <= MAX_DRAFT_TOKENS, "draft_tokens",
@@ -420,6 +420,30 @@ class RolloutConfig:
 
 
 # ------------------------------------------------------------------------------ training loop
+
+
+@dataclass
+class SFTConfig:
+    """behavior=sft_warmup (paper appendix "Baseline Setup Details"): before OPD, the teacher
+    answers (at temperature 1.0, ``rollout.num_rollouts_per_prompt`` responses each) exactly
+    the prompts of the first ``prompt_steps`` OPD steps, and the student is fine-tuned on those
+    responses for ``updates`` optimizer updates (update u on the responses to OPD step u's
+    prompts, cycling when ``updates`` > ``prompt_steps``); OPD then starts from the fine-tuned
+    weights with a fresh optimizer. The stage runs as its own resumable run,
+    ``<run_name>-sft``."""
+
+    prompt_steps: int = 50
+    updates: int = 25
+    """S: the paper sweeps 15, 25 and 50."""
+    lr: float = 1e-5
+    lr_warmup_steps: int = 15
+    """Linear warmup, then constant (the paper's SFT schedule)."""
+
+    def __post_init__(self):
+        _positive(self.prompt_steps, "prompt_steps")
+        _positive(self.updates, "updates")
+        _positive(self.lr, "lr")
+        _non_negative(self.lr_warmup_steps, "lr_warmup_steps")
 
 
 @dataclass
@@ -653,6 +677,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -81,6 +81,23 @@ class StudentPolicy:
 
 
 @dataclass
+class TeacherPolicy:
+    """The teacher's own samples at ``temperature`` (the SFT warmup's data)."""
+
+    temperature: float = 1.0
+    name = "teacher"
+
+    def needs_teacher(self) -> bool:
+        return True
+
+    def log_mu(self, zs, zt, group, vocab_size) -> torch.Tensor:
+        return StudentPolicy(self.temperature).log_mu(zt, None, group, vocab_size)
+
+    def choose(self, zs, zt, noise: RowNoise, group, vocab_size) -> Choice:
+        return StudentPolicy(self.temperature).choose(zt, None, noise, group, vocab_size)
+
+
+@dataclass
 class TrustRegionPolicy:
     """TRB (annealed eps_k) and the fixed-eps baseline: sample mu_beta*."""
 

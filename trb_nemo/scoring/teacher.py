@@ -91,6 +91,9 @@ def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int, *,
     is the method's (:mod:`trb_nemo.methods`): ``veto`` needs the teacher's full logits."""
     tokens, mask = rollout.tokens, rollout.loss_mask
     batch = LossBatch(tokens, mask)
+    if target == "sft":  # the cross-entropy of the sampled tokens: no teacher statistic
+        batch.target_ids = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).unsqueeze(-1)
+        return batch
     if loss_cfg.kind == "full" or target == "veto":
         batch.teacher_logits = score_with_teacher(teacher, tokens, micro_batch_size, vocab=vocab,
                                                   pg=pg)

@@ -7,7 +7,7 @@ Under torchrun or srun this process is one rank. Otherwise it starts
 from __future__ import annotations
 
 from trb_nemo.config.compose import composed_yaml
-from trb_nemo.config.schema import TrainConfig
+from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.logs import global_rank, print0, quiet_third_party
 from trb_nemo.parallel.env import launched_externally
 from trb_nemo.parallel.spawn import run_local_ranks
@@ -56,8 +56,51 @@ def keep_previous_config(path, cfg: TrainConfig):
     return target
 
 
+def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
+    """The config of ``cfg``'s first stage, method ``stage`` (:mod:`trb_nemo.methods`): the
+    SFT warmup's fine-tuning on teacher responses, ``sft.updates`` updates at ``sft.lr`` with
+    ``sft.lr_warmup_steps`` of warmup, as the run ``<run_name>-sft`` next to the main one."""
+    from dataclasses import replace
+
+    if stage != "sft":
+        raise ValueError(f"no first stage named {stage!r}")
+    s = cfg.sft
+    return replace(cfg, rollout=replace(cfg.rollout, behavior=stage, draft_tokens=0),
+                   optim=replace(cfg.optim, lr=s.lr, lr_warmup_steps=s.lr_warmup_steps,
+                                 max_steps=s.updates),
+                   logging=replace(cfg.logging, run_name=f"{cfg.logging.run_name}-sft"),
+                   checkpoint=replace(cfg.checkpoint, dir=None))
+
+
+def run_pre_stage(cfg: TrainConfig, stage: str) -> tuple[TrainConfig | None, list[dict]]:
+    """Run (or resume, or reuse when its report exists) ``cfg``'s first stage; returns ``cfg``
+    with the student starting from that stage's final weights, or None (and the stage's
+    results) when a signal stopped it."""
+    from dataclasses import replace
+
+    from trb_nemo.train.checkpoint import latest_checkpoint
+    from trb_nemo.train.run_dir import run_dir_of
+
+    first = stage_config(cfg, stage)
+    folder = run_dir_of(first)
+    results = []
+    if not (folder / "report.md").is_file():
+        print0(f"trb-nemo: first stage `{stage}` ({first.optim.max_steps} updates): {folder}")
+        results = run_train(first)
+        if results[0].get("stopped_by_signal"):
+            return None, results
+    weights = latest_checkpoint(folder / "checkpoints")
+    if weights is None:
+        raise ConfigError("checkpoint.dir", f"the first stage `{stage}` left no checkpoint in "
+                                            f"{folder / 'checkpoints'}; delete {folder} to redo it")
+    print0(f"trb-nemo: the student starts from the first stage's weights, {weights}")
+    student = replace(cfg.model.student, checkpoint=str(weights))
+    return replace(cfg, model=replace(cfg.model, student=student)), results
+
+
 def run_train(cfg: TrainConfig) -> list[dict]:
     """Run the job on every rank; returns the per-rank results (local ranks) or this rank's.
+    A method with a first stage (:mod:`trb_nemo.methods`, e.g. the SFT warmup) runs it first.
 
     The process that starts the run (the launcher; global rank 0 under torchrun/srun) holds the
     run folder's lock until it ends: a second start on a live run is a ConfigError naming it,
@@ -65,9 +108,15 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     A second Ctrl-C kills the local ranks at once: one line, exit code 130."""
     import sys
 
+    from trb_nemo.methods import method_of
     from trb_nemo.parallel.spawn import Interrupted
     from trb_nemo.train.run_dir import RunFolderLock, run_dir_of
 
+    stage = method_of(cfg.rollout.behavior).pre_stage
+    if stage is not None:
+        cfg, stage_results = run_pre_stage(cfg, stage)
+        if cfg is None:
+            return stage_results
     lock = RunFolderLock(run_dir_of(cfg)) if global_rank() == 0 else None
     try:
         if lock is not None:

@@ -24,7 +24,7 @@ import torch
 
 from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.losses import reverse_kl, reverse_kl_at_ids, veto_kl
+from trb_nemo.ops.losses import cross_entropy, reverse_kl, reverse_kl_at_ids, veto_kl
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
@@ -32,12 +32,15 @@ from trb_nemo.train.pipeline import run_schedule, split_microbatches
 
 
 def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
-              group, veto_b: float | None = None) -> torch.Tensor:
+              group, veto_b: float | None = None, target: str = "teacher") -> torch.Tensor:
     """Per-prefix loss [b, S] of one microbatch on the last stage (vocab-parallel over
     ``group``, the tensor-parallel group), on EOS-canonicalized distributions: the reverse KL
     to the teacher, or with ``veto_b`` Veto's KL to Q ∝ pi_T pi_S^b (needs the teacher's
-    logits)."""
+    logits); with ``target="sft"`` the cross-entropy of ``target_ids``."""
     student = vocab.canonical(logits_BSV, group)
+    if target == "sft":  # -log pi_S of the recorded (teacher) token
+        return cross_entropy(student, mb["target_ids"][..., 0], vocab_group=group,
+                             vocab_size=vocab.size)
     if veto_b is not None:
         teacher = vocab.canonical(mb["teacher_logits"], group)
         return veto_kl(student, teacher, veto_b, direction=loss_cfg.veto_direction,
@@ -53,11 +56,12 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
                vocab: SharedVocab, micro_batch_size: int, pg: ParallelGroups,
-               veto_b: float | None = None) -> dict:
+               veto_b: float | None = None, target: str = "teacher") -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
     ``tokens`` (global response prefixes), ``update_ok``. ``veto_b``: this step's b of Veto's
-    target (None: the reverse KL to the teacher).
+    target (None: the reverse KL to the teacher); ``target`` the method's
+    (:mod:`trb_nemo.methods`; ``sft``: the cross-entropy of the rollout's tokens).
 
     Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
     and a broadcast [2] over PP for the metrics.
@@ -69,7 +73,8 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
 
     def on_logits(index, mb, logits_BSV):
         mask = mb["loss_mask"].to(torch.float32)
-        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor, veto_b) * mask).sum()
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor, veto_b, target)
+                  * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 

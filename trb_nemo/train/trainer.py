@@ -83,11 +83,14 @@ class Trainer:
         veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
                             total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
         metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab,
-                             self.cfg.optim.micro_batch_size, self.pg, veto_b=veto_b)
+                             self.cfg.optim.micro_batch_size, self.pg, veto_b=veto_b,
+                             target=target)
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes)
 
     def prompts(self, k: int) -> list:
         """This DP rank's prompts of step k, each repeated rollout.num_rollouts_per_prompt times."""
+        if method_of(self.cfg.rollout.behavior).target == "sft":  # OPD step k's prompts
+            k = k % self.cfg.sft.prompt_steps
         share = step_prompts(self.source, k, self.cfg.optim.prompts_per_step, self.pg.dp_rank,
                              self.pg.dp_size)
         return [p for p in share for _ in range(self.cfg.rollout.num_rollouts_per_prompt)]
