@@ -202,15 +202,20 @@ def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | No
     """Global top-k over the vocabulary: (values [..., K] fp32, global ids [..., K] int64).
 
     Identical on every rank; sorted descending; ties go to the lower global id.
-    Collectives: 1 all-gather of [P, R, 2K] (values and ids, fp64 so ids stay exact).
+    Collectives: 1 all-gather of [P, R, 2K] (values and ids, fp64 so ids stay exact). Memory:
+    one fp32 [rows_chunk, V] temporary (rows in chunks), never an fp32 copy of the input.
     """
     lead, v_local = values.shape[:-1], values.shape[-1]
     true_vocab = vocab_size if vocab_size is not None else v_local * group_size(vocab_group)
     if not 0 < k <= true_vocab:
         raise ValueError(f"top-k needs 0 < k <= vocabulary size {true_vocab}, got k={k}")
-    x_RV = as_fp32_masked(values.reshape(-1, v_local),
-                          valid_columns(v_local, vocab_size, vocab_group, values.device))
-    gathered_PRK2 = all_gather_rows(_local_topk(x_RV, k, vocab_group), vocab_group)
+    z_RV = values.reshape(-1, v_local)
+    valid = valid_columns(v_local, vocab_size, vocab_group, values.device)
+    parts = [_local_topk(as_fp32_masked(z_RV[c], valid), k, vocab_group)
+             for c in row_chunks(z_RV.shape[0], v_local)]
+    local = (torch.cat(parts) if parts else
+             z_RV.new_zeros((0, 2 * min(k, v_local)), dtype=torch.float64))
+    gathered_PRK2 = all_gather_rows(local, vocab_group)
     top_vals, top_ids = _merge_topk(gathered_PRK2, k)
     return top_vals.reshape(*lead, k), top_ids.reshape(*lead, k)
 
@@ -274,7 +279,8 @@ def gather_at_ids(values: torch.Tensor, ids: torch.Tensor, *, vocab_group=None) 
     v_local = values.shape[-1]
     local_ids = ids - shard_start(v_local, vocab_group)
     mine = (local_ids >= 0) & (local_ids < v_local)
-    picked = values.float().gather(-1, local_ids.clamp(0, v_local - 1))
+    # gather, then widen: no fp32 copy of a bf16 [R, V] shard
+    picked = values.gather(-1, local_ids.clamp(0, v_local - 1)).float()
     picked = torch.where(mine, picked, torch.zeros_like(picked))
     if vocab_group is None:
         return picked
