@@ -98,3 +98,27 @@ def test_toy_trb_run_in_bf16(tmp_path):
     assert train[2]["rollout/teacher_forwards"] == 0
     evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
     assert evals and all(0 <= e <= 1 for e in evals)
+
+
+def test_activation_recomputation_leaves_the_run_unchanged(tmp_path):
+    """`model.recompute_granularity=full` (and selective): the same losses and gradient norms
+    as without, step for step (recomputation repeats the same forward)."""
+    base = [sys.executable, "-m", "trb_nemo.cli", "train", "parallel=gpu_tp1",
+            "model.precision=fp32", "optim.max_steps=2", "trb.warmup_steps=1",
+            "optim.prompts_per_step=4", "rollout.num_rollouts_per_prompt=2",
+            "optim.micro_batch_size=4", "rollout.max_new_tokens=16", "eval.interval=0",
+            "eval.num_problems=4", "eval.num_samples=1", "logging.progress_bar=false",
+            "checkpoint.interval=0", f"logging.output_dir={tmp_path}"]
+    runs = {"none": [], "full": ["model.recompute_granularity=full",
+                                 "model.recompute_method=uniform", "model.recompute_num_layers=1"],
+            "selective": ["model.recompute_granularity=selective"]}
+    losses = {}
+    for name, extra in runs.items():
+        done = subprocess.run([*base, *extra, f"logging.run_name={name}"], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [(r["train/loss"], r["train/grad_norm"]) for r in rows if "train/loss" in r]
+    for name in ("full", "selective"):
+        for (a, ga), (b, gb) in zip(losses[name], losses["none"], strict=True):
+            assert math.isclose(a, b, rel_tol=1e-5) and math.isclose(ga, gb, rel_tol=1e-4), name

@@ -147,3 +147,33 @@ def test_console_script_exits_2_with_one_line(override, key):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["model.recompute_granularity=full"], "model.recompute_method"),
+    (["model.recompute_granularity=full", "model.recompute_method=uniform"],
+     "model.recompute_num_layers"),
+    (["model.recompute_method=uniform", "model.recompute_num_layers=1"], "model.recompute_method"),
+    (["model.recompute_granularity=sometimes"], "model.recompute_granularity"),
+])
+def test_recompute_settings_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert err.value.key == key
+
+
+def test_recompute_reaches_megatron_and_is_refused_on_cpu():
+    import torch
+
+    from trb_nemo.config.schema import ParallelConfig
+    from trb_nemo.models.gpt import transformer_config
+
+    cfg = load_config(["model.recompute_granularity=full", "model.recompute_method=uniform",
+                       "model.recompute_num_layers=1"])
+    tc = transformer_config(cfg.model.student, cfg.model, ParallelConfig(), initialize=False)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == (
+        "full", "uniform", 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            preflight(cfg)
+        assert err.value.key == "model.recompute_granularity"

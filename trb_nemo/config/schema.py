@@ -201,9 +201,27 @@ class ModelConfig:
     With ``fp8``: ``bf16`` or ``auto``."""
     init_seed: int = 1234
     """Seed of the random initialization (when no checkpoint is loaded)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation of the student in training (Megatron's): None (keep every
+    activation), ``selective`` (recompute the attention core: its [b, heads, s, s] memory),
+    ``full`` (keep only each recomputed layer's input, recompute the layer in backward)."""
+    recompute_method: str | None = None
+    """With ``full``: ``uniform`` (every ``recompute_num_layers`` layers one checkpoint) or
+    ``block`` (the first ``recompute_num_layers`` layers of each stage recomputed)."""
+    recompute_num_layers: int | None = None
+    """With ``full``: see ``recompute_method``."""
 
     def __post_init__(self):
         _one_of(self.transformer_impl, ("local", "transformer_engine"), "transformer_impl")
+        _one_of(self.recompute_granularity, (None, "selective", "full"), "recompute_granularity")
+        _one_of(self.recompute_method, (None, "uniform", "block"), "recompute_method")
+        _check((self.recompute_granularity == "full") == (self.recompute_method is not None),
+               "recompute_method", "set it (uniform|block) exactly when "
+               "model.recompute_granularity=full")
+        _check((self.recompute_method is None) == (self.recompute_num_layers is None),
+               "recompute_num_layers", "set it (>= 1) exactly when model.recompute_method is set")
+        _check(self.recompute_num_layers is None or self.recompute_num_layers >= 1,
+               "recompute_num_layers", f"must be >= 1, got {self.recompute_num_layers}")
         _one_of(self.fp8, (None, "hybrid", "e4m3"), "fp8")
         _one_of(self.precision, ("auto", "fp32", "bf16"), "precision")
         _check(self.fp8 is None or self.transformer_impl == "transformer_engine", "fp8",

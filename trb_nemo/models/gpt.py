@@ -121,6 +121,9 @@ def transformer_config(spec: ModelSpec, model_cfg: ModelConfig, parallel: Parall
         persist_layer_norm=False,
         apply_rope_fusion=False,
         attention_backend=AttnBackend.local if model_cfg.transformer_impl == "local" else AttnBackend.auto,
+        recompute_granularity=model_cfg.recompute_granularity,
+        recompute_method=model_cfg.recompute_method,
+        recompute_num_layers=model_cfg.recompute_num_layers,
         **fp8_kwargs(model_cfg),
     )
 

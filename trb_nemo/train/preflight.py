@@ -46,6 +46,10 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
         if cfg.parallel.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", "needs Transformer Engine or Apex "
                               "norms (GPU); set parallel.sequence_parallel=false on CPU")
+        if cfg.model.recompute_granularity is not None:
+            # Megatron re-runs the layers in backward with CUDA RNG states and CUDA masks
+            raise ConfigError("model.recompute_granularity", "activation recomputation runs on "
+                              "CUDA only; set model.recompute_granularity=null on CPU")
     _check_batch_layout(cfg)
     cfg = resolve_models(cfg)
     _check_model_checkpoints(cfg)
