@@ -59,10 +59,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from trb_nemo.config.compose import load_config
-    from trb_nemo.train.compare import run_compare
+    from trb_nemo.train.compare import compare_overrides, run_compare
 
-    load_config(args.overrides)  # one-line errors before the first run starts
-    run_compare(args.overrides, args.seeds, tuple(args.behaviors), sweep=args.sweep)
+    overrides, chosen = compare_overrides(args.overrides)  # compare.methods=[..] etc.
+    methods = chosen.get("methods", args.behaviors)
+    seeds = chosen.get("seeds", args.seeds)
+    sweep = chosen.get("sweep", args.sweep)
+    load_config(overrides)  # one-line errors before the first run starts
+    run_compare(overrides, [int(s) for s in seeds], tuple(methods), sweep=bool(sweep))
     return 0
 
 

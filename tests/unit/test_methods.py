@@ -61,3 +61,17 @@ def test_the_behaviors_do_what_their_entries_say():
     assert METHODS["veto"].target == "veto"
     assert policy_for(0, veto.rollout, veto.trb).needs_teacher() is False  # student rollouts
     assert {n for n, m in METHODS.items() if m.speculative} == {"trb", "fixed"}
+
+
+def test_compare_takes_nemo_style_overrides():
+    from trb_nemo.train.compare import compare_overrides
+
+    rest, chosen = compare_overrides(["optim.max_steps=3", "compare.methods=[student,veto]",
+                                      "compare.seeds=[0,2]", "compare.sweep=true"])
+    assert rest == ["optim.max_steps=3"]
+    assert chosen == {"methods": ["student", "veto"], "seeds": [0, 2], "sweep": True}
+    for bad, key in (("compare.methods=[dagger]", "compare.methods"),
+                     ("compare.nope=1", "compare.nope"), ("compare.seeds=[a]", "compare.seeds")):
+        with pytest.raises(ConfigError) as err:
+            compare_overrides([bad])
+        assert err.value.key == key

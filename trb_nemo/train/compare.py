@@ -31,6 +31,42 @@ BOOTSTRAP = 2000
 RULES = ("best", "final")
 
 
+COMPARE_KEYS = ("methods", "seeds", "sweep")
+"""``compare.<key>=...`` overrides, the same as the flags (``compare.methods=[trb,veto]``)."""
+
+
+def compare_overrides(overrides: list[str]) -> tuple[list[str], dict]:
+    """Split ``compare.*`` overrides (NeMo-style, e.g. ``compare.methods=[student,trb]``,
+    ``compare.seeds=[0,1,2]``, ``compare.sweep=true``) from the run overrides. An unknown
+    ``compare.`` key or method is a ConfigError naming it."""
+    from trb_nemo.config.schema import ConfigError
+
+    rest, chosen = [], {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not key.startswith("compare."):
+            rest.append(item)
+            continue
+        name = key.removeprefix("compare.")
+        if name not in COMPARE_KEYS:
+            raise ConfigError(key, f"unknown key; compare takes {'|'.join(COMPARE_KEYS)}")
+        if name == "sweep":
+            chosen[name] = value.strip().lower() in ("true", "1", "yes")
+            continue
+        items = [v.strip() for v in value.strip().strip("[]").split(",") if v.strip()]
+        if name == "methods":
+            bad = [m for m in items if m not in METHOD_NAMES]
+            if bad or not items:
+                raise ConfigError(key, f"unknown method {bad}; one of {'|'.join(METHOD_NAMES)}")
+        else:
+            try:
+                items = [int(v) for v in items]
+            except ValueError:
+                raise ConfigError(key, f"seeds are integers, got {value!r}") from None
+        chosen[name] = items
+    return rest, chosen
+
+
 def run_name(method: str, point: int | None, seed: int) -> str:
     return f"compare/{method}{'' if point is None else f'-p{point}'}-seed{seed}"
 
