@@ -267,7 +267,7 @@ run_stage() {  # run_stage NAME CAP_S CMD...: CMD under min(CAP_S, time left), o
 cd "$repo" || exit 2
 # 1. tests/gpu (the TE/FP8 ones skip without Transformer Engine). The image's pytest plugins
 # stay out (they may not fit this pytest); pytest-timeout is loaded by name.
-pytest_args=(-q -p no:cacheprovider --junitxml="$tmp/pytest.xml")
+pytest_args=(-q -p no:cacheprovider -m "not slow" --junitxml="$tmp/pytest.xml")
 "$py" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(-p pytest_timeout)
 tests_cap=150
 [ "$(envq 'transformer_engine is not None')" = True ] && tests_cap=240

@@ -100,9 +100,11 @@ def test_toy_trb_run_in_bf16(tmp_path):
     assert evals and all(0 <= e <= 1 for e in evals)
 
 
+@pytest.mark.slow
 def test_activation_recomputation_leaves_the_run_unchanged(tmp_path):
     """`model.recompute_granularity=full` (and selective): the same losses and gradient norms
-    as without, step for step (recomputation repeats the same forward)."""
+    as without, step for step (recomputation repeats the same forward). Three short runs: marked
+    slow, outside `make gpu-check`'s time cap (``pytest tests/gpu -m slow`` runs it)."""
     base = [sys.executable, "-m", "trb_nemo.cli", "train", "parallel=gpu_tp1",
             "model.precision=fp32", "optim.max_steps=2", "trb.warmup_steps=1",
             "optim.prompts_per_step=4", "rollout.num_rollouts_per_prompt=2",
