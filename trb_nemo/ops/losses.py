@@ -81,6 +81,19 @@ def _kl_grad(zs_RV, zt_RV, row_R4, grad_R1):
     return g.to(zs_RV.dtype)
 
 
+def _kl_of_shards(zp_RV, zq_RV, n_valid, group):
+    """KL(softmax(z_p) || softmax(z_q)) per row [R] (fp64) from vocab-parallel shards, with the
+    global maxima M_p, M_q and log sum e^(z - M) of both: (kl, M_p, M_q, log_s_p, log_s_q).
+    One pass (:func:`_kl_sums`), 1 all-gather of [P, R, 5]."""
+    ps = gather_pair_sums(_kl_sums, zp_RV[:, :n_valid], zq_RV[:, :n_valid], 3, group)
+    s_p, s_q, a_minus_b = (ps.sums[..., k] for k in range(3))
+    # each rank's a - b used its own maxima: (a - b)_global = (a - b)_local - delta
+    a_minus_b = ((a_minus_b - ps.delta * s_p) * ps.scale_s).sum(0)
+    s_p, s_q = (s_p * ps.scale_s).sum(0), (s_q * ps.scale_t).sum(0)
+    log_p, log_q = torch.log(s_p), torch.log(s_q)
+    return a_minus_b / s_p - log_p + log_q, ps.m_s, ps.m_t, log_p, log_q
+
+
 class _FullReverseKL(torch.autograd.Function):
     """Exact reverse KL. Forward: 1 pass, 1 all-gather of [P, R, 5]. Backward: 1 pass, no
     collective.
@@ -91,15 +104,9 @@ class _FullReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zs_RV, zt_RV, n_valid, group):
-        ps = gather_pair_sums(_kl_sums, zs_RV[:, :n_valid], zt_RV[:, :n_valid], 3, group)
-        s_s, s_t, a_minus_b = (ps.sums[..., k] for k in range(3))
-        # each rank's a - b used its own maxima: (a - b)_global = (a - b)_local - delta
-        a_minus_b = ((a_minus_b - ps.delta * s_s) * ps.scale_s).sum(0)
-        s_s, s_t = (s_s * ps.scale_s).sum(0), (s_t * ps.scale_t).sum(0)
-        log_s, log_t = torch.log(s_s), torch.log(s_t)
-        kl = a_minus_b / s_s - log_s + log_t
+        kl, m_s, m_t, log_s, log_t = _kl_of_shards(zs_RV, zt_RV, n_valid, group)
         ctx.save_for_backward(zs_RV, zt_RV, torch.stack(
-            [ps.m_s, ps.m_t, log_s, log_s - log_t + kl], dim=-1).float())
+            [m_s, m_t, log_s, log_s - log_t + kl], dim=-1).float())
         ctx.n_valid = n_valid
         return kl.float()
 
@@ -259,7 +266,7 @@ def reverse_kl_at_ids(
 # term detached, i.e. Q = softmax(x) with x = z_T + b sg(z_S) (the normalizers cancel). With
 # a = z_S - M_s and c = x - M_x (global maxima), s_s = sum e^a, s_x = sum e^c:
 #   KL(Q || p) = sum e^c (c - a) / s_x - log s_x + log s_s,    dKL/dz_S = p - Q
-# (Q carries no gradient). Reverse direction: KL(p || Q) is the reverse KL with teacher
+# (Q carries no gradient): the full KL's forward with the arguments swapped (_kl_of_shards). Reverse direction: KL(p || Q) is the reverse KL with teacher
 # logits x (:class:`_FullReverseKL`).
 
 
@@ -274,19 +281,6 @@ def veto_target_logits(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 @kernel
-def _veto_sums(zs_RV, x_RV):
-    """[R, 5] of one shard, in one read of it: m_s, m_x (the shard's maxima), then with them
-    sums of e^a, e^c and e^c (c - a) over supp Q."""
-    m_s, a = own_max_shift(zs_RV)
-    m_x, c = own_max_shift(x_RV)
-    ex = torch.exp(c)
-    # off supp Q: 0 * (..) = NaN -> 0; where p = 0 < Q: +inf stays (KL = inf)
-    term = torch.nan_to_num(ex * (c - a), nan=0.0, posinf=math.inf, neginf=-math.inf)
-    return torch.stack([m_s[:, 0], m_x[:, 0], torch.exp(a).sum(-1), ex.sum(-1), term.sum(-1)],
-                       dim=-1)
-
-
-@kernel
 def _veto_grad(zs_RV, x_RV, row_R4, grad_R1):
     """dKL(Q || p)/dz_S = g (p - Q) in the student logits' dtype. row: (M_s, M_x, log s_s,
     log s_x)."""
@@ -296,20 +290,14 @@ def _veto_grad(zs_RV, x_RV, row_R4, grad_R1):
 
 
 class _ForwardKLToTarget(torch.autograd.Function):
-    """KL(Q || pi_S) with Q = softmax(x) fixed. Forward: 1 pass, 1 all-gather of [P, R, 5].
+    """KL(Q || pi_S) with Q = softmax(x) fixed. Forward: 1 pass (:func:`_kl_sums` on (x, z_S)),
+    1 all-gather of [P, R, 5].
     Backward: 1 pass, no collective. Saves the inputs and [R, 4] statistics."""
 
     @staticmethod
     def forward(ctx, zs_RV, x_RV, n_valid, group):
-        ps = gather_pair_sums(_veto_sums, zs_RV[:, :n_valid], x_RV[:, :n_valid], 3, group)
-        s_s, s_x, cross = (ps.sums[..., k] for k in range(3))
-        # each rank's c - a used its own maxima: (c - a)_global = (c - a)_local + delta
-        cross = ((cross + ps.delta * s_x) * ps.scale_t).sum(0)
-        s_s, s_x = (s_s * ps.scale_s).sum(0), (s_x * ps.scale_t).sum(0)
-        log_s, log_x = torch.log(s_s), torch.log(s_x)
-        kl = cross / s_x - log_x + log_s
-        ctx.save_for_backward(zs_RV, x_RV, torch.stack([ps.m_s, ps.m_t, log_s, log_x],
-                                                       dim=-1).float())
+        kl, m_x, m_s, log_x, log_s = _kl_of_shards(x_RV, zs_RV, n_valid, group)  # KL(Q || p)
+        ctx.save_for_backward(zs_RV, x_RV, torch.stack([m_s, m_x, log_s, log_x], dim=-1).float())
         ctx.n_valid = n_valid
         return kl.float()
 

@@ -145,15 +145,18 @@ class SpeculativeDecoder(_Decoder):
             for c in self.caches:
                 c.truncate(b, pos0[b] + k)
         self.rounds += 1
-        kept_BG = torch.arange(g, device=self.device) < torch.tensor(keep, device=self.device)[:, None]
-        seq_K = seq_B[:, None].expand(-1, g)[kept_BG]
-        pos_K = (pos0_B[:, None] + torch.arange(g, device=self.device))[kept_BG]
-        self.tokens[seq_K, pos_K + 1] = verdict[0][kept_BG]
+        # the kept (row, draft) pairs as index tensors built on the host (a boolean mask would
+        # cost a device sync per indexing on a GPU)
+        b_K, j_K = zip(*[(b, j) for b, k in enumerate(keep) for j in range(k)], strict=True)
+        b_K = torch.tensor(b_K, dtype=torch.long, device=self.device)
+        j_K = torch.tensor(j_K, dtype=torch.long, device=self.device)
+        seq_K, pos_K = seq_B[b_K], pos0_B[b_K] + j_K
+        self.tokens[seq_K, pos_K + 1] = verdict[0][b_K, j_K]
         if self.pg.is_last_stage:
             values, top, teacher_top = self._pending
-            self.records_BSN[seq_K, pos_K] = values[kept_BG]
-            self.topk_ids[seq_K, pos_K] = top[kept_BG]
-            self.teacher_topk[seq_K, pos_K] = teacher_top[kept_BG]
+            self.records_BSN[seq_K, pos_K] = values[b_K, j_K]
+            self.topk_ids[seq_K, pos_K] = top[b_K, j_K]
+            self.teacher_topk[seq_K, pos_K] = teacher_top[b_K, j_K]
         return ended
 
     def result(self) -> Rollout:
