@@ -38,15 +38,16 @@ def global_batch(seed: int = 0) -> dict:
     return {"tokens": tokens, "loss_mask": loss_mask}
 
 
-def one_step(tp: int, pp: int, distopt: bool, kind: str):
+def one_step(tp: int, pp: int, distopt: bool, kind: str, trimmed: bool = False):
     import torch.distributed as dist
 
     from trb_nemo.models.hf_weights import hf_tensors
     from trb_nemo.models.networks import build_student, build_teacher, is_frozen
-    from trb_nemo.parallel import groups
-    from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
     from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.train.optimizer import wrap_student
+    from trb_nemo.train.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -60,9 +61,14 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str):
     batch = global_batch()
     share = GLOBAL_BATCH // pg.dp_size
     batch = {k: v[pg.dp_rank * share:(pg.dp_rank + 1) * share] for k, v in batch.items()}
-    batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], MICRO, vocab=vocab,
+    # trimmed: microbatches of similar lengths, each cut to its longest row rounded up to 4
+    plan = (plan_microbatches(batch["loss_mask"], MICRO, multiple=4, group_by_length=True)
+            if trimmed else MICRO)
+    batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], plan, vocab=vocab,
                                                  pg=pg)
-    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, MICRO, pg)
+    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, plan, pg)
+    if trimmed:
+        metrics["fed"] = plan.fed_positions / plan.full_positions
     optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
     teacher_checks = {
         "frozen": is_frozen(teacher),
@@ -92,11 +98,19 @@ def reference():
     return {kind: _merged(spawn_bare(one_step, 1, 1, 1, False, kind)) for kind in ("full",)}
 
 
-@pytest.mark.parametrize("tp,pp,distopt", [(2, 1, False), (1, 2, False), (1, 1, True)],
-                         ids=["tp2", "pp2", "dp2-distopt"])
-def test_step_matches_single_rank(reference, tp, pp, distopt):
+@pytest.mark.parametrize("tp,pp,distopt,trimmed",
+                         [(2, 1, False, False), (1, 2, False, False), (1, 1, True, False),
+                          (1, 2, False, True)],
+                         ids=["tp2", "pp2", "dp2-distopt", "pp2-trimmed-grouped"])
+def test_step_matches_single_rank(reference, tp, pp, distopt, trimmed):
+    """Trimmed: microbatches grouped by length and cut to their longest row, of different
+    lengths under PP=2 (Megatron's variable_seq_lengths p2p): the same step as the full-length
+    reference, while fewer positions run."""
     ref_metrics, ref_weights, _ = reference["full"]
-    metrics, weights, teacher_checks = _merged(spawn_bare(one_step, 2, tp, pp, distopt, "full"))
+    metrics, weights, teacher_checks = _merged(spawn_bare(one_step, 2, tp, pp, distopt, "full",
+                                                          trimmed))
+    if trimmed:
+        assert all(m["fed"] < 0.85 for m in metrics), metrics
     for m in metrics:  # every rank reports the same global numbers
         assert m["tokens"] == ref_metrics[0]["tokens"]
         assert abs(m["loss"] - ref_metrics[0]["loss"]) <= 1e-5, (m, ref_metrics[0])

@@ -482,6 +482,14 @@ class OptimConfig:
     """Global batch in prompts; sequences per step = prompts x rollout.num_rollouts_per_prompt."""
     micro_batch_size: int = 4
     """Sequences per microbatch in the pipeline schedule."""
+    pad_to_multiple: int = 64
+    """A training or teacher-scoring microbatch runs only up to its longest sequence's last
+    response prefix, rounded up to a multiple of this many positions (64 keeps shapes few and
+    FP8-aligned); 0 runs every microbatch at the rollout's full length."""
+    group_by_length: bool = True
+    """Put sequences of similar length in the same microbatch (sorted within this data-parallel
+    rank's share), so short responses are not padded to long ones. The loss (a token mean over
+    the global batch) and its gradient are unchanged."""
 
     def __post_init__(self):
         _positive(self.lr, "lr")
@@ -495,6 +503,7 @@ class OptimConfig:
         _positive(self.max_steps, "max_steps")
         _positive(self.prompts_per_step, "prompts_per_step")
         _positive(self.micro_batch_size, "micro_batch_size")
+        _non_negative(self.pad_to_multiple, "pad_to_multiple")
 
 
 @dataclass

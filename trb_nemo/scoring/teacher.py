@@ -20,7 +20,7 @@ from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import teacher_logprobs_at
 from trb_nemo.parallel.groups import ParallelGroups
-from trb_nemo.train.pipeline import run_schedule, split_microbatches
+from trb_nemo.train.pipeline import MicrobatchPlan, microbatches_of, run_schedule
 
 
 @dataclass
@@ -61,16 +61,19 @@ class LossBatch:
 
 
 @torch.no_grad()
-def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int, *,
+def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int | MicrobatchPlan, *,
                        vocab: SharedVocab, pg: ParallelGroups, ids: torch.Tensor | None = None):
     """The teacher's targets for ``tokens`` [B, S], forward-only on the run's TP/PP layout.
 
     ``ids`` None: teacher logits [B, S, V_pad / TP] (for ``loss.kind=full``); else log pi_T at
     ``ids`` [B, S, K] fp32 of the EOS-canonicalized teacher (compact, for ``target_ids``). Last
     stage only; None on other stages. Memory: one microbatch of teacher activations at a time,
-    plus the result.
+    plus the result. ``micro_batch_size``: an int, or the step's
+    :class:`~trb_nemo.train.pipeline.MicrobatchPlan` (the training step's microbatches: each
+    cut to its longest row; positions past it are 0 in the result, and the loss never reads
+    them).
     """
-    mbs = split_microbatches({"tokens": tokens, "ids": ids}, micro_batch_size)
+    mbs = microbatches_of({"tokens": tokens, "ids": ids}, micro_batch_size)
 
     def on_logits(index, mb, logits_BSV):
         if mb["ids"] is None:
@@ -81,10 +84,13 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int, *,
     out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
     if not pg.is_last_stage:
         return None
-    return torch.cat([out[i] for i in range(len(mbs))])
+    parts = [out[i] for i in range(len(mbs))]
+    if isinstance(micro_batch_size, MicrobatchPlan):
+        return micro_batch_size.assemble(parts)
+    return torch.cat(parts)
 
 
-def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int, *,
+def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int | MicrobatchPlan, *,
                vocab: SharedVocab, pg: ParallelGroups, target: str = "teacher") -> LossBatch:
     """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.engine.Rollout`),
     running the teacher only for what decoding did not record (module docstring). ``target``

@@ -28,7 +28,7 @@ from trb_nemo.ops.losses import cross_entropy, reverse_kl, reverse_kl_at_ids, ve
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
-from trb_nemo.train.pipeline import run_schedule, split_microbatches
+from trb_nemo.train.pipeline import MicrobatchPlan, microbatches_of, run_schedule
 
 
 def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
@@ -55,13 +55,16 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
-               vocab: SharedVocab, micro_batch_size: int, pg: ParallelGroups,
+               vocab: SharedVocab, micro_batch_size: int | MicrobatchPlan, pg: ParallelGroups,
                veto_b: float | None = None, target: str = "teacher") -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
     ``tokens`` (global response prefixes), ``update_ok``. ``veto_b``: this step's b of Veto's
     target (None: the reverse KL to the teacher); ``target`` the method's
     (:mod:`trb_nemo.methods`; ``sft``: the cross-entropy of the rollout's tokens).
+    ``micro_batch_size``: an int (contiguous microbatches of that many rows at the full S) or a
+    :class:`~trb_nemo.train.pipeline.MicrobatchPlan` (rows grouped by length, each microbatch
+    cut to its longest row): the loss and gradients are the same up to float summation order.
 
     Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
     and a broadcast [2] over PP for the metrics.
@@ -78,7 +81,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 
-    reports = run_schedule(model, split_microbatches(batch, micro_batch_size), on_logits, pg,
+    reports = run_schedule(model, microbatches_of(batch, micro_batch_size), on_logits, pg,
                            forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     # on the batch's device: the reports' tensors live there (CUDA on a GPU)

@@ -39,6 +39,7 @@ from trb_nemo.train import stop_signal
 from trb_nemo.train.checkpoint import agreed_resume_folder, load_training, save_training
 from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.optimizer import wrap_student
+from trb_nemo.train.pipeline import plan_microbatches
 from trb_nemo.train.report import write_report
 from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
 from trb_nemo.train.step import train_step
@@ -78,14 +79,16 @@ class Trainer:
         policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
         rollout = self.rollout(prompts, policy, k)
         target = method_of(self.cfg.rollout.behavior).target
-        batch = loss_batch(rollout, self.cfg.loss, self.teacher, self.cfg.optim.micro_batch_size,
-                           vocab=self.vocab, pg=self.pg, target=target)
+        o = self.cfg.optim
+        plan = plan_microbatches(rollout.loss_mask, o.micro_batch_size,
+                                 multiple=o.pad_to_multiple, group_by_length=o.group_by_length)
+        batch = loss_batch(rollout, self.cfg.loss, self.teacher, plan, vocab=self.vocab,
+                           pg=self.pg, target=target)
         veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
                             total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
-        metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab,
-                             self.cfg.optim.micro_batch_size, self.pg, veto_b=veto_b,
-                             target=target)
-        return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes)
+        metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab, plan,
+                             self.pg, veto_b=veto_b, target=target)
+        return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes, plan)
 
     def prompts(self, k: int) -> list:
         """This DP rank's prompts of step k, each repeated rollout.num_rollouts_per_prompt times."""
@@ -108,13 +111,14 @@ class Trainer:
                         max_in_flight=r.max_sequences_in_flight,
                         prefill_tokens=r.prefill_chunk_tokens, draft_tokens=r.draft_tokens)
 
-    def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes) -> dict:
+    def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes, plan) -> dict:
         correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)]
         eps = getattr(policy, "eps", None)
         m = summarize(rollout, eps)
         m.update({"rollout/reward": sum(correct) / len(correct),
                   "rollout/temperature": getattr(policy, "temperature", 1.0),
                   "scoring/teacher_passes": teacher_passes,
+                  "train/fed_positions": plan.fed_positions / plan.full_positions,
                   "rollout/teacher_forwards": rollout.forwards["teacher"]})
         m = groups.data_parallel_mean(m, self.pg)
         m.update({f"train/{key}": v for key, v in train.items()})
