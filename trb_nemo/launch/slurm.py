@@ -72,7 +72,21 @@ def plan_stages(overrides: list[str]) -> list[Stage]:
         taken = sorted(SCRIPT_VARIABLES & set(st.cfg.launcher.env))
         if taken:
             raise ConfigError("launcher.env", f"{', '.join(taken)}: used by the job script itself")
+        check_memory(st.cfg, ranks)
     return stages
+
+
+def check_memory(cfg: TrainConfig, ranks: int) -> None:
+    """The stage's per-GPU memory plan (:mod:`trb_nemo.plan.memory`) fits
+    ``parallel.gpu_memory_gb`` on ``ranks`` ranks; checkpoints not on this machine are planned
+    from the inline shapes. CPU (gloo) runs are not planned."""
+    if cfg.parallel.backend == "gloo":
+        return
+    from trb_nemo.models.resolve import resolve_models
+    from trb_nemo.plan.memory import check_fits, plan_memory
+
+    resolved = resolve_models(cfg, absent=[])
+    check_fits(plan_memory(resolved, ranks), cfg.parallel.gpu_memory_gb)
 
 
 SCRIPT_VARIABLES = {"WORKDIR", "RUN_DIR", "HOSTS", "CPUS_PER_TASK", "ARGS", "PID", "rc"}

@@ -23,16 +23,8 @@ from trb_nemo.models.cached_attention import (
     DecodeColumnParallelLinear,
     DecodeRowParallelLinear,
 )
+from trb_nemo.models.shapes import VOCAB_PAD_MULTIPLE, padded_vocab_size  # noqa: F401 - re-exported
 from trb_nemo.parallel.groups import ParallelGroups
-
-VOCAB_PAD_MULTIPLE = 128
-"""Megatron pads the embedding rows to a multiple of this times TP."""
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
-    """Smallest multiple of 128 x TP that is >= vocab_size (Megatron's make-vocab-divisible rule)."""
-    multiple = VOCAB_PAD_MULTIPLE * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:

@@ -26,14 +26,8 @@ from pathlib import Path
 import torch
 
 from trb_nemo.config.schema import ConfigError, ModelSpec
+from trb_nemo.models.shapes import _L, _heads, hf_shapes  # noqa: F401 - hf_shapes re-exported
 from trb_nemo.parallel import comm
-
-_L = "model.layers.{}."
-
-
-def _heads(spec: ModelSpec) -> tuple[int, int, int]:
-    nq = spec.num_attention_heads
-    return nq, spec.num_query_groups or nq, spec.kv_channels or spec.hidden_size // nq
 
 
 def _qkv_join(spec, q, k, v):
@@ -171,32 +165,6 @@ def random_hf_tensor(name: str, shape, seed: int) -> torch.Tensor:
     if name.endswith(".bias"):
         return torch.randn(shape, generator=gen) * 0.01
     return torch.randn(shape, generator=gen) * 0.02
-
-
-def hf_shapes(spec: ModelSpec) -> dict[str, tuple]:
-    """Shape of every HF tensor of a spec (the HF checkpoint's state dict)."""
-    nq, ng, d = _heads(spec)
-    h, f, v = spec.hidden_size, spec.ffn_hidden_size, spec.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not spec.tie_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(spec.num_layers):
-        p = _L.format(i)
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (nq * d, h), p + "self_attn.k_proj.weight": (ng * d, h),
-            p + "self_attn.v_proj.weight": (ng * d, h), p + "self_attn.o_proj.weight": (h, nq * d),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-        })
-        if spec.qk_layernorm:
-            shapes[p + "self_attn.q_norm.weight"] = (d,)
-            shapes[p + "self_attn.k_norm.weight"] = (d,)
-        if spec.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (nq * d,),
-                           p + "self_attn.k_proj.bias": (ng * d,),
-                           p + "self_attn.v_proj.bias": (ng * d,)})
-    return shapes
 
 
 class SafetensorsReader:
