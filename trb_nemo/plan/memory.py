@@ -27,10 +27,10 @@ Activations per layer (elements per token, ``a``/``g`` the query/key-value heads
 ``d`` the head size, ``f`` the FFN width per rank, ``s`` the sequence length), as Megatron's
 local layers save them for backward (checked against the saved tensors by
 tests/dist/test_memory_plan.py): 6h (block input, norm outputs, the parallel-region copies,
-the mid-block residual) + (a + 2g) d (the fused QKV output) + 6 a d (query before/after its
-norm and rotary, keys and values repeated to a heads, the attention context) + g d (normed
-keys) + a s (the softmax probabilities) + 5 f (SwiGLU's fc1 output, gate, activation and
-product). Transformer Engine's fused attention keeps no [s, s] term (``a s`` and the repeated
+the mid-block residual) + (a + 2g) d (the fused QKV output) + 2 a d (the rotated query, the
+attention context) + 2 a d (keys and values repeated to a heads) + a s (the softmax
+probabilities) + 5 f (SwiGLU's fc1 output, gate, activation and product), and with QK norms
+2 a d + g d more (the query before and after its norm, the normed keys). Transformer Engine's fused attention keeps no [s, s] term (``a s`` and the repeated
 keys/values drop out). Norm statistics are fp32, the rest in the compute dtype. ``selective``
 recomputation drops the attention core's terms (the softmax and the repeated keys/values),
 ``full`` keeps only the input of each recomputed layer (plus one layer's activations while it
@@ -150,7 +150,8 @@ def activation_elements_per_token(spec: ModelSpec, layout: Layout, seq: int,
     attention_core = 0 if layout.flash_attention else a * seq + 2 * a * d
     if recompute == "selective":
         attention_core = 0
-    dense = 6 * h + (a + 2 * g) * d + 4 * a * d + g * d + 5 * f + attention_core
+    qk_norm = 2 * a * d + g * d if spec.qk_layernorm else 0  # q before/after its norm, k after
+    dense = 6 * h + (a + 2 * g) * d + 2 * a * d + qk_norm + 5 * f + attention_core
     stats = 2 + (a + g if spec.qk_layernorm else 0)  # rstd of the norms, fp32
     return dense, stats
 
