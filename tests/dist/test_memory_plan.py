@@ -189,3 +189,19 @@ def test_plan_cli_recipes_fit_and_a_huge_microbatch_is_refused_naming_training()
     assert over.returncode == 2
     err = over.stderr.strip().splitlines()
     assert len(err) == 1 and "parallel.gpu_memory_gb: the training phase needs" in err[0], err
+
+
+def test_launch_dry_run_of_the_recipe_renders_and_refuses_what_does_not_fit(tmp_path):
+    def launch(*overrides):
+        return subprocess.run([sys.executable, "-m", "trb_nemo.cli", "launch", "slurm",
+                               "recipe=paper_qwen3_1.7b", *overrides, "--dry-run"],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    ok = launch()
+    assert ok.returncode == 0, ok.stderr
+    script = (tmp_path / "outputs/paper-qwen3-1.7b/slurm/run.sbatch").read_text()
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "recipe=paper_qwen3_1.7b" in script  # the trainer composes the same recipe
+    over = launch("optim.micro_batch_size=64")
+    assert over.returncode == 2
+    assert "the training phase needs" in over.stderr and len(over.stderr.strip().splitlines()) == 1
