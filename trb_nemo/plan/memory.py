@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
+from trb_nemo.methods import method_of
 from trb_nemo.models.shapes import _L, hf_shapes, padded_vocab_size
 from trb_nemo.rollout.policies import policy_for
 
@@ -233,6 +234,10 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
     # ----- teacher scoring (forward only: one microbatch's activations live at a time)
     b = opt.micro_batch_size
     targets = Term("loss targets", sequences * seq * k * (8 + 4))
+    if cfg.loss.kind == "full" or method_of(cfg.rollout.behavior).target == "veto":
+        # the teacher's logits of every sequence, scored before the step and kept through it
+        targets = Term("teacher logits of the batch (loss.kind=full / veto)",
+                       sequences * seq * vocab_shard * e)
     scoring = None
     if teacher is not None:
         t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
@@ -264,10 +269,13 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
 
 
 FIXES = {
-    "rollout": "rollout.max_sequences_in_flight (KV cache), optim.offload_during_rollout=true",
-    "scoring": "optim.micro_batch_size, parallel.tensor_model_parallel_size",
-    "training": "optim.micro_batch_size, model.recompute_granularity=full "
+    "rollout": "lower rollout.max_sequences_in_flight (the KV caches) or set "
+               "optim.offload_during_rollout=true",
+    "scoring": "lower optim.micro_batch_size or raise parallel.tensor_model_parallel_size",
+    "training": "lower optim.micro_batch_size or set model.recompute_granularity=full "
                 "model.recompute_method=uniform model.recompute_num_layers=1",
+    "batch logits": "use loss.kind=topk (loss.kind=full and behavior=veto hold the teacher's "
+                    "logits of every sequence)",
 }
 """What most often brings a phase under the limit, per phase (named in the refusal)."""
 
@@ -297,7 +305,13 @@ def check_fits(phases: list[Phase], limit_gb: float) -> None:
     raise ConfigError("parallel.gpu_memory_gb", f"the {worst.name} phase needs "
                       f"{worst.total / GIB:.1f} GiB per GPU (mostly {worst.dominant.name}: "
                       f"{worst.dominant.bytes / GIB:.1f} GiB), over {limit_gb:g} GiB{also}; "
-                      f"lower {FIXES[worst.name]} (see `trb-nemo plan`)")
+                      f"{FIXES[_fix_of(worst)]} (see `trb-nemo plan`)")
+
+
+def _fix_of(phase: Phase) -> str:
+    if phase.dominant.name.startswith("teacher logits of the batch"):
+        return "batch logits"
+    return phase.name
 
 
 def planned_world_size(cfg: TrainConfig) -> int:
