@@ -21,8 +21,8 @@ COPY scripts ./scripts
 # --no-deps for torch: keep the image's CUDA build; everything else resolves normally.
 RUN pip install --no-build-isolation --no-deps -e . \
  && pip install "megatron-core>=0.19,<0.20" "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" \
-        "safetensors>=0.4" "transformers>=4.51" "math-verify>=0.7" "psutil>=5.9" "tqdm>=4.66" \
-        "tensorboard>=2.15" "matplotlib>=3.8"
+        "safetensors>=0.4" "transformers>=4.51" "math-verify>=0.7" "pyarrow>=14" "psutil>=5.9" \
+        "tqdm>=4.66" "tensorboard>=2.15" "matplotlib>=3.8"
 
 ENTRYPOINT ["trb-nemo"]
 CMD ["--help"]

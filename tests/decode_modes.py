@@ -35,7 +35,7 @@ def modes_seen(parallel_preset: str = "cpu_tp1"):
     out["after_generate"] = (student.training, teacher.training)
     for v in seen.values():
         v.clear()
-    evaluate(student, teacher, source, cfg, vocab, 0, pg)
+    evaluate(student, source.eval_sets, cfg, vocab, 0, pg)
     out["evaluate"] = {k: list(v) for k, v in seen.items()}
     out["after_evaluate"] = (student.training, teacher.training)
     groups.destroy()

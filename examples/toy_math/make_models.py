@@ -46,14 +46,16 @@ def sft_batch(seed: int, start: int, size: int, stop_id: int):
 def pass_at_1(model, stop_id: int, cfg, seed: int, pg) -> float:
     """pass@1 at temperature 1.0 on 64 held-out problems x 4 samples (trb_nemo.eval)."""
     from trb_nemo.config.schema import EvalConfig
-    from trb_nemo.data.prompts import ToyMathSource
+    from trb_nemo.data.prompts import EvalSet, ToyMathSource
     from trb_nemo.eval.pass_at_1 import evaluate
     from trb_nemo.models.vocab import SharedVocab
 
     cfg = dataclasses.replace(cfg, seed=seed,
                               eval=EvalConfig(num_problems=64, num_samples=4, max_new_tokens=40))
     source = ToyMathSource(seed, cfg.data.max_prompt_length)
-    return evaluate(model, model, source, cfg, SharedVocab(128, stop_id, stop_id), step=0, pg=pg)
+    held_out = EvalSet("toy_math", "toy_math", source.eval_prompts(64), source.check)
+    return evaluate(model, [held_out], cfg, SharedVocab(128, stop_id, stop_id), step=0,
+                    pg=pg)["eval/pass@1"]
 
 
 def train(model, stop_id: int, steps: int, lr: float, seed: int, target: float | None, log,

@@ -508,33 +508,70 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where prompts come from."""
+    """Where the training prompts come from, and how a prompt becomes token ids.
+
+    A file's rows are read by :mod:`trb_nemo.data.prompts`; a key names a field of a row: a
+    column, or a dotted path into nested records (``reward_model.ground_truth``; a number
+    indexes a list: ``conversations.1.value``), or several such paths separated by ``|``, the
+    first one the row has (``problem|question``)."""
 
     source: str = "toy_math"
-    """``toy_math`` (the built-in arithmetic task) or a JSONL file with one prompt per line."""
+    """``toy_math`` (the built-in arithmetic task), or a ``.jsonl`` (one JSON object per line;
+    ``.json`` is read the same way) or ``.parquet`` file of prompts with reference answers. With
+    ``eval.source`` null its first tenth (at most ``eval.num_problems``) is held out for pass@1;
+    with ``eval.source`` set all of it trains."""
     prompt_key: str = "prompt"
-    """JSONL field holding the prompt text."""
+    """The prompt's field: a string, or a list of chat messages (``{"role", "content"}`` as in
+    verl's Parquet, or ``{"from", "value"}`` as in OpenThoughts3's ``conversations``), of which
+    the text of the first user turn (role/from ``user`` or ``human``) is the prompt; the other
+    turns (a dataset's own system message, the assistant's answer) are not used."""
     answer_key: str = "answer"
-    """JSONL field holding the reference answer (evaluation only)."""
+    """The reference answer's field (a string or a number): rollout rewards and pass@1 are
+    checked against it (:mod:`trb_nemo.eval.checkers`: ``\\boxed{}``, GSM8K's ``#### 72`` or a
+    bare expression; with the toy tokenizer an integer)."""
     system_prompt: str = ""
+    """With ``chat_template`` false: text put before every prompt; with it true: the system
+    message (none when empty)."""
+    chat_template: bool = False
+    """Render each prompt with the student tokenizer's chat template (``system_prompt`` as the
+    system message, the prompt as the user message, ``add_generation_prompt=True``) and
+    tokenize the result as it is. Student and teacher share one tokenizer, so both score the
+    same ids. Needs ``model.student.hf_path`` with a tokenizer that has a chat template."""
     max_prompt_length: int = 64
-    """Tokens; a longer prompt is an error before training starts."""
+    """Tokens; a longer prompt (training or evaluation) is an error before any model loads."""
     seed: int = 0
     """Shuffling seed of the prompt order."""
 
     def __post_init__(self):
-        _check(bool(self.source), "source", "must name toy_math or a JSONL file")
+        _check(bool(self.source), "source", "must name toy_math or a .jsonl/.parquet file")
+        _check(bool(self.prompt_key.strip("|")), "prompt_key", "must name a field")
+        _check(bool(self.answer_key.strip("|")), "answer_key", "must name a field")
         _positive(self.max_prompt_length, "max_prompt_length")
 
 
 @dataclass
 class EvalConfig:
-    """pass@1 = c/n over n samples per held-out problem at temperature 1.0."""
+    """pass@1 = c/n over n samples per problem at ``temperature``, per evaluation set."""
 
     interval: int = 20
     """Steps between evaluations; 0 disables periodic evaluation."""
+    source: list[str] | None = None
+    """The evaluation sets, each reported on its own (``eval/<name>/pass@1``) and as the
+    unweighted mean over sets (``eval/pass@1``, the paper's "Avg"): ``toy_math`` (the toy task's
+    held-out problems) or a ``.jsonl``/``.parquet`` file, named after its file stem, or
+    ``NAME:PATH`` to name it. Read with ``data``'s keys unless ``prompt_key``/``answer_key``
+    are set, tokenized like the training prompts. None = the held-out part of ``data.source``
+    (the toy task's held-out stream for toy_math)."""
+    prompt_key: str | None = None
+    """The evaluation files' prompt field (see ``data.prompt_key``); None = data.prompt_key."""
+    answer_key: str | None = None
+    """The evaluation files' answer field (see ``data.answer_key``); None = data.answer_key."""
     num_problems: int = 64
+    """Problems evaluated per set: the first ``num_problems`` of each file (at most the
+    held-out part of ``data.source`` when ``source`` is None); 0 = all of each file (needs
+    ``source`` with files only: the toy task has no end)."""
     num_samples: int = 4
+    """Samples per problem."""
     temperature: float = 1.0
     max_new_tokens: int | None = None
     """None = rollout.max_new_tokens."""
@@ -546,7 +583,17 @@ class EvalConfig:
         _non_negative(self.interval, "interval")
         _check(self.max_sequences_in_flight is None or self.max_sequences_in_flight > 0,
                "max_sequences_in_flight", f"must be > 0 or null, got {self.max_sequences_in_flight}")
-        _positive(self.num_problems, "num_problems")
+        _non_negative(self.num_problems, "num_problems")
+        if self.source is not None:
+            _check(len(self.source) > 0 and all(isinstance(s, str) and s for s in self.source),
+                   "source", "must be null or a non-empty list of toy_math / .jsonl / .parquet "
+                   f"entries, got {self.source!r}")
+        _check(self.num_problems > 0 or (self.source is not None and "toy_math" not in self.source),
+               "num_problems", "0 (all problems) needs eval.source to list files only; set a "
+               "number of problems")
+        for key in ("prompt_key", "answer_key"):
+            value = getattr(self, key)
+            _check(value is None or bool(value.strip("|")), key, "must name a field or be null")
         _positive(self.num_samples, "num_samples")
         _positive(self.temperature, "temperature")
 

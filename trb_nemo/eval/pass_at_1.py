@@ -1,9 +1,11 @@
-"""pass@1 = mean over held-out problems of c/n, n samples per problem at ``eval.temperature``.
+"""pass@1 = mean over a set's problems of c/n, n = ``eval.num_samples`` samples per problem at
+``eval.temperature``, for each evaluation set (:func:`trb_nemo.data.prompts.build_eval_sets`),
+and their unweighted mean over sets (the paper's "Avg").
 
-Every rank of the model-parallel group decodes the same rows; data-parallel ranks split the
-problems and their per-problem counts are summed (1 all-reduce(SUM) of [problems] over DP).
-The per-problem counts are logged with pass@1, so ``trb-nemo compare`` can pair methods by
-problem.
+Every rank of the model-parallel group decodes the same rows; data-parallel ranks split each
+set's problems and the per-problem counts of all sets are summed in one all-reduce(SUM) of
+[problems of all sets] over DP. The per-problem counts are logged with pass@1, so
+``trb-nemo compare`` can pair methods by problem.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from trb_nemo.config.schema import TrainConfig
+from trb_nemo.data.prompts import EvalSet
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.parallel import comm
 from trb_nemo.parallel.groups import ParallelGroups
@@ -18,29 +21,58 @@ from trb_nemo.rollout.engine import generate
 from trb_nemo.rollout.policies import StudentPolicy
 
 
-def evaluate(student, teacher, source, cfg: TrainConfig, vocab: SharedVocab, step: int,
+def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab, step: int,
              pg: ParallelGroups) -> dict:
-    """{"eval/pass@1": float, "eval/correct_per_problem": [correct samples of each held-out
-    problem], "eval/samples_per_problem": n} of the student (sampling at eval.temperature,
-    seeded by ``step``). Decoding runs the networks in eval mode (:func:`generate`); the
-    student's mode is restored afterwards."""
-    problems = source.eval_prompts(cfg.eval.num_problems)
-    mine = problems[pg.dp_rank::pg.dp_size]
+    """pass@1 of the student on ``sets`` (sampling at eval.temperature, seeded by ``step``):
+
+    * ``eval/pass@1``: the mean over sets of each set's pass@1 (one set: its pass@1);
+    * ``eval/<name>/pass@1`` per set, when ``eval.source`` names the sets;
+    * ``eval/correct_per_problem``: correct samples of each problem, the sets' problems
+      concatenated in order; ``eval/problems_per_set``: how many belong to each set;
+      ``eval/samples_per_problem``: n.
+
+    Each set is decoded on its own with the same seed (a set's result does not depend on the
+    other sets listed; the held-out set of a run without ``eval.source`` is decoded as a set
+    holding the same problems would be). Decoding runs the student in eval mode
+    (:func:`generate`; its mode is restored afterwards); the teacher is not used. Collective
+    over the data-parallel group (one all-reduce) and, inside decoding, the model-parallel
+    groups."""
     n = cfg.eval.num_samples
-    per_problem = torch.zeros(len(problems), dtype=torch.float64)
-    if mine:
-        prompts = [list(p.ids) for p in mine for _ in range(n)]
-        seed = cfg.seed * 1_000_003 + 7 * step + 1_000_000 * pg.dp_rank + 5
-        ro = generate(student, teacher, prompts, StudentPolicy(cfg.eval.temperature), vocab=vocab,
-                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                      topk_k=1, generator=torch.Generator().manual_seed(seed), pg=pg,
-                      max_in_flight=cfg.eval.max_sequences_in_flight
-                      or cfg.rollout.max_sequences_in_flight,
-                      prefill_tokens=cfg.rollout.prefill_chunk_tokens)
-        for i in range(len(prompts)):  # problem j of this rank is problems[dp_rank + j dp_size]
-            if source.check(ro.response(i), mine[i // n].answer):
-                per_problem[pg.dp_rank + (i // n) * pg.dp_size] += 1
-    per_problem = comm.all_reduce(per_problem, group=pg.data)
-    return {"eval/pass@1": float(per_problem.sum() / max(len(problems) * n, 1)),
+    counts = []
+    for s in sets:
+        counts.append(_count_correct(student, s, cfg, vocab, step, pg))
+    per_problem = comm.all_reduce(torch.cat(counts), group=pg.data)
+    sizes = [len(s.prompts) for s in sets]
+    metrics, rates, first = {}, [], 0
+    for s, size in zip(sets, sizes, strict=True):
+        rate = float(per_problem[first:first + size].sum() / max(size * n, 1))
+        first += size
+        rates.append(rate)
+        if cfg.eval.source is not None:
+            metrics[f"eval/{s.name}/pass@1"] = rate
+    return {"eval/pass@1": sum(rates) / max(len(rates), 1), **metrics,
             "eval/correct_per_problem": [int(c) for c in per_problem.tolist()],
-            "eval/samples_per_problem": n}
+            "eval/problems_per_set": sizes, "eval/samples_per_problem": n}
+
+
+def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, step: int,
+                   pg: ParallelGroups) -> torch.Tensor:
+    """[problems] fp64: this DP rank's correct samples of its share of ``s`` (problem j of the
+    rank is problem dp_rank + j dp_size of the set), zeros elsewhere."""
+    mine = s.prompts[pg.dp_rank::pg.dp_size]
+    n = cfg.eval.num_samples
+    per_problem = torch.zeros(len(s.prompts), dtype=torch.float64)
+    if not mine:
+        return per_problem
+    prompts = [list(p.ids) for p in mine for _ in range(n)]
+    seed = cfg.seed * 1_000_003 + 7 * step + 1_000_000 * pg.dp_rank + 5
+    ro = generate(student, None, prompts, StudentPolicy(cfg.eval.temperature), vocab=vocab,
+                  max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                  topk_k=1, generator=torch.Generator().manual_seed(seed), pg=pg,
+                  max_in_flight=cfg.eval.max_sequences_in_flight
+                  or cfg.rollout.max_sequences_in_flight,
+                  prefill_tokens=cfg.rollout.prefill_chunk_tokens)
+    for i in range(len(prompts)):
+        if s.check(ro.response(i), mine[i // n].answer):
+            per_problem[pg.dp_rank + (i // n) * pg.dp_size] += 1
+    return per_problem

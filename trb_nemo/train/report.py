@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from trb_nemo.config.schema import TrainConfig
-from trb_nemo.data.prompts import evaluated_problems
+from trb_nemo.data.prompts import eval_entries, evaluated_problems
 from trb_nemo.methods import method_of
 from trb_nemo.train.metrics_log import read_jsonl
 
@@ -56,6 +56,10 @@ def _loss_line(cfg: TrainConfig) -> str:
 def _evaluated(cfg: TrainConfig) -> tuple[str, list[str]]:
     """(the pass@1 header's description of the evaluation set, notes under the table)."""
     e, n = cfg.eval, evaluated_problems(cfg)
+    if e.source is not None:  # sets given on their own: pass@1 is their mean
+        names = ", ".join(name for name, _ in eval_entries(cfg))
+        return (f"{'?' if n is None else n} problems of {names} x {e.num_samples} samples, "
+                "mean over the sets"), []
     if n is None:
         return f"at most {e.num_problems} held-out problems x {e.num_samples} samples", []
     what = f"{n} held-out problems x {e.num_samples} samples = {n * e.num_samples} per evaluation"

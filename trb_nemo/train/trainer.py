@@ -127,7 +127,7 @@ class Trainer:
     # --------------------------------------------------------------------------------- loop
 
     def evaluate(self) -> dict:
-        return evaluate(self.student, self.teacher, self.source, self.cfg, self.vocab, self.step_k,
+        return evaluate(self.student, self.source.eval_sets, self.cfg, self.vocab, self.step_k,
                         self.pg)
 
     def save(self) -> None:
