@@ -1,4 +1,4 @@
-"""`trb-nemo`: the command line. Subcommands: train, convert, compare, launch slurm.
+"""`trb-nemo`: the command line. Subcommands: train, eval, convert, compare, launch slurm.
 
 Config errors (unknown key, bad value, missing file) print one line and exit with code 2
 before any rank starts or any model is built.
@@ -31,6 +31,15 @@ def _train(args: argparse.Namespace) -> int:
     from trb_nemo.train.entry import run_train  # imports torch: only after the config is valid
 
     run_train(cfg)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trb_nemo.eval.run import compose_eval_config, run_eval
+
+    cfg, no_teacher = compose_eval_config(args.overrides, config_name=args.config_name,
+                                          config_dir=args.config_dir)
+    run_eval(cfg, no_teacher=no_teacher, checkpoint=args.checkpoint, out=args.out)
     return 0
 
 
@@ -101,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-name", default="train", help="top-level YAML name (default: train)")
     train.set_defaults(func=_train)
 
+    evaluate = sub.add_parser("eval", help="pass@1 of a checkpoint or HF folder on the "
+                              "evaluation sets (eval.source), without training",
+                              description="Compose the config like `train` and evaluate the "
+                              "student (trb_nemo/eval/run.py): one row per set and their mean.")
+    evaluate.add_argument("overrides", nargs="*", metavar="a.b=c",
+                          help="e.g. eval.source=[math500:test.parquet,aime24.jsonl] "
+                          "eval.num_problems=0 eval.num_samples=16")
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (or its "
+                          "checkpoints/): its newest step_*; default: the config's student")
+    evaluate.add_argument("--out", help="JSON file to write (default: eval_step_<N>.json in "
+                          "the checkpoint's run folder, else eval.json in the config's)")
+    evaluate.add_argument("--config-dir", default=None, help="folder holding train.yaml "
+                          "(default: conf/)")
+    evaluate.add_argument("--config-name", default="train", help="top-level YAML name "
+                          "(default: train)")
+    evaluate.set_defaults(func=_eval)
+
     convert = sub.add_parser("convert", help="HF safetensors <-> Megatron checkpoint "
                              "(Qwen3, Qwen2, Llama)")
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
@@ -140,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # `eval --checkpoint X a.b=c`: overrides after an option
+        if args.command != "eval" or any(r.startswith("-") for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides += rest
     try:
         return args.func(args)
     except ConfigError as e:

@@ -69,6 +69,95 @@ def test_student_folder_without_a_tokenizer(capsys, tmp_path, student, no_ranks)
     assert line.startswith("model.student.hf_path: ") and "has no tokenizer" in line
 
 
+# ------------------------------------------------- issue 15: bad data files, train and eval
+
+
+@pytest.fixture
+def no_ranks_anywhere(no_ranks, monkeypatch):
+    """Neither `trb-nemo train` nor `trb-nemo eval` may start a rank (errors come before)."""
+    import trb_nemo.parallel.spawn as spawn
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank started")
+
+    monkeypatch.setattr(spawn, "run_local_ranks", refuse)
+
+
+TOY_ROW = {"prompt": "Q:1+2+3+4=", "answer": 10}  # the toy models read files with their tokenizer
+
+
+def _bad_file(tmp_path, case):
+    """(file, extra overrides, expected key, expected text) of one kind of bad data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(name, rows, schema=None):
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / name)
+        return tmp_path / name
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    if case == "missing file":
+        return tmp_path / "nope.parquet", [], "SOURCE", "nope.parquet' is neither toy_math nor a file"
+    if case == "wrong suffix":
+        (tmp_path / "p.csv").write_text("prompt,answer\n")
+        return tmp_path / "p.csv", [], "SOURCE", "p.csv: unknown format '.csv'; use a .jsonl"
+    if case == "missing nested key":
+        rows = [{"prompt": "Q:1+2+3+4=", "reward_model": {"ground_truth": "10"}},
+                {"prompt": "Q:1+1+1+1=", "reward_model": {"ground_truth": None}}]
+        return (parquet("p.parquet", rows), ["data.answer_key=reward_model.ground_truth"],
+                "data.answer_key", "p.parquet row 1: no field 'reward_model.ground_truth' (the "
+                "reference answer")
+    if case == "non-string prompt":
+        return (jsonl("p.jsonl", [TOY_ROW, {"prompt": 12, "answer": 3}]), [], "data.prompt_key",
+                "p.jsonl:2: field 'prompt' is of type int, not a string or a list of chat messages")
+    if case == "no user turn":
+        rows = [{"prompt": [{"role": "system", "content": "Q:"}], "answer": 3}]
+        return (parquet("p.parquet", rows), [], "data.prompt_key", "p.parquet row 0: field "
+                "'prompt' is a list without a user turn")
+    if case == "empty file":
+        schema = pa.schema([("prompt", pa.string()), ("answer", pa.int64())])
+        return parquet("p.parquet", [], schema), [], "SOURCE", "p.parquet' has no prompts"
+    if case == "prompt too long":
+        return (jsonl("p.jsonl", [TOY_ROW, {"prompt": "Q:" + "1+" * 20 + "1=", "answer": 21}]),
+                [], "data.max_prompt_length", "p.jsonl:2: prompt has 44 tokens, more than 32")
+    if case == "not parquet":
+        (tmp_path / "p.parquet").write_text('{"prompt": "Q:1+2+3+4=", "answer": 10}\n')
+        return tmp_path / "p.parquet", [], "SOURCE", "p.parquet does not read as Parquet: "
+    if case == "not the toy alphabet":
+        return (jsonl("p.jsonl", [{"prompt": "What is 1+2?", "answer": 3}]), [], "data.prompt_key",
+                "p.jsonl:1: toy tokenizer: character 'W' is not in")
+    if case == "chat template":
+        return (jsonl("p.jsonl", [TOY_ROW]), ["data.chat_template=true"], "data.chat_template",
+                "is true, but a student without model.student.hf_path uses the toy task's")
+    raise AssertionError(case)
+
+
+CASES = ("missing file", "wrong suffix", "missing nested key", "non-string prompt",
+         "no user turn", "empty file", "prompt too long", "not parquet", "not the toy alphabet",
+         "chat template")
+
+
+@pytest.mark.parametrize("command,case", [("train", c) for c in CASES[::2]]
+                         + [("eval", c) for c in CASES[1::2]] + [("eval", "missing file")])
+def test_bad_data_is_one_line_before_any_model_loads(capsys, tmp_path, no_ranks_anywhere,
+                                                     command, case):
+    path, extra, key, text = _bad_file(tmp_path, case)
+    source = "data.source" if command == "train" else "eval.source"
+    where = [f"data.source={path}"] if command == "train" else [f"eval.source=[toy_math,{path}]"]
+    line = one_line_error(capsys, [command, *where, *extra])
+    assert line.startswith(f"{source if key == 'SOURCE' else key}: "), line
+    assert text in line, line
+
+
+def test_eval_sets_are_checked_by_train_too(capsys, tmp_path, no_ranks_anywhere):
+    path, extra, key, text = _bad_file(tmp_path, "non-string prompt")
+    line = one_line_error(capsys, ["train", f"eval.source=[{path}]"])
+    assert line.startswith("data.prompt_key: ") and text in line
+
+
 # ------------------------------------------------------------------------------------ item 10
 
 

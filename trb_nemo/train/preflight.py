@@ -34,6 +34,17 @@ from trb_nemo.train.run_dir import run_dir_of
 def preflight(cfg: TrainConfig) -> TrainConfig:
     """Raise ConfigError for anything that would fail later, after expensive start-up; return
     ``cfg`` with every model's architecture resolved (HF config.json or checkpoint metadata)."""
+    check_machine(cfg)
+    _check_batch_layout(cfg)
+    cfg = check_models(cfg)
+    build_source(cfg)  # reads and checks every prompt
+    check_run_folders(cfg)
+    plan_resume(cfg)
+    return cfg
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """This machine can run the configured implementation, backend and features."""
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec(
         "transformer_engine"
     ) is None:
@@ -50,13 +61,14 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
             # Megatron re-runs the layers in backward with CUDA RNG states and CUDA masks
             raise ConfigError("model.recompute_granularity", "activation recomputation runs on "
                               "CUDA only; set model.recompute_granularity=null on CPU")
-    _check_batch_layout(cfg)
+
+
+def check_models(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its networks resolved and checked (files, layout, intact checkpoints, the
+    attention's memory); reads configuration files only, no weights."""
     cfg = resolve_models(cfg)
     _check_model_checkpoints(cfg)
     check_local_attention(cfg)
-    build_source(cfg)  # reads and checks every prompt
-    check_run_folders(cfg)
-    plan_resume(cfg)
     return cfg
 
 

@@ -1,0 +1,194 @@
+"""`trb-nemo eval`: pass@1 of a student on the evaluation sets, without training.
+
+The config is composed like ``trb-nemo train``'s (conf/train.yaml and ``a.b=c`` overrides) and
+the evaluation is the one training runs (:func:`trb_nemo.eval.pass_at_1.evaluate`, the
+``eval.*`` settings, the sets of :func:`trb_nemo.data.prompts.build_eval_sets`), on the
+student given by
+
+* ``--checkpoint``: a Megatron checkpoint folder, a training checkpoint ``step_<N>``, or a run
+  folder or its ``checkpoints/`` (the newest complete ``step_*``). Its architecture, stop id and
+  context are the checkpoint's; prompts are tokenized with ``model.student.hf_path`` if set,
+  else with the HF folder the checkpoint records (when it is on this machine). The sampling seed
+  is the one training used at that step, so a training checkpoint's result is the evaluation
+  its run logged at that step (the same ``eval.*``, seed and layout);
+* else the config's student (``model.student.hf_path``, or the toy student checkpoint of the
+  default config), evaluated with the seed of step 0.
+
+The teacher is never loaded. Its stop id, merged into the student's as in training
+(:class:`trb_nemo.models.vocab.SharedVocab`), comes from ``model.teacher`` when one is
+configured; without one (``model.teacher=null``, or ``model=hf`` without
+``model.teacher.hf_path``) the student's own stop id alone ends a response.
+
+Bad input (config, model files, every evaluation prompt) stops with one line before a rank
+starts. Ranks start as for ``trb-nemo train`` (local gloo/NCCL ranks, or this process is one
+rank under torchrun/srun) in the ``parallel.*`` layout. Global rank 0 prints a table (set,
+problems, samples per problem, pass@1, and the mean over sets, "Avg") and writes the result
+as JSON (:func:`default_out`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
+from trb_nemo.logs import global_rank
+
+
+def compose_eval_config(overrides, *, config_name: str = "train",
+                        config_dir: str | None = None) -> tuple[TrainConfig, bool]:
+    """(the validated config, whether it has no teacher). Without a teacher (``model.teacher=null``
+    or a preset's teacher hf_path not given) the student stands in for it, so the config is
+    valid and no other stop id is merged."""
+    from trb_nemo.config.compose import compose_config, print_notes, to_typed
+
+    overrides = list(overrides)
+    try:
+        node = compose_config(overrides, config_name=config_name, config_dir=config_dir)
+    except ConfigError as e:
+        if e.key != "model.teacher.hf_path" or not e.reason.startswith("is required"):
+            raise
+        node = compose_config([*overrides, "model.teacher=null"], config_name=config_name,
+                              config_dir=config_dir)
+    no_teacher = node.model.teacher is None
+    if no_teacher:
+        node.model.teacher = node.model.student  # a copy
+    cfg = to_typed(node)
+    print_notes()
+    return cfg, no_teacher
+
+
+def with_checkpoint(cfg: TrainConfig, checkpoint: str) -> tuple[TrainConfig, Path, int]:
+    """(``cfg`` whose student is the checkpoint's network, its folder, its step) for
+    ``--checkpoint`` (see the module docstring); ConfigError(--checkpoint) if it is none."""
+    from trb_nemo.models.convert import newest_checkpoint
+    from trb_nemo.models.resolve import read_model_meta, spec_from_meta
+
+    folder = Path(newest_checkpoint(checkpoint))
+    meta = read_model_meta(str(folder), "--checkpoint")
+    recorded = meta.get("spec", {})
+    hf_path = cfg.model.student.hf_path
+    if hf_path is None and recorded.get("hf_path") and Path(recorded["hf_path"]).is_dir():
+        hf_path = recorded["hf_path"]
+    base = ModelSpec(name=recorded.get("name", cfg.model.student.name), hf_path=hf_path,
+                     checkpoint=str(folder))
+    student = spec_from_meta(meta, base)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, student=student))
+    return cfg, folder, int(meta.get("step") or 0)
+
+
+def default_out(cfg: TrainConfig, folder: Path | None, step: int) -> Path:
+    """Where the JSON goes without ``--out``: ``<run>/eval_step_<N>.json`` for a step folder in a
+    run's ``checkpoints/``, else ``eval_step_<N>.json`` (a checkpoint) or ``eval.json`` in the
+    config's run folder (``logging.output_dir``/``logging.run_name``)."""
+    from trb_nemo.train.run_dir import run_dir_of
+
+    name = "eval.json" if folder is None else f"eval_step_{step:07d}.json"
+    if folder is not None and folder.parent.name == "checkpoints":
+        return folder.parent.parent / name
+    return run_dir_of(cfg) / name
+
+
+def rank_main(cfg: TrainConfig, step: int) -> dict:
+    """On one rank: build the student (weights only), evaluate, tear down. Returns the metrics."""
+    from trb_nemo.logs import quiet_third_party
+
+    quiet_third_party()  # before Megatron is imported
+    from trb_nemo.data.prompts import build_eval_sets
+    from trb_nemo.eval.pass_at_1 import evaluate
+    from trb_nemo.models.networks import build_student
+    from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
+
+    pg = groups.initialize(cfg.parallel, cfg.seed)
+    try:
+        sets = build_eval_sets(cfg)
+        student = build_student(cfg.model, cfg.parallel, pg)
+        return evaluate(student, sets, cfg, SharedVocab.of(cfg.model), step, pg)
+    finally:
+        groups.destroy()
+
+
+def run_eval(cfg: TrainConfig, *, no_teacher: bool = False, checkpoint: str | None = None,
+             out: str | None = None) -> dict:
+    """Check everything, evaluate on every rank, report on global rank 0; returns the result
+    (:func:`result_record`). ConfigError for bad input, before any rank starts."""
+    from trb_nemo.data.prompts import build_eval_sets
+    from trb_nemo.parallel.env import launched_externally
+    from trb_nemo.parallel.spawn import run_local_ranks
+    from trb_nemo.train.preflight import check_machine, check_models
+
+    folder, step = None, 0
+    if checkpoint is not None:
+        cfg, folder, step = with_checkpoint(cfg, checkpoint)
+    if no_teacher:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 teacher=cfg.model.student))
+    check_machine(cfg)
+    cfg = check_models(cfg)
+    sets = build_eval_sets(cfg)  # reads and checks every evaluation prompt
+    path = Path(out) if out is not None else default_out(cfg, folder, step)
+    _writable(path)
+    what = str(folder) if folder is not None else (cfg.model.student.hf_path
+                                                    or cfg.model.student.checkpoint
+                                                    or f"inline {cfg.model.student.name}")
+    if launched_externally():
+        metrics = rank_main(cfg, step)
+    else:
+        p = cfg.parallel
+        if global_rank() == 0:
+            print(f"trb-nemo: evaluating {what} (step {step}) on {len(sets)} set(s): starting "
+                  f"{p.local_world_size} local rank(s), TP={p.tensor_model_parallel_size} "
+                  f"PP={p.pipeline_model_parallel_size}", flush=True)
+        try:
+            metrics = run_local_ranks(rank_main, p.local_world_size, (cfg, step))[0]
+        except KeyboardInterrupt:
+            print("trb-nemo: interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    result = result_record(cfg, sets, metrics, what, step)
+    if global_rank() == 0:
+        print(format_table(result), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"trb-nemo: wrote {path}", flush=True)
+    return result
+
+
+def _writable(path: Path) -> None:
+    """The JSON's folder can be made (checked before any rank starts)."""
+    blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if path.is_dir() or (blocker is not None and not blocker.is_dir()):
+        raise ConfigError("--out", f"cannot write {str(path)!r}: "
+                          f"{str(path if path.is_dir() else blocker)!r} is in the way")
+
+
+def result_record(cfg: TrainConfig, sets, metrics: dict, what: str, step: int) -> dict:
+    """The JSON written: the model, the step (seed), the settings, one entry per set (its
+    problems, correct samples per problem, pass@1) and ``avg_pass@1`` (= ``eval/pass@1``),
+    plus the metrics as training logs them."""
+    e, n = cfg.eval, metrics["eval/samples_per_problem"]
+    counts, entries, first = metrics["eval/correct_per_problem"], [], 0
+    for s, size in zip(sets, metrics["eval/problems_per_set"], strict=True):
+        correct = counts[first:first + size]
+        first += size
+        entries.append({"name": s.name, "source": s.source, "problems": size, "samples": n,
+                        "pass@1": sum(correct) / max(size * n, 1),
+                        "correct_per_problem": correct})
+    return {"model": what, "step": step, "temperature": e.temperature,
+            "max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens,
+            "samples_per_problem": n, "sets": entries, "avg_pass@1": metrics["eval/pass@1"],
+            "metrics": metrics}
+
+
+def format_table(result: dict) -> str:
+    """set | problems | samples | pass@1 rows, then ``Avg`` (the unweighted mean over sets)."""
+    sets = result["sets"]
+    width = max([len("set"), len("Avg"), *(len(s["name"]) for s in sets)])
+    lines = [f"{'set':<{width}}  {'problems':>8}  {'samples':>7}  {'pass@1':>7}"]
+    for s in sets:
+        lines.append(f"{s['name']:<{width}}  {s['problems']:>8}  {s['samples']:>7}  "
+                     f"{s['pass@1']:>7.4f}")
+    lines.append(f"{'Avg':<{width}}  {'':>8}  {'':>7}  {result['avg_pass@1']:>7.4f}")
+    return "\n".join(lines)
