@@ -79,6 +79,28 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from trb_nemo.config.compose import load_config, print_notes
+    from trb_nemo.models.resolve import resolve_models
+    from trb_nemo.plan.memory import (
+        check_fits,
+        format_plan,
+        layout_of,
+        plan_memory,
+        planned_world_size,
+    )
+
+    cfg = load_config(args.overrides)
+    absent: list[str] = []  # checkpoints not here yet: planned from the inline shapes
+    cfg = resolve_models(cfg, absent)
+    print_notes()
+    world = args.world_size or planned_world_size(cfg)
+    phases = plan_memory(cfg, world)
+    print(format_plan(phases, cfg.parallel.gpu_memory_gb, layout_of(cfg, world)), flush=True)
+    check_fits(phases, cfg.parallel.gpu_memory_gb)
+    return 0
+
+
 def _launch(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -152,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--sweep", action="store_true", help="run each method's sweep from "
                          "the paper and report its best point (the paper's selection)")
     compare.set_defaults(func=_compare)
+
+    plan = sub.add_parser("plan", help="per-GPU peak memory of each phase (rollout, teacher "
+                          "scoring, training, evaluation) of a config; exit 2 if one is over "
+                          "parallel.gpu_memory_gb", description="Plans from the models' shapes "
+                          "(config.json, checkpoint metadata or the inline fields): nothing loads.")
+    plan.add_argument("overrides", nargs="*", metavar="a.b=c", help="e.g. recipe=paper_qwen3_1.7b")
+    plan.add_argument("--world-size", type=int, default=None, help="ranks of the job (default: "
+                      "launcher.nodes x GPUs per node on nccl, the local ranks on gloo)")
+    plan.set_defaults(func=_plan)
 
     launch = sub.add_parser("launch", help="submit the run to a cluster scheduler")
     launch_sub = launch.add_subparsers(dest="scheduler", required=True)

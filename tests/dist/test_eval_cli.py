@@ -25,7 +25,7 @@ from trb_nemo.data import toy_math
 
 pytestmark = pytest.mark.dist
 
-PROBLEMS, SAMPLES = 4, 4
+PROBLEMS, SAMPLES, OTHER_SAMPLES = 4, 4, 2  # `other` takes eval.samples_per_set's count
 
 
 def test_eval_on_several_sets_of_the_toy_checkpoint(tmp_path):
@@ -46,7 +46,8 @@ def test_eval_on_several_sets_of_the_toy_checkpoint(tmp_path):
         [sys.executable, "-m", "trb_nemo.cli", "eval", "--checkpoint", str(run),
          f"eval.source=[toy_math,{tmp_path / 'held.jsonl'},other:{tmp_path / 'o.parquet'}]",
          "eval.answer_key=answer|reward_model.ground_truth", f"eval.num_problems={PROBLEMS}",
-         f"eval.num_samples={SAMPLES}", "eval.max_new_tokens=32"],
+         f"eval.num_samples={SAMPLES}", f"eval.samples_per_set={{other:{OTHER_SAMPLES}}}",
+         "eval.max_new_tokens=32"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -60,11 +61,15 @@ def test_eval_on_several_sets_of_the_toy_checkpoint(tmp_path):
     m = result["metrics"]
     assert m["eval/correct_per_problem"] == [c for s in sets.values()
                                              for c in s["correct_per_problem"]]
-    assert m["eval/problems_per_set"] == [PROBLEMS] * 3 and m["eval/samples_per_problem"] == SAMPLES
+    samples = {"toy_math": SAMPLES, "held": SAMPLES, "other": OTHER_SAMPLES}
+    assert m["eval/problems_per_set"] == [PROBLEMS] * 3
+    assert m["eval/samples_per_set"] == list(samples.values())
+    assert m["eval/samples_per_problem"] == [n for n in samples.values() for _ in range(PROBLEMS)]
     for name, s in sets.items():
-        assert all(0 <= c <= SAMPLES for c in s["correct_per_problem"])
+        assert s["samples"] == samples[name]
+        assert all(0 <= c <= samples[name] for c in s["correct_per_problem"])
         assert s["pass@1"] == m[f"eval/{name}/pass@1"] == sum(s["correct_per_problem"]) / (
-            PROBLEMS * SAMPLES)
+            PROBLEMS * samples[name])
     assert sum(m["eval/correct_per_problem"]) > 0  # the toy student solves some
     assert result["avg_pass@1"] == m["eval/pass@1"] == pytest.approx(
         sum(s["pass@1"] for s in sets.values()) / 3, abs=1e-15)
@@ -72,5 +77,5 @@ def test_eval_on_several_sets_of_the_toy_checkpoint(tmp_path):
     assert "TP=2" in done.stdout
     rows = {line.split()[0]: line.split()[1:] for line in table if line.split()
             and line.split()[0] in (*sets, "Avg")}
-    assert rows["other"] == [str(PROBLEMS), str(SAMPLES), f"{sets['other']['pass@1']:.4f}"]
+    assert rows["other"] == [str(PROBLEMS), str(OTHER_SAMPLES), f"{sets['other']['pass@1']:.4f}"]
     assert rows["Avg"] == [f"{result['avg_pass@1']:.4f}"]

@@ -182,7 +182,7 @@ def test_plan_cli_recipes_fit_and_a_huge_microbatch_is_refused_naming_training()
         lines = ok.stdout.splitlines()
         assert lines[0].startswith("per-GPU memory plan: TP=2 PP=1 DP=4, bf16")
         phases = [line for line in lines if not line.startswith(" ")][1:]
-        assert [p.split()[0] for p in phases] == ["rollout", "scoring", "training"]
+        assert [p.split()[0] for p in phases] == ["rollout", "scoring", "training", "evaluation"]
         for p in phases:
             assert float(p.split()[1]) < 80 and " ok " in p, p
     over = plan("recipe=paper_qwen3_1.7b", "optim.micro_batch_size=64")

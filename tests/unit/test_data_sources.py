@@ -154,3 +154,27 @@ def test_chat_template_the_tokenizer_lacks(tmp_path):
     with pytest.raises(ConfigError) as e:
         build_source(cfg_of(plain, f"data.source={path}", "data.chat_template=true"))
     assert e.value.key == "data.chat_template" and "has no chat template" in e.value.reason
+
+
+def test_prompts_without_answers_and_skipping_long_prompts(tmp_path, hf):
+    path = write(tmp_path / "ot.parquet", [
+        {"conversations": [{"from": "human", "value": "what is one plus two"}]},
+        {"conversations": [{"from": "human", "value": "one two " * 40}]},  # 80 tokens
+        {"conversations": [{"from": "human", "value": "what is two plus two"}]}])
+    evals = write(tmp_path / "ev.jsonl", [{"prompt": "what is two plus one", "answer": "3"}])
+    common = (f"data.source={path}", "data.prompt_key=conversations", "data.answer_key=null",
+              "data.max_prompt_length=16")
+    with pytest.raises(ConfigError, match=r"data.max_prompt_length: .*ot.parquet row 1: prompt "
+                                          r"has 80 tokens"):
+        build_source(cfg_of(hf, *common, f"eval.source=[{evals}]", "eval.answer_key=answer", "eval.prompt_key=prompt"))
+    source = build_source(cfg_of(hf, *common, f"eval.source=[{evals}]", "eval.answer_key=answer", "eval.prompt_key=prompt",
+                                 "data.skip_long_prompts=true"))
+    assert [(p.ids, p.answer) for p in source.items] == [(ids("what is one plus two"), None),
+                                                        (ids("what is two plus two"), None)]
+    assert source.skipped == [f"{path} row 1"]
+    assert [p.answer for p in source.eval_sets[0].prompts] == ["3"]  # eval keeps its answers
+    with pytest.raises(ConfigError, match="data.answer_key: is null .* eval.source"):
+        build_source(cfg_of(hf, *common, "data.skip_long_prompts=true"))
+    with pytest.raises(ConfigError, match="eval.answer_key: evaluation sets need reference"):
+        build_source(cfg_of(hf, *common, f"eval.source=[{evals}]", "eval.prompt_key=prompt",
+                                "data.skip_long_prompts=true"))

@@ -69,3 +69,29 @@ def test_table_and_report_name_the_sets(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"prompt": "Q:1+2+3+4=", "answer": 10}\n' * 3)
     cfg = load_config([f"eval.source=[toy_math,math:{tmp_path / 'a.jsonl'}]", "eval.num_problems=5"])
     assert _evaluated(cfg) == ("8 problems of toy_math, math x 4 samples, mean over the sets", [])
+
+
+def test_samples_per_set_must_name_a_set(tmp_path):
+    from trb_nemo.data.prompts import build_eval_sets
+
+    base = ["eval.source=[toy_math]"]
+    sets = build_eval_sets(load_config([*base, "eval.samples_per_set={toy_math:3}"]))
+    assert [s.name for s in sets] == ["toy_math"]
+    assert load_config([*base, "eval.samples_per_set={toy_math:3}"]).eval.samples_of("toy_math") == 3
+    with pytest.raises(ConfigError, match="eval.samples_per_set: aime24: no evaluation set"):
+        build_eval_sets(load_config([*base, "eval.samples_per_set={aime24:512}"]))
+    with pytest.raises(ConfigError, match="eval.samples_per_set: names sets of eval.source"):
+        build_eval_sets(load_config(["eval.samples_per_set={toy_math:3}"]))
+
+
+def test_compare_rates_average_over_sets_not_problems():
+    """Two sets of 2 and 4 problems with their own sample counts: the plain mean of the
+    per-problem rates compare resamples is the mean over sets (``eval/pass@1``)."""
+    from trb_nemo.train.compare import _rates
+
+    row = {"eval/correct_per_problem": [2, 0, 1, 1, 1, 1], "eval/problems_per_set": [2, 4],
+           "eval/samples_per_problem": [2, 2, 4, 4, 4, 4]}
+    set_rates = [(2 + 0) / (2 * 2), (1 + 1 + 1 + 1) / (4 * 4)]
+    assert _rates(row).mean().item() == pytest.approx(sum(set_rates) / 2, abs=1e-15)
+    single = {"eval/correct_per_problem": [1, 3], "eval/samples_per_problem": 4}
+    assert _rates(single).tolist() == [0.25, 0.75]

@@ -42,6 +42,8 @@ def _schema() -> DictConfig:
     for role in ("student", "teacher"):
         node.model[role].eos_token_id = None
         node.model[role].max_sequence_length = None
+    # a mapping the user fills (eval.samples_per_set={aime24: 512}): open to new keys
+    OmegaConf.set_struct(node.eval.samples_per_set, False)
     return node
 
 

@@ -52,8 +52,9 @@ USER_ROLES = ("user", "human")
 @dataclass(frozen=True)
 class Prompt:
     ids: tuple[int, ...]
-    answer: str
-    """Reference answer (checked by the source's checker)."""
+    answer: str | None
+    """Reference answer (checked by the source's checker); None for training prompts read
+    without answers (``data.answer_key`` null)."""
 
 
 @dataclass(frozen=True)
@@ -295,12 +296,15 @@ def count_rows(path: str) -> int | None:
 
 
 def read_prompts(path: str, encoder: ToyText | HFText, max_prompt_length: int, *,
-                 source_key: str, prompt_key: tuple[str, str], answer_key: tuple[str, str],
-                 limit: int | None = None) -> list[Prompt]:
+                 source_key: str, prompt_key: tuple[str, str], answer_key: tuple[str, str | None],
+                 limit: int | None = None, skipped: list | None = None) -> list[Prompt]:
     """The prompts of a file, each checked (module docstring); ``limit`` = its first rows only.
-    ``prompt_key``/``answer_key`` are (config key, value): errors name the config key."""
+    ``prompt_key``/``answer_key`` are (config key, value): errors name the config key; an
+    answer key None reads no answers (``Prompt.answer`` None). With a ``skipped`` list, a
+    prompt longer than ``max_prompt_length`` is left out and its row appended there instead
+    of stopping."""
     (pk_name, pk), (ak_name, ak) = prompt_key, answer_key
-    rows, columns = read_rows(path, source_key, (pk, ak))
+    rows, columns = read_rows(path, source_key, (pk,) if ak is None else (pk, ak))
     rows = rows[:limit]
     if not rows:
         raise ConfigError(source_key, f"{path!r} has no prompts")
@@ -320,11 +324,17 @@ def read_prompts(path: str, encoder: ToyText | HFText, max_prompt_length: int, *
     ids_all = encoder.encode_all(texts, [w for w, _ in rows], pk_name)
     items = []
     for (where, row), ids in zip(rows, ids_all, strict=True):
+        if len(ids) > max_prompt_length and skipped is not None:
+            skipped.append(where)
+            continue
         if len(ids) > max_prompt_length:
             raise ConfigError("data.max_prompt_length", f"{where}: prompt has {len(ids)} tokens, "
                               f"more than {max_prompt_length}; raise it or shorten the prompt")
         if not ids:
             raise ConfigError(source_key, f"{where}: empty prompt")
+        if ak is None:
+            items.append(Prompt(tuple(ids), None))
+            continue
         answer = field_of(row, ak)
         if answer is _MISSING:
             raise ConfigError(ak_name, f"{where}: no field {ak!r} (the reference answer rollout "
@@ -379,9 +389,18 @@ class FileSource:
         d = cfg.data
         self.name = Path(path).stem
         self.encoder, self.seed, self.eval_sets = encoder, d.seed, []
+        if hold_out and d.answer_key is None:
+            raise ConfigError("data.answer_key", "is null (prompts without answers), so pass@1 "
+                              "cannot use the held-out part of data.source: name evaluation "
+                              "sets with eval.source, or set data.answer_key")
+        self.skipped: list[str] = []
         self.items = read_prompts(path, encoder, d.max_prompt_length, source_key="data.source",
                                   prompt_key=("data.prompt_key", d.prompt_key),
-                                  answer_key=("data.answer_key", d.answer_key))
+                                  answer_key=("data.answer_key", d.answer_key),
+                                  skipped=self.skipped if d.skip_long_prompts else None)
+        if not self.items:
+            raise ConfigError("data.max_prompt_length", f"every prompt of {path!r} is longer than "
+                              f"{d.max_prompt_length} tokens")
         self.n_eval = held_out(len(self.items), cfg.eval.num_problems) if hold_out else 0
 
     def train_prompt(self, index: int) -> Prompt:
@@ -432,12 +451,20 @@ def build_eval_sets(cfg: TrainConfig, source=None,
     ``encoder``: the text encoder to reuse (built here when a file needs one)."""
     e = cfg.eval
     if e.source is None:
+        if e.samples_per_set:
+            raise ConfigError("eval.samples_per_set", "names sets of eval.source, which is null "
+                              "(the held-out set takes eval.num_samples)")
         source = source if source is not None else _train_source(cfg, encoder)
         where = "toy_math" if cfg.data.source == "toy_math" else \
             f"held-out part of {cfg.data.source}"
         return [EvalSet(source.name, where, source.eval_prompts(e.num_problems), source.check)]
+    entries = eval_entries(cfg)
+    unknown = sorted(set(e.samples_per_set) - {name for name, _ in entries})
+    if unknown:
+        raise ConfigError("eval.samples_per_set", f"{', '.join(unknown)}: no evaluation set of "
+                          f"that name (sets: {', '.join(n for n, _ in entries)})")
     sets = []
-    for name, path in eval_entries(cfg):
+    for name, path in entries:
         if path == "toy_math":
             toy = ToyMathSource(cfg.data.seed, cfg.data.max_prompt_length)
             sets.append(EvalSet(name, path, toy.eval_prompts(e.num_problems), toy.check))
@@ -448,11 +475,21 @@ def build_eval_sets(cfg: TrainConfig, source=None,
             path, encoder, cfg.data.max_prompt_length, source_key="eval.source",
             prompt_key=("eval.prompt_key" if e.prompt_key else "data.prompt_key",
                         e.prompt_key or cfg.data.prompt_key),
-            answer_key=("eval.answer_key" if e.answer_key else "data.answer_key",
-                        e.answer_key or cfg.data.answer_key),
+            answer_key=_eval_answer_key(cfg),
             limit=e.num_problems or None)
         sets.append(EvalSet(name, path, prompts, encoder.check))
     return sets
+
+
+def _eval_answer_key(cfg: TrainConfig) -> tuple[str, str]:
+    """(config key, field) of the evaluation files' answers: ``eval.answer_key``, else
+    ``data.answer_key``; ConfigError when neither names one."""
+    if cfg.eval.answer_key:
+        return "eval.answer_key", cfg.eval.answer_key
+    if cfg.data.answer_key is None:
+        raise ConfigError("eval.answer_key", "evaluation sets need reference answers and "
+                          "data.answer_key is null: set eval.answer_key to their field")
+    return "data.answer_key", cfg.data.answer_key
 
 
 def _train_source(cfg: TrainConfig, encoder: ToyText | HFText | None = None):

@@ -1,4 +1,5 @@
-"""pass@1 = mean over a set's problems of c/n, n = ``eval.num_samples`` samples per problem at
+"""pass@1 = mean over a set's problems of c/n, n samples per problem (``eval.num_samples``, or the
+set's ``eval.samples_per_set``) at
 ``eval.temperature``, for each evaluation set (:func:`trb_nemo.data.prompts.build_eval_sets`),
 and their unweighted mean over sets (the paper's "Avg").
 
@@ -29,7 +30,8 @@ def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab,
     * ``eval/<name>/pass@1`` per set, when ``eval.source`` names the sets;
     * ``eval/correct_per_problem``: correct samples of each problem, the sets' problems
       concatenated in order; ``eval/problems_per_set``: how many belong to each set;
-      ``eval/samples_per_problem``: n.
+      ``eval/samples_per_problem``: n, or with ``eval.samples_per_set`` the n of each problem
+      (a list like ``correct_per_problem``); ``eval/samples_per_set``: each set's n.
 
     Each set is decoded on its own with the same seed (a set's result does not depend on the
     other sets listed; the held-out set of a run without ``eval.source`` is decoded as a set
@@ -37,14 +39,14 @@ def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab,
     (:func:`generate`; its mode is restored afterwards); the teacher is not used. Collective
     over the data-parallel group (one all-reduce) and, inside decoding, the model-parallel
     groups."""
-    n = cfg.eval.num_samples
     counts = []
     for s in sets:
         counts.append(_count_correct(student, s, cfg, vocab, step, pg))
     per_problem = comm.all_reduce(torch.cat(counts), group=pg.data)
     sizes = [len(s.prompts) for s in sets]
+    samples = [cfg.eval.samples_of(s.name) for s in sets]
     metrics, rates, first = {}, [], 0
-    for s, size in zip(sets, sizes, strict=True):
+    for s, size, n in zip(sets, sizes, samples, strict=True):
         rate = float(per_problem[first:first + size].sum() / max(size * n, 1))
         first += size
         rates.append(rate)
@@ -52,7 +54,10 @@ def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab,
             metrics[f"eval/{s.name}/pass@1"] = rate
     return {"eval/pass@1": sum(rates) / max(len(rates), 1), **metrics,
             "eval/correct_per_problem": [int(c) for c in per_problem.tolist()],
-            "eval/problems_per_set": sizes, "eval/samples_per_problem": n}
+            "eval/problems_per_set": sizes, "eval/samples_per_set": samples,
+            "eval/samples_per_problem": (samples[0] if len(set(samples)) == 1 else
+                                         [n for n, size in zip(samples, sizes, strict=True) for _ in
+                                          range(size)])}
 
 
 def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, step: int,
@@ -60,7 +65,7 @@ def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, st
     """[problems] fp64: this DP rank's correct samples of its share of ``s`` (problem j of the
     rank is problem dp_rank + j dp_size of the set), zeros elsewhere."""
     mine = s.prompts[pg.dp_rank::pg.dp_size]
-    n = cfg.eval.num_samples
+    n = cfg.eval.samples_of(s.name)
     per_problem = torch.zeros(len(s.prompts), dtype=torch.float64)
     if not mine:
         return per_problem

@@ -168,9 +168,10 @@ def result_record(cfg: TrainConfig, sets, metrics: dict, what: str, step: int) -
     """The JSON written: the model, the step (seed), the settings, one entry per set (its
     problems, correct samples per problem, pass@1) and ``avg_pass@1`` (= ``eval/pass@1``),
     plus the metrics as training logs them."""
-    e, n = cfg.eval, metrics["eval/samples_per_problem"]
+    e = cfg.eval
     counts, entries, first = metrics["eval/correct_per_problem"], [], 0
-    for s, size in zip(sets, metrics["eval/problems_per_set"], strict=True):
+    for s, size, n in zip(sets, metrics["eval/problems_per_set"], metrics["eval/samples_per_set"],
+                          strict=True):
         correct = counts[first:first + size]
         first += size
         entries.append({"name": s.name, "source": s.source, "problems": size, "samples": n,
@@ -178,7 +179,8 @@ def result_record(cfg: TrainConfig, sets, metrics: dict, what: str, step: int) -
                         "correct_per_problem": correct})
     return {"model": what, "step": step, "temperature": e.temperature,
             "max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens,
-            "samples_per_problem": n, "sets": entries, "avg_pass@1": metrics["eval/pass@1"],
+            "samples_per_problem": metrics["eval/samples_per_problem"], "sets": entries,
+            "avg_pass@1": metrics["eval/pass@1"],
             "metrics": metrics}
 
 

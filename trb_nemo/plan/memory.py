@@ -16,6 +16,9 @@ Phases (what is resident at each one's peak):
 * ``scoring``: a teacher pass over one microbatch (forward only; when decoding did not record
   the loss's targets): the teacher's weights, the student's state, one microbatch of teacher
   activations and logits, the scored targets.
+* ``evaluation``: pass@1's decoding, the student alone, at ``eval.max_sequences_in_flight``
+  sequences of (``data.max_prompt_length`` + ``eval.max_new_tokens``) positions; the
+  optimizer state and the teacher where the offload options leave them.
 * ``training``: the student's weights, fp32 gradient buffers, fp32 main weights and Adam
   moments (sharded over DP with ``parallel.use_distributed_optimizer``), the teacher's weights
   unless ``model.offload_teacher_during_training``, the activations Megatron keeps for backward
@@ -243,7 +246,8 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
         t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
         working = b * seq * max(teacher.hidden_size * 4, teacher.ffn_hidden_size
                                 // layout.tp * 3) * e
-        scoring = Phase("scoring", (student_weights, grads, optimizer, teacher_weights,
+        state = () if opt.offload_during_rollout else (grads, optimizer)  # still on the host
+        scoring = Phase("scoring", (student_weights, *state, teacher_weights,
                                     Term("teacher activations (one microbatch)", working),
                                     Term("teacher logits and the loss buffer",
                                          2 * b * seq * t_shard * e),
@@ -259,12 +263,30 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
     training_terms += [Term("activations", acts),
                        Term("logits, their gradient and the loss buffer", 3 * logits), targets]
 
+    # ----- evaluation: the student decodes alone at the evaluation budget
+    ev = cfg.eval
+    eval_slots = ev.max_sequences_in_flight or ro.max_sequences_in_flight
+    if ev.num_problems:  # else every problem of the files: the budget bounds it
+        eval_rows = -(-ev.num_problems // layout.dp) * max(
+            [ev.num_samples, *ev.samples_per_set.values()])
+        eval_slots = min(eval_slots, eval_rows)
+    eval_seq = cfg.data.max_prompt_length + (ev.max_new_tokens or ro.max_new_tokens)
+    evaluation_terms = [student_weights]
+    if not opt.offload_during_rollout:
+        evaluation_terms += [grads, optimizer]
+    if not cfg.model.offload_teacher_during_training:  # else still on the host from training
+        evaluation_terms.append(teacher_weights)
+    evaluation_terms += [Term("KV cache", kv_cache_bytes(student, layout, eval_slots, eval_seq)),
+                         Term("decode logits", eval_slots * vocab_shard * 4 * 2),
+                         Term("prefill working set", prefill)]
+
     reserve = [Term("CUDA context, NCCL, allocator slack",
                     RUNTIME_RESERVE if cfg.parallel.backend != "gloo" else 0)]
     phases = [Phase("rollout", tuple(t for t in rollout_terms + reserve if t.bytes))]
     if scoring is not None:
         phases.append(Phase("scoring", tuple(t for t in list(scoring.terms) + reserve if t.bytes)))
     phases.append(Phase("training", tuple(t for t in training_terms + reserve if t.bytes)))
+    phases.append(Phase("evaluation", tuple(t for t in evaluation_terms + reserve if t.bytes)))
     return phases
 
 
@@ -274,6 +296,8 @@ FIXES = {
     "scoring": "lower optim.micro_batch_size or raise parallel.tensor_model_parallel_size",
     "training": "lower optim.micro_batch_size or set model.recompute_granularity=full "
                 "model.recompute_method=uniform model.recompute_num_layers=1",
+    "evaluation": "lower eval.max_sequences_in_flight (the KV cache) or set "
+                  "optim.offload_during_rollout=true",
     "batch logits": "use loss.kind=topk (loss.kind=full and behavior=veto hold the teacher's "
                     "logits of every sequence)",
 }
@@ -287,7 +311,7 @@ def format_plan(phases: list[Phase], limit_gb: float, layout: Layout) -> str:
              "(parallel.gpu_memory_gb)"]
     for phase in phases:
         ok = "ok" if phase.total <= limit_gb * GIB else "OVER"
-        lines.append(f"{phase.name:<9} {phase.total / GIB:8.2f} GiB  {ok:<4}  dominant: "
+        lines.append(f"{phase.name:<10} {phase.total / GIB:8.2f} GiB  {ok:<4}  dominant: "
                      f"{phase.dominant.name} ({phase.dominant.bytes / GIB:.2f} GiB)")
         for t in phase.terms:
             lines.append(f"    {t.name:<46} {t.bytes / GIB:8.3f} GiB")

@@ -116,9 +116,18 @@ def selected(rows: list[dict], rule: str) -> dict | None:
 
 
 def _rates(row: dict) -> torch.Tensor:
-    """Per-problem pass@1 [problems] fp64 of an evaluation row."""
-    return (torch.tensor(row["eval/correct_per_problem"], dtype=torch.float64)
-            / row["eval/samples_per_problem"])
+    """Per-problem pass@1 [problems] fp64 of an evaluation row. With several evaluation sets
+    each problem's rate is scaled by P / (sets x its set's size), so the plain mean over the
+    P problems is the mean over sets (the paper's "Avg", ``eval/pass@1``), not a mean that
+    weighs sets by their size."""
+    rates = (torch.tensor(row["eval/correct_per_problem"], dtype=torch.float64)
+             / torch.as_tensor(row["eval/samples_per_problem"], dtype=torch.float64))
+    sizes = row.get("eval/problems_per_set", [len(rates)])
+    if len(sizes) > 1:
+        weight = torch.cat([torch.full((n,), len(rates) / (len(sizes) * n),
+                                       dtype=torch.float64) for n in sizes])
+        rates = rates * weight
+    return rates
 
 
 def rate_matrix(runs: dict, method: str, point, seeds, rule: str) -> torch.Tensor | None:

@@ -37,7 +37,12 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
     check_machine(cfg)
     _check_batch_layout(cfg)
     cfg = check_models(cfg)
-    build_source(cfg)  # reads and checks every prompt
+    check_gpu_memory(cfg)
+    source = build_source(cfg)  # reads and checks every prompt
+    skipped = getattr(source, "skipped", [])
+    if skipped and global_rank() == 0:
+        print(f"trb-nemo: data.skip_long_prompts: left out {len(skipped)} prompt(s) longer than "
+              f"{cfg.data.max_prompt_length} tokens (the first: {skipped[0]})", flush=True)
     check_run_folders(cfg)
     plan_resume(cfg)
     return cfg
@@ -61,6 +66,17 @@ def check_machine(cfg: TrainConfig) -> None:
             # Megatron re-runs the layers in backward with CUDA RNG states and CUDA masks
             raise ConfigError("model.recompute_granularity", "activation recomputation runs on "
                               "CUDA only; set model.recompute_granularity=null on CPU")
+
+
+def check_gpu_memory(cfg: TrainConfig) -> None:
+    """On CUDA: every phase's planned per-GPU peak (:mod:`trb_nemo.plan.memory`) fits
+    ``parallel.gpu_memory_gb``, before any model loads."""
+    if not torch.cuda.is_available():
+        return
+    from trb_nemo.plan.memory import check_fits, plan_memory
+
+    world = external_world_size() if launched_externally() else cfg.parallel.local_world_size
+    check_fits(plan_memory(cfg, world), cfg.parallel.gpu_memory_gb)
 
 
 def check_models(cfg: TrainConfig) -> TrainConfig:

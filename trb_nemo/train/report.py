@@ -58,8 +58,9 @@ def _evaluated(cfg: TrainConfig) -> tuple[str, list[str]]:
     e, n = cfg.eval, evaluated_problems(cfg)
     if e.source is not None:  # sets given on their own: pass@1 is their mean
         names = ", ".join(name for name, _ in eval_entries(cfg))
-        return (f"{'?' if n is None else n} problems of {names} x {e.num_samples} samples, "
-                "mean over the sets"), []
+        per_set = "".join(f", {k}: {v}" for k, v in e.samples_per_set.items())
+        return (f"{'?' if n is None else n} problems of {names} x {e.num_samples} samples"
+                f"{per_set}, mean over the sets"), []
     if n is None:
         return f"at most {e.num_problems} held-out problems x {e.num_samples} samples", []
     what = f"{n} held-out problems x {e.num_samples} samples = {n * e.num_samples} per evaluation"
