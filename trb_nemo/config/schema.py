@@ -210,6 +210,11 @@ class ModelConfig:
     ``block`` (the first ``recompute_num_layers`` layers of each stage recomputed)."""
     recompute_num_layers: int | None = None
     """With ``full``: see ``recompute_method``."""
+    offload_teacher_during_training: bool = False
+    """Park the teacher's weights in host memory (pinned on CUDA) from the end of the scoring
+    pass until the teacher runs again (the next rollout that runs it, or the next scoring
+    pass), so the student's training step has the teacher's memory. Bit-exact; costs one copy
+    of the teacher's weights each way per step."""
 
     def __post_init__(self):
         _one_of(self.transformer_impl, ("local", "transformer_engine"), "transformer_impl")
@@ -482,6 +487,11 @@ class OptimConfig:
     """Global batch in prompts; sequences per step = prompts x rollout.num_rollouts_per_prompt."""
     micro_batch_size: int = 4
     """Sequences per microbatch in the pipeline schedule."""
+    offload_during_rollout: bool = False
+    """Park the student's optimizer state (Adam moments, and the fp32 main weights where they
+    are a copy of bf16 weights) and its fp32 gradient buffers in host memory (pinned on CUDA)
+    while the student decodes (rollout and evaluation); they come back for the optimizer step
+    and before a checkpoint save. Bit-exact; costs one copy of them each way per step."""
     pad_to_multiple: int = 64
     """A training or teacher-scoring microbatch runs only up to its longest sequence's last
     response prefix, rounded up to a multiple of this many positions (64 keeps shapes few and

@@ -162,9 +162,10 @@ policy and its schedule (``trb.*``, ``rollout.*``), the optimization problem, th
 protocol behind the report's pass@1 (``eval.num_problems`` also sets the held-out split) and
 every seed. A resume must keep them, unless ``checkpoint.allow_config_change``."""
 MAY_CHANGE = ("model.student.name", "model.teacher.name", "optim.max_steps",
-              "optim.micro_batch_size", "eval.interval")
-"""Exceptions: labels, the run's length, how a step is split into microbatches (the same sums)
-and how often pass@1 is measured. Everything outside RUN_DEFINING may change too: the parallel
+              "optim.micro_batch_size", "eval.interval", "optim.offload_during_rollout")
+"""Exceptions: labels, the run's length, how a step is split into microbatches (the same sums),
+how often pass@1 is measured and where the optimizer state waits while the student decodes
+(bit-exact either way). Everything outside RUN_DEFINING may change too: the parallel
 layout (resume across layouts is supported), ``model.transformer_impl`` (same math, another
 kernel), logging, checkpointing, the launcher."""
 _SHOWN = 6

@@ -38,6 +38,7 @@ from trb_nemo.scoring.teacher import loss_batch
 from trb_nemo.train import stop_signal
 from trb_nemo.train.checkpoint import agreed_resume_folder, load_training, save_training
 from trb_nemo.train.metrics_log import MetricsLog
+from trb_nemo.train.offload import PhaseMemory
 from trb_nemo.train.optimizer import wrap_student
 from trb_nemo.train.pipeline import plan_microbatches
 from trb_nemo.train.report import write_report
@@ -57,6 +58,10 @@ class Trainer:
                                      cfg.parallel)
         self.student = self.training.model.module
         self.teacher = build_teacher(cfg.model, cfg.parallel, pg)
+        # optim.offload_during_rollout / model.offload_teacher_during_training: which tensors
+        # wait in host memory in which stage of the step
+        self.memory = PhaseMemory(self.training, self.teacher,
+                                  cfg.model.offload_teacher_during_training)
         self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.step_k, self.resumed_from = 0, None
         # the pre-flight's choice (the newest intact checkpoint), the same on every rank; rank 0
@@ -77,15 +82,18 @@ class Trainer:
         k = self.step_k
         prompts = self.prompts(k)
         policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
+        self.memory.before_decoding(policy.needs_teacher())
         rollout = self.rollout(prompts, policy, k)
         target = method_of(self.cfg.rollout.behavior).target
         o = self.cfg.optim
         plan = plan_microbatches(rollout.loss_mask, o.micro_batch_size,
                                  multiple=o.pad_to_multiple, group_by_length=o.group_by_length)
+        self.memory.before_scoring()
         batch = loss_batch(rollout, self.cfg.loss, self.teacher, plan, vocab=self.vocab,
                            pg=self.pg, target=target)
         veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
                             total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
+        self.memory.before_training()
         metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab, plan,
                              self.pg, veto_b=veto_b, target=target)
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes, plan)
@@ -127,10 +135,12 @@ class Trainer:
     # --------------------------------------------------------------------------------- loop
 
     def evaluate(self) -> dict:
+        self.memory.before_decoding(needs_teacher=False)
         return evaluate(self.student, self.source.eval_sets, self.cfg, self.vocab, self.step_k,
                         self.pg)
 
     def save(self) -> None:
+        self.memory.before_saving()  # the optimizer state is saved: on the device
         save_training(self.checkpoint_dir, self.step_k, self.training, self.cfg.model.student,
                       {"step": self.step_k}, self.cfg.checkpoint.keep_last, self.pg,
                       config_yaml=composed_yaml(self.cfg))
@@ -159,6 +169,7 @@ class Trainer:
                 self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
                                f"{self.checkpoint_dir}; rerun the same command to resume")
                 break
+        self.memory.restore_all()
         self.log.close()
         summary = {"stopped_by_signal": stopped, "step": self.step_k}
         if not stopped and comm.world_rank() == 0:
