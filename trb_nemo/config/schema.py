@@ -293,6 +293,10 @@ class ParallelConfig:
     """Megatron sequence parallelism (needs Transformer Engine or Apex norms; not on CPU)."""
     timeout_minutes: int = 10
     """Collective timeout; a rank stuck longer than this fails the job instead of hanging."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GiB. The pre-flight of ``trb-nemo train`` (on CUDA) and of
+    ``trb-nemo launch slurm`` refuses a run whose planned per-GPU peak (``trb-nemo plan``) of
+    any phase is over it, naming the phase and the overrides most likely to fix it."""
     fused_ops: str = "auto"
     """Row kernels of the vocab-parallel ops (trust region, reverse KL) compiled by
     torch.compile into one fused pass each: ``auto`` (on CUDA), ``on`` (CPU too; needs a C++
@@ -309,6 +313,7 @@ class ParallelConfig:
         _positive(self.pipeline_model_parallel_size, "pipeline_model_parallel_size")
         _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
         _positive(self.timeout_minutes, "timeout_minutes")
+        _positive(self.gpu_memory_gb, "gpu_memory_gb")
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.num_local_ranks is not None:
             _check(self.num_local_ranks > 0 and self.num_local_ranks % model_parallel == 0,
@@ -535,10 +540,12 @@ class DataConfig:
     verl's Parquet, or ``{"from", "value"}`` as in OpenThoughts3's ``conversations``), of which
     the text of the first user turn (role/from ``user`` or ``human``) is the prompt; the other
     turns (a dataset's own system message, the assistant's answer) are not used."""
-    answer_key: str = "answer"
+    answer_key: str | None = "answer"
     """The reference answer's field (a string or a number): rollout rewards and pass@1 are
     checked against it (:mod:`trb_nemo.eval.checkers`: ``\\boxed{}``, GSM8K's ``#### 72`` or a
-    bare expression; with the toy tokenizer an integer)."""
+    bare expression; with the toy tokenizer an integer). None: the training prompts have no
+    answers (OpenThoughts3 ships none); the loss needs none, rollouts are not scored
+    (``rollout/reward`` is not logged), and pass@1 needs ``eval.source``."""
     system_prompt: str = ""
     """With ``chat_template`` false: text put before every prompt; with it true: the system
     message (none when empty)."""
@@ -548,14 +555,19 @@ class DataConfig:
     tokenize the result as it is. Student and teacher share one tokenizer, so both score the
     same ids. Needs ``model.student.hf_path`` with a tokenizer that has a chat template."""
     max_prompt_length: int = 64
-    """Tokens; a longer prompt (training or evaluation) is an error before any model loads."""
+    """Tokens; a longer prompt (training or evaluation) is an error before any model loads,
+    unless ``skip_long_prompts``."""
+    skip_long_prompts: bool = False
+    """Leave out the training prompts longer than ``max_prompt_length`` (one line says how
+    many) instead of stopping; evaluation sets are never filtered."""
     seed: int = 0
     """Shuffling seed of the prompt order."""
 
     def __post_init__(self):
         _check(bool(self.source), "source", "must name toy_math or a .jsonl/.parquet file")
         _check(bool(self.prompt_key.strip("|")), "prompt_key", "must name a field")
-        _check(bool(self.answer_key.strip("|")), "answer_key", "must name a field")
+        _check(self.answer_key is None or bool(self.answer_key.strip("|")), "answer_key",
+               "must name a field, or be null for prompts without answers")
         _positive(self.max_prompt_length, "max_prompt_length")
 
 
@@ -581,7 +593,10 @@ class EvalConfig:
     held-out part of ``data.source`` when ``source`` is None); 0 = all of each file (needs
     ``source`` with files only: the toy task has no end)."""
     num_samples: int = 4
-    """Samples per problem."""
+    """Samples per problem (of every set not in ``samples_per_set``)."""
+    samples_per_set: dict[str, int] = field(default_factory=dict)
+    """Samples per problem of named sets, e.g. ``{gsm8k: 32, math500: 64, aime24: 512}`` (the
+    paper's n); the others take ``num_samples``. A name that is not a set is an error."""
     temperature: float = 1.0
     max_new_tokens: int | None = None
     """None = rollout.max_new_tokens."""
@@ -605,7 +620,14 @@ class EvalConfig:
             value = getattr(self, key)
             _check(value is None or bool(value.strip("|")), key, "must name a field or be null")
         _positive(self.num_samples, "num_samples")
+        for name, n in self.samples_per_set.items():
+            _check(isinstance(n, int) and n > 0, "samples_per_set",
+                   f"{name}: must be a positive number of samples, got {n!r}")
         _positive(self.temperature, "temperature")
+
+    def samples_of(self, set_name: str) -> int:
+        """Samples per problem of the set named ``set_name``."""
+        return self.samples_per_set.get(set_name, self.num_samples)
 
 
 @dataclass

@@ -120,11 +120,13 @@ class Trainer:
                         prefill_tokens=r.prefill_chunk_tokens, draft_tokens=r.draft_tokens)
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes, plan) -> dict:
-        correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)]
+        correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)
+                   if p.answer is not None]  # prompts without answers are not scored
         eps = getattr(policy, "eps", None)
         m = summarize(rollout, eps)
-        m.update({"rollout/reward": sum(correct) / len(correct),
-                  "rollout/temperature": getattr(policy, "temperature", 1.0),
+        if correct:
+            m["rollout/reward"] = sum(correct) / len(correct)
+        m.update({"rollout/temperature": getattr(policy, "temperature", 1.0),
                   "scoring/teacher_passes": teacher_passes,
                   "train/fed_positions": plan.fed_positions / plan.full_positions,
                   "rollout/teacher_forwards": rollout.forwards["teacher"]})
