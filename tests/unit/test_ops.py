@@ -263,6 +263,68 @@ def test_eos_canonicalization_merges_and_masks():
     assert torch.equal(eos.canonicalize(zs, keep_id=4, drop_id=4), zs)
 
 
+STOP_IDS = (3, 11)
+
+
+def stop_ids_against_canonical_copies(dtype, rows, vocab):
+    """Each loss with ``stop_ids`` on raw logits and on canonicalize()'d copies without: a list
+    of (name, (value, gradient) raw, (value, gradient) copies). Two stop-id-peaked rows, a -inf
+    logit, recorded ids on both stop ids, padding (vocab_size = vocab - 2)."""
+    zs, zt = (z.to(dtype) for z in _logits(rows, vocab, seed=3))
+    zs[1, STOP_IDS[1]] += 30.0  # the student ends on the teacher's stop id
+    zt[2, STOP_IDS[0]] += 30.0
+    zs[3, 5] = -math.inf
+    ids = zs.float().topk(4, dim=-1).indices
+    ids[0, 0], ids[4, 1] = STOP_IDS
+    size = vocab - 2
+    lq = losses.teacher_logprobs_at(eos.canonicalize(zt, keep_id=3, drop_id=11), ids,
+                                    vocab_size=size)
+    calls = {
+        "full": lambda a, b, k: losses.reverse_kl(a, b, kind="full", vocab_size=size, **k),
+        "topk": lambda a, b, k: losses.reverse_kl(a, b, kind="topk", topk=5, vocab_size=size, **k),
+        "at_ids": lambda a, b, k: losses.reverse_kl_at_ids(a, ids, lq, vocab_size=size, **k),
+        "policy": lambda a, b, k: losses.reverse_kl_at_ids(a, ids[:, 1:2], lq[:, 1:2],
+                                                           gradient="policy", vocab_size=size, **k),
+        "veto0": lambda a, b, k: losses.veto_kl(a, b, 0.0, vocab_size=size, **k),
+        "veto": lambda a, b, k: losses.veto_kl(a, b, 0.4, vocab_size=size, **k),
+        "veto_rev": lambda a, b, k: losses.veto_kl(a, b, 0.4, direction="reverse",
+                                                   vocab_size=size, **k),
+        "ce": lambda a, b, k: losses.cross_entropy(a, ids[:, 0], vocab_size=size, **k),
+        "teacher_lp": lambda a, b, k: (losses.teacher_logprobs_at(b, ids, vocab_size=size, **k)
+                                       .sum(-1) + a[:, 0]),
+    }
+    weights = torch.arange(1.0, rows + 1)
+
+    def run(call, copies):
+        x = zs.clone().requires_grad_(True)
+        if copies:
+            value = call(eos.canonicalize(x, keep_id=3, drop_id=11),
+                         eos.canonicalize(zt, keep_id=3, drop_id=11), {})
+        else:
+            value = call(x, zt, {"stop_ids": STOP_IDS})
+        finite = torch.isfinite(value)
+        (value[finite] * weights[finite]).sum().backward()
+        return value.detach(), x.grad
+
+    return [(name, run(call, False), run(call, True)) for name, call in calls.items()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(6, 20), (40, 20000)], ids=["one-chunk", "chunks"])
+def test_stop_ids_equal_the_losses_of_canonical_copies(dtype, rows, vocab):
+    """Reading the logits canonically in place gives the canonical copy's values and gradient
+    bit for bit (eager kernels; compiled: test_ops_fused.py)."""
+    for name, (value, grad), (want_value, want_grad) in stop_ids_against_canonical_copies(
+            dtype, rows, vocab):
+        assert torch.equal(torch.isfinite(value), torch.isfinite(want_value)), name
+        assert torch.allclose(value, want_value, rtol=0, atol=0, equal_nan=True), name
+        # (a recorded drop id has log-prob -inf for both models: its row's value is NaN)
+        assert torch.allclose(grad, want_grad, rtol=0, atol=0, equal_nan=True), name
+        assert grad.dtype == dtype, name
+        if name in ("full", "veto", "veto_rev", "ce"):  # the drop id learns through the merge
+            assert grad[:, 11].abs().max() > 0, name
+
+
 def test_sampling_is_exact_chi_square():
     zs, _ = _logits(1, 12, scale=1.5)
     lp = torch.log_softmax(zs.float(), -1).expand(200_000, 12)

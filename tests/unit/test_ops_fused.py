@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_ops import (  # noqa: F401  (collected here, run fused)
     _logits,
+    stop_ids_against_canonical_copies,
     test_behavior_logprobs_and_kl_match_reference,
     test_bf16_inputs_are_solved_in_fp32,
     test_edge_cases_of_the_budget,
@@ -83,3 +84,16 @@ def test_fused_equals_eager():
     assert torch.allclose(kl_f, kl_e, rtol=1e-4, atol=1e-9)
     assert (x.grad - y.grad).abs().max() <= 1e-5 * y.grad.abs().max(), (x.grad - y.grad).abs().max()
     assert torch.all(x.grad[:, 290:] == 0)
+
+
+def test_stop_ids_equal_the_losses_of_canonical_copies_compiled():
+    """Compiled kernels apply the EOS merge by index arithmetic in registers; the gradient's keep
+    column is recomputed from [R] values outside the kernel (an eager exp, not the kernel's):
+    values equal, gradients to 1e-6 (padded vocabulary, stop ids on both sides)."""
+    for name, (value, grad), (want_value, want_grad) in stop_ids_against_canonical_copies(
+            torch.float64, 6, 20):
+        assert torch.equal(torch.isfinite(value), torch.isfinite(want_value)), name
+        assert torch.allclose(value, want_value, rtol=0, atol=1e-6, equal_nan=True), name
+        assert torch.allclose(grad, want_grad, rtol=0, atol=1e-6, equal_nan=True), name
+        if name in ("full", "veto0", "veto", "veto_rev"):  # padding: the kernels' masked columns
+            assert torch.all(grad[:, 18:] == 0), name

@@ -76,7 +76,8 @@ def kernel(fn):
     """Run ``fn(x_RV, ...)`` compiled (one fused pass) or eagerly, per :func:`is_fused`.
 
     Kernels take tensors only (per-row constants as [R, k] tensors, never Python floats, so one
-    compiled graph serves every value) and run without autograd. A kernel that cannot be
+    compiled graph serves every value; None for an optional input the eager caller leaves out)
+    and run without autograd. A kernel that cannot be
     compiled here (no compiler, Dynamo refuses) warns once, and from then on every kernel of the
     process runs eagerly (a compile failure is a property of the environment, the same on every
     rank, so ranks keep chunking rows alike and making the same collectives).
@@ -87,7 +88,8 @@ def kernel(fn):
     def run(*tensors):
         global _fell_back
         nonlocal compiled, limit
-        tensors = [t.detach() for t in tensors]  # no autograd state for Dynamo to inspect
+        # no autograd state for Dynamo to inspect (None: an optional input left out)
+        tensors = [t if t is None else t.detach() for t in tensors]
         with torch.no_grad():
             if not is_fused(tensors[0].device):
                 return fn(*tensors)

@@ -9,12 +9,15 @@ and are treated as probability zero everywhere. Inputs are never modified; math 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from trb_nemo.ops.fused import is_fused
+
+if TYPE_CHECKING:
+    from trb_nemo.ops.eos import StopMerge
 
 NEG_INF = float("-inf")
 ROW_CHUNK_BYTES = 2 * 2**20
@@ -69,6 +72,17 @@ def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> tor
     if valid_V is not None:
         x = x.masked_fill(~valid_V, NEG_INF)
     return x
+
+
+def fp32_rows(z_RV: torch.Tensor, rows: slice, valid_V: torch.Tensor | None,
+              merge: StopMerge | None = None) -> torch.Tensor:
+    """Rows ``rows`` of a shard as an fp32 chunk with the EOS merge applied
+    (:class:`~trb_nemo.ops.eos.StopMerge`) and padded columns at -inf: :func:`as_fp32_masked`
+    of the canonical rows, one chunk-sized copy (a view for fp32 input that needs neither)."""
+    if merge is None:
+        return as_fp32_masked(z_RV[rows], valid_V)
+    x = merge.patch_(z_RV[rows].to(torch.float32, copy=True), rows)
+    return x if valid_V is None else x.masked_fill_(~valid_V, NEG_INF)
 
 
 def all_gather_rows(local_RM: torch.Tensor, group) -> torch.Tensor:
@@ -136,13 +150,18 @@ class PairSums(NamedTuple):
     a = z_S - max, b = z_T - max; 0 on a rank without finite logits in the row."""
 
 
-def gather_pair_sums(row_kernel, zs_RV, zt_RV, num_sums: int, group) -> PairSums:
+def gather_pair_sums(row_kernel, zs_RV, zt_RV, num_sums: int, group, read=None) -> PairSums:
     """Run ``row_kernel(zs, zt) -> [R, 2 + K]`` (the shard's own maxima of z_S and z_T, then K
-    sums taken relative to them) over row chunks and gather it. A rank holding only padding
-    contributes maxima -inf and zero sums. Collectives: 1 all-gather of [P, R, 2 + K]."""
+    sums taken relative to them) over row chunks and gather it. ``read(rows)``: the kernel's
+    arguments for rows ``rows`` instead of ``(zs_RV[rows], zt_RV[rows])`` (e.g. with the EOS
+    merge, :func:`trb_nemo.ops.eos.kernel_operand`). A rank holding only padding contributes
+    maxima -inf and zero sums. Collectives: 1 all-gather of [P, R, 2 + K]."""
     rows, width = zs_RV.shape
+    if read is None:
+        def read(c):
+            return zs_RV[c], zt_RV[c]
     if width > 0 and rows > 0:
-        local = torch.cat([row_kernel(zs_RV[c], zt_RV[c])
+        local = torch.cat([row_kernel(*read(c))
                            for c in row_chunks(rows, width, is_fused(zs_RV.device))])
     else:
         local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs_RV.device),
@@ -176,11 +195,13 @@ def logsumexp(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | None 
     return rows_lse(z_RV, valid, vocab_group).reshape(lead)
 
 
-def rows_lse(z_RV: torch.Tensor, valid_V: torch.Tensor | None, group) -> torch.Tensor:
-    """Global log-sum-exp [R] of [R, V] shards, chunk by chunk. 1 all-gather of [P, R, 2]."""
+def rows_lse(z_RV: torch.Tensor, valid_V: torch.Tensor | None, group,
+             merge: StopMerge | None = None) -> torch.Tensor:
+    """Global log-sum-exp [R] of [R, V] shards (read EOS-merged with ``merge``), chunk by
+    chunk. 1 all-gather of [P, R, 2]."""
     if z_RV.shape[0] == 0:
         return z_RV.new_zeros((0,), dtype=torch.float32)
-    stats = torch.cat([local_lse_stats(as_fp32_masked(z_RV[c], valid_V))
+    stats = torch.cat([local_lse_stats(fp32_rows(z_RV, c, valid_V, merge))
                        for c in row_chunks(z_RV.shape[0], z_RV.shape[-1])])
     return combine_lse(all_gather_rows(stats, group))
 
@@ -198,10 +219,12 @@ def log_softmax(logits: torch.Tensor, *, vocab_group=None, vocab_size: int | Non
 # ----------------------------------------------------------------------- top-k and gathering
 
 
-def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | None = None):
+def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | None = None,
+         merge: StopMerge | None = None):
     """Global top-k over the vocabulary: (values [..., K] fp32, global ids [..., K] int64).
 
-    Identical on every rank; sorted descending; ties go to the lower global id.
+    Identical on every rank; sorted descending; ties go to the lower global id. ``merge``: of
+    the EOS-canonical values (:func:`trb_nemo.ops.eos.stop_merge` of ``values`` as [R, V]).
     Collectives: 1 all-gather of [P, R, 2K] (values and ids, fp64 so ids stay exact). Memory:
     one fp32 [rows_chunk, V] temporary (rows in chunks), never an fp32 copy of the input.
     """
@@ -211,7 +234,7 @@ def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | No
         raise ValueError(f"top-k needs 0 < k <= vocabulary size {true_vocab}, got k={k}")
     z_RV = values.reshape(-1, v_local)
     valid = valid_columns(v_local, vocab_size, vocab_group, values.device)
-    parts = [_local_topk(as_fp32_masked(z_RV[c], valid), k, vocab_group)
+    parts = [_local_topk(fp32_rows(z_RV, c, valid, merge), k, vocab_group)
              for c in row_chunks(z_RV.shape[0], v_local)]
     local = (torch.cat(parts) if parts else
              z_RV.new_zeros((0, 2 * min(k, v_local)), dtype=torch.float64))
@@ -270,17 +293,22 @@ def logprobs_and_topk(logits_RV: torch.Tensor, ids_RJ: torch.Tensor, k: int, *, 
     return logprob_RJ.float(), _merge_topk(gathered[..., 2 + j:], k)[1]
 
 
-def gather_at_ids(values: torch.Tensor, ids: torch.Tensor, *, vocab_group=None) -> torch.Tensor:
-    """values[..., ids] at global ids: [..., K] fp32, identical on every rank.
+def gather_at_ids(values: torch.Tensor, ids: torch.Tensor, *, vocab_group=None,
+                  merge: StopMerge | None = None) -> torch.Tensor:
+    """values[..., ids] at global ids: [..., K] fp32, identical on every rank. ``merge``: of
+    the EOS-canonical values (:func:`trb_nemo.ops.eos.stop_merge` of ``values``).
 
     Each rank fills the ids it owns; 1 all-reduce(SUM) of [R, K]. Differentiable locally (the
-    gradient lands on the owning rank's column).
+    gradient lands on the owning rank's column; not through ``merge``'s columns).
     """
     v_local = values.shape[-1]
     local_ids = ids - shard_start(v_local, vocab_group)
     mine = (local_ids >= 0) & (local_ids < v_local)
     # gather, then widen: no fp32 copy of a bf16 [R, V] shard
-    picked = values.gather(-1, local_ids.clamp(0, v_local - 1)).float()
+    picked = values.gather(-1, local_ids.clamp(0, v_local - 1))
+    if merge is not None:
+        picked = merge.at_ids(picked, local_ids)
+    picked = picked.float()
     picked = torch.where(mine, picked, torch.zeros_like(picked))
     if vocab_group is None:
         return picked
