@@ -29,7 +29,14 @@ class SharedVocab:
         teacher_eos = model.teacher.eos_token_id if model.teacher else model.student.eos_token_id
         return cls(model.student.vocab_size, model.student.eos_token_id, teacher_eos)
 
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """(kept, dropped) stop id: what the losses take as ``stop_ids`` to read logits
+        canonically without a copy (:mod:`trb_nemo.ops.losses`)."""
+        return self.stop_id, self.other_stop_id
+
     def canonical(self, logits: torch.Tensor, vocab_group) -> torch.Tensor:
-        """Local shard with the two stop ids merged (differentiable; input unchanged)."""
+        """Local shard with the two stop ids merged: a copy (differentiable; input unchanged).
+        For decoding; the losses read the raw shard with :attr:`stop_ids` instead."""
         return canonicalize(logits, keep_id=self.stop_id, drop_id=self.other_stop_id,
                             vocab_group=vocab_group)

@@ -36,22 +36,21 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
     """Per-prefix loss [b, S] of one microbatch on the last stage (vocab-parallel over
     ``group``, the tensor-parallel group), on EOS-canonicalized distributions: the reverse KL
     to the teacher, or with ``veto_b`` Veto's KL to Q ∝ pi_T pi_S^b (needs the teacher's
-    logits); with ``target="sft"`` the cross-entropy of ``target_ids``."""
-    student = vocab.canonical(logits_BSV, group)
+    logits); with ``target="sft"`` the cross-entropy of ``target_ids``. The losses read the
+    logits canonically in place (``stop_ids``): besides the gradient, only row-chunk
+    temporaries (:mod:`trb_nemo.ops.losses`)."""
+    kw = dict(vocab_group=group, vocab_size=vocab.size, stop_ids=vocab.stop_ids)  # no copies
     if target == "sft":  # -log pi_S of the recorded (teacher) token
-        return cross_entropy(student, mb["target_ids"][..., 0], vocab_group=group,
-                             vocab_size=vocab.size)
+        return cross_entropy(logits_BSV, mb["target_ids"][..., 0], **kw)
     if veto_b is not None:
-        teacher = vocab.canonical(mb["teacher_logits"], group)
-        return veto_kl(student, teacher, veto_b, direction=loss_cfg.veto_direction,
-                       vocab_group=group, vocab_size=vocab.size)
+        return veto_kl(logits_BSV, mb["teacher_logits"], veto_b,
+                       direction=loss_cfg.veto_direction, **kw)
     if mb.get("teacher_logits") is not None:
-        teacher = vocab.canonical(mb["teacher_logits"], group)
-        return reverse_kl(student, teacher, kind=loss_cfg.kind, topk=loss_cfg.topk,
-                          vocab_group=group, vocab_size=vocab.size)
+        return reverse_kl(logits_BSV, mb["teacher_logits"], kind=loss_cfg.kind,
+                          topk=loss_cfg.topk, **kw)
     gradient = "policy" if loss_cfg.kind == "sampled" else "support"
-    return reverse_kl_at_ids(student, mb["target_ids"], mb["teacher_logprobs"],
-                             vocab_group=group, vocab_size=vocab.size, gradient=gradient)
+    return reverse_kl_at_ids(logits_BSV, mb["target_ids"], mb["teacher_logprobs"],
+                             gradient=gradient, **kw)
 
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
