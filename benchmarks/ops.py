@@ -3,6 +3,7 @@
 * solve_beta (eps = 0.02)                     vs one fp32 torch.log_softmax       (goal <= 4)
 * reverse_kl(kind="full") forward+backward    vs F.cross_entropy forward+backward (goal <= 1.5)
   and its peak memory vs cross-entropy's peak                                     (goal <= 1.0)
+  (as training calls it: two stop ids merged, read in place with ``stop_ids``)
 
 Each op is measured with its row kernels eager and fused (``trb_nemo.ops.fused``: compiled by
 torch.compile; the first call compiles and is excluded). Shapes: rows 2048 x V 32768, and a
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 from trb_nemo.ops import fused, losses, trust_region
 
 EPS = 0.02
+STOP_IDS = (7, 11)
+"""(kept, dropped) stop id: the loss reads the logits EOS-canonicalized, as prefix_kl does."""
 
 
 def _sync(device):
@@ -72,7 +75,7 @@ def operations(zs, zt, labels):
 
     def kl():
         x = zs.detach().requires_grad_(True)
-        losses.reverse_kl(x, zt, kind="full").sum().backward()
+        losses.reverse_kl(x, zt, kind="full", stop_ids=STOP_IDS).sum().backward()
 
     def ce():
         x = zs.detach().requires_grad_(True)
