@@ -78,8 +78,9 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int | Mi
     def on_logits(index, mb, logits_BSV):
         if mb["ids"] is None:
             return logits_BSV.detach()
-        return teacher_logprobs_at(vocab.canonical(logits_BSV, pg.tensor), mb["ids"],
-                                   vocab_group=pg.tensor, vocab_size=vocab.size)
+        # the EOS merge read in place (stop_ids): no canonical copy of the [b, S, V/TP] logits
+        return teacher_logprobs_at(logits_BSV, mb["ids"], vocab_group=pg.tensor,
+                                   vocab_size=vocab.size, stop_ids=vocab.stop_ids)
 
     out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
     if not pg.is_last_stage:
