@@ -158,7 +158,6 @@ def _memory(n: int, budget: int, max_new: int, shape: str, prefill_tokens: int):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import StudentPolicy
 
     quiet_third_party()
     torch.set_num_threads(1)

@@ -183,3 +183,51 @@ def test_trimmed_and_grouped_microbatches_leave_the_step_unchanged():
     assert (g_full - g_trim).abs().max().item() <= 1e-6 * g_full.abs().max().item()
     assert g_full.abs().max() > 0
     assert fed < 0.85
+
+
+def streamed_versus_scored(target: str):
+    """On one rank, trimmed microbatches: the step with the teacher's logits scored for the
+    whole batch first, and with them streamed per microbatch (TeacherStream, PP = 1)."""
+    from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.vocab import SharedVocab
+    from trb_nemo.parallel import groups
+    from trb_nemo.scoring.teacher import TeacherStream, score_with_teacher
+    from trb_nemo.train.optimizer import wrap_student
+    from trb_nemo.train.pipeline import plan_microbatches
+    from trb_nemo.train.step import train_step
+
+    parallel = ParallelConfig(use_distributed_optimizer=False)
+    pg = groups.initialize(parallel, seed=5)
+    model_cfg = ModelConfig(student=STUDENT, teacher=TEACHER, precision="fp32")
+    vocab = SharedVocab.of(model_cfg)
+    teacher = build_teacher(model_cfg, parallel, pg)
+    veto_b = 0.3 if target == "veto" else None
+    out = {}
+    for name in ("scored", "streamed"):
+        training = wrap_student(build_student(model_cfg, parallel, pg), OPTIM, parallel)
+        batch = global_batch(seed=2)
+        plan = plan_microbatches(batch["loss_mask"], MICRO, multiple=4, group_by_length=True)
+        stream = None
+        if name == "scored":
+            batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], plan,
+                                                         vocab=vocab, pg=pg)
+        else:
+            stream = TeacherStream(teacher)
+        metrics = train_step(training, batch, 0, LossConfig(kind="full"), vocab, plan, pg,
+                             veto_b=veto_b, target=target, teacher_stream=stream)
+        grads = torch.cat([b.grad_data.clone() for b in training.model.buffers])
+        out[name] = (metrics, grads, stream.calls if stream else len(plan.rows))
+    groups.destroy()
+    return out
+
+
+@pytest.mark.parametrize("target", ["teacher", "veto"], ids=["full-kl", "veto"])
+def test_streamed_teacher_equals_the_scored_batch(target):
+    """loss.kind=full / Veto at PP = 1: the teacher's logits computed per microbatch inside
+    the step give the step of the batch scored first (one teacher call per microbatch)."""
+    [out] = spawn_bare(streamed_versus_scored, 1, target)
+    (m_s, g_s, n_mb), (m_t, g_t, calls) = out["scored"], out["streamed"]
+    assert calls == n_mb
+    assert m_s["tokens"] == m_t["tokens"] and m_s["loss"] != 0
+    assert abs(m_s["loss"] - m_t["loss"]) <= 1e-6 * abs(m_s["loss"])
+    assert (g_s - g_t).abs().max().item() <= 1e-6 * g_s.abs().max().item()

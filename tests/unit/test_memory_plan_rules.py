@@ -49,11 +49,22 @@ def test_layout_divides_what_it_shards():
     assert kv_half == pytest.approx(kv2 / 2, rel=1e-6)
 
 
+def test_full_logits_are_streamed_at_pp1_and_held_for_the_batch_under_pp():
+    streamed = phases("rollout.behavior=veto")
+    assert "scoring" not in streamed  # the teacher runs inside the training step
+    training = streamed["training"]
+    assert training.term("teacher logits (one microbatch, streamed)") > 0
+    assert training.term("teacher weights") > 0
+    held = phases("rollout.behavior=veto", "parallel=gpu_tp4_pp2")["training"]
+    assert held.term("teacher logits of the batch (loss.kind=full / veto)") > 10 * \
+        training.term("teacher logits (one microbatch, streamed)")
+
+
 def test_over_the_limit_names_the_phase_and_a_fix():
     with pytest.raises(ConfigError, match="the rollout phase needs .* rollout.max_sequences_in"):
         check_fits(list(phases("rollout.max_sequences_in_flight=64").values()), 80)
-    with pytest.raises(ConfigError, match="use loss.kind=topk"):
-        check_fits(list(phases("loss.kind=full").values()), 80)
+    with pytest.raises(ConfigError, match="use loss.kind=topk, or pipeline_model_parallel_size"):
+        check_fits(list(phases("loss.kind=full", "parallel=gpu_tp4_pp2").values()), 80)
     check_fits(list(phases().values()), 80)
     with pytest.raises(ConfigError, match="parallel.gpu_memory_gb"):
         check_fits(list(phases().values()), 40)

@@ -14,7 +14,8 @@ Phases (what is resident at each one's peak):
   (``rollout.max_sequences_in_flight`` sequences x (``data.max_prompt_length`` +
   ``rollout.max_new_tokens``) positions), a decode step's logits and the rollout's records.
 * ``scoring``: a teacher pass over one microbatch (forward only; when decoding did not record
-  the loss's targets): the teacher's weights, the student's state, one microbatch of teacher
+  the loss's targets; ``loss.kind=full`` and Veto under PP = 1 stream the teacher inside the
+  training step instead, one microbatch of its logits at a time): the teacher's weights, the student's state, one microbatch of teacher
   activations and logits, the scored targets.
 * ``evaluation``: pass@1's decoding, the student alone, at ``eval.max_sequences_in_flight``
   sequences of (``data.max_prompt_length`` + ``eval.max_new_tokens``) positions; the
@@ -237,12 +238,14 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
     # ----- teacher scoring (forward only: one microbatch's activations live at a time)
     b = opt.micro_batch_size
     targets = Term("loss targets", sequences * seq * k * (8 + 4))
-    if cfg.loss.kind == "full" or method_of(cfg.rollout.behavior).target == "veto":
+    full_logits = cfg.loss.kind == "full" or method_of(cfg.rollout.behavior).target == "veto"
+    streamed = full_logits and layout.pp == 1 and teacher is not None
+    if full_logits and not streamed:
         # the teacher's logits of every sequence, scored before the step and kept through it
         targets = Term("teacher logits of the batch (loss.kind=full / veto)",
                        sequences * seq * vocab_shard * e)
     scoring = None
-    if teacher is not None:
+    if teacher is not None and not streamed:
         t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
         working = b * seq * max(teacher.hidden_size * 4, teacher.ffn_hidden_size
                                 // layout.tp * 3) * e
@@ -258,10 +261,17 @@ def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
     acts = activation_bytes(student, cfg, layout, b * seq, seq, in_flight)
     logits = b * seq * vocab_shard * e
     training_terms = [student_weights, grads, optimizer]
-    if not cfg.model.offload_teacher_during_training:
+    if streamed or not cfg.model.offload_teacher_during_training:
         training_terms.append(teacher_weights)
     training_terms += [Term("activations", acts),
-                       Term("logits, their gradient and the loss buffer", 3 * logits), targets]
+                       Term("logits, their gradient and the loss buffer", 3 * logits)]
+    if streamed:  # PP = 1: each microbatch's teacher logits computed inside the step
+        working = b * seq * max(teacher.hidden_size * 4, teacher.ffn_hidden_size
+                                // layout.tp * 3) * e
+        training_terms += [Term("teacher activations (one microbatch)", working),
+                           Term("teacher logits (one microbatch, streamed)", logits)]
+    else:
+        training_terms.append(targets)
 
     # ----- evaluation: the student decodes alone at the evaluation budget
     ev = cfg.eval
@@ -298,8 +308,9 @@ FIXES = {
                 "model.recompute_method=uniform model.recompute_num_layers=1",
     "evaluation": "lower eval.max_sequences_in_flight (the KV cache) or set "
                   "optim.offload_during_rollout=true",
-    "batch logits": "use loss.kind=topk (loss.kind=full and behavior=veto hold the teacher's "
-                    "logits of every sequence)",
+    "batch logits": "use loss.kind=topk, or pipeline_model_parallel_size=1 (under PP, "
+                    "loss.kind=full and behavior=veto hold the teacher's logits of every "
+                    "sequence; at PP = 1 they are streamed per microbatch)",
 }
 """What most often brings a phase under the limit, per phase (named in the refusal)."""
 

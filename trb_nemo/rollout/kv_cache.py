@@ -174,7 +174,7 @@ class SequenceCache:
         dev = self.device
         if length == 1 or all_positions:  # positions known on the host
             pos_BL = torch.tensor([[s + i if i < c else self.max_len for i in range(length)]
-                                   for s, c in zip(starts, counts)], dtype=torch.long, device=dev)
+                                   for s, c in zip(starts, counts, strict=True)], dtype=torch.long, device=dev)
             last_B = "all" if all_positions else None
         else:
             start_B = torch.tensor(starts, dtype=torch.long, device=dev)

@@ -20,7 +20,12 @@ from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import teacher_logprobs_at
 from trb_nemo.parallel.groups import ParallelGroups
-from trb_nemo.train.pipeline import MicrobatchPlan, microbatches_of, run_schedule
+from trb_nemo.train.pipeline import (
+    MicrobatchPlan,
+    microbatches_of,
+    run_schedule,
+    stage_forward_padded,
+)
 
 
 @dataclass
@@ -49,6 +54,10 @@ class LossBatch:
     """[B, S, K] fp32: log pi_T at ``target_ids``, 0 outside response prefixes (last stage)."""
     teacher_passes: int = 0
     """Teacher scoring passes it took (0 when decoding recorded the targets)."""
+    teacher_stream: object = None
+    """Instead of ``teacher_logits``, under PP = 1: a function of a microbatch's tokens
+    [b, S_m] to the teacher's logits [b, S_m, V_pad / TP] (:class:`TeacherStream`), which the
+    training step calls per microbatch, so only one microbatch of teacher logits exists."""
 
     def as_dict(self) -> dict:
         """The batch dict :func:`trb_nemo.train.step.train_step` takes."""
@@ -58,6 +67,23 @@ class LossBatch:
         if self.target_ids is not None:
             out.update(target_ids=self.target_ids, teacher_logprobs=self.teacher_logprobs)
         return out
+
+
+class TeacherStream:
+    """The teacher's logits of one microbatch at a time, computed when the training step needs
+    them (``loss.kind=full`` and Veto, which need every teacher logit): the memory of one
+    microbatch's logits [b, S_m, V_pad / TP] instead of the whole batch's. Pipeline
+    parallelism 1 only (the whole teacher on this rank; no collective but the teacher's own TP
+    ones). Forward only, under no_grad, the teacher in eval mode."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return stage_forward_padded(self.teacher, tokens_BS)[:, : tokens_BS.shape[1]]
 
 
 @torch.no_grad()
@@ -95,16 +121,21 @@ def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int | M
                vocab: SharedVocab, pg: ParallelGroups, target: str = "teacher") -> LossBatch:
     """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.engine.Rollout`),
     running the teacher only for what decoding did not record (module docstring). ``target``
-    is the method's (:mod:`trb_nemo.methods`): ``veto`` needs the teacher's full logits."""
+    is the method's (:mod:`trb_nemo.methods`): ``veto`` needs the teacher's full logits, as
+    ``loss.kind=full`` does: under PP = 1 they are streamed per microbatch
+    (``teacher_stream``), else scored for the whole batch first."""
     tokens, mask = rollout.tokens, rollout.loss_mask
     batch = LossBatch(tokens, mask)
     if target == "sft":  # the cross-entropy of the sampled tokens: no teacher statistic
         batch.target_ids = torch.cat([tokens[:, 1:], tokens[:, :1]], dim=1).unsqueeze(-1)
         return batch
     if loss_cfg.kind == "full" or target == "veto":
+        batch.teacher_passes = 1
+        if pg.pp_size == 1:  # streamed: one microbatch of teacher logits at a time
+            batch.teacher_stream = TeacherStream(teacher)
+            return batch
         batch.teacher_logits = score_with_teacher(teacher, tokens, micro_batch_size, vocab=vocab,
                                                   pg=pg)
-        batch.teacher_passes = 1
         return batch
     recorded = rollout.teacher
     if loss_cfg.kind == "topk":

@@ -141,7 +141,8 @@ class PhaseMemory:
     :meth:`before_decoding`      host                                 device if the policy runs
                                                                       the teacher, else as is
     :meth:`before_scoring`       as is                                device
-    :meth:`before_training`      device                               host
+    :meth:`before_training`      device                               host (as is when the
+                                                                      step streams it)
     :meth:`before_saving`        device                               as is
     :meth:`restore_all`          device                               device
     ===========================  ===================================  =========================
@@ -175,8 +176,10 @@ class PhaseMemory:
     def before_scoring(self) -> None:
         self.teacher_memory.restore()
 
-    def before_training(self) -> None:
-        if self.teacher_memory.enabled:
+    def before_training(self, keep_teacher: bool = False) -> None:
+        """``keep_teacher``: the step runs the teacher (a streamed teacher, ``loss.kind=full``
+        or Veto under PP = 1), so it stays where it is."""
+        if self.teacher_memory.enabled and not keep_teacher:
             self.teacher_memory.offload(module_tensors(self.teacher))
         self.student.restore_state()
 

@@ -128,6 +128,21 @@ def schedule_seq_length(model, seq: int) -> int:
     return fp8_padded_length(seq, config.fp8, shards)
 
 
+def stage_forward_padded(module, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward (a stage, DDP-wrapped or not) on ``tokens_BS`` [b, S] at positions
+    0..S-1: hidden states or, on the last stage, vocab-parallel logits [b, S', V_pad / TP]
+    with S' = :func:`schedule_seq_length` >= S. Under FP8 the tokens are right-padded (id 0,
+    positions continuing) to that length, a multiple of 16 for TE's FP8 GEMMs. Attention is
+    causal: positions >= S never reach the logits at positions < S, so cutting the logits back
+    to S is exact (and the padding gets no gradient)."""
+    seq = tokens_BS.shape[1]
+    length = schedule_seq_length(module, seq)
+    if length > seq:
+        tokens_BS = torch.nn.functional.pad(tokens_BS, (0, length - seq))
+    positions = torch.arange(length, device=tokens_BS.device).expand_as(tokens_BS)
+    return module(tokens_BS, positions, attention_mask=None)
+
+
 class PlannedMicrobatches(Sequence):
     """The microbatches of ``batch`` under ``plan``, each built when the schedule asks for it."""
 
@@ -168,17 +183,8 @@ def run_schedule(model, microbatches: Sequence[dict], on_logits: Callable, pg: P
     def forward_step(data_iterator, module):
         index = next(data_iterator)
         mb = first if index == 0 else microbatches[index]
-        tokens = mb["tokens"]
-        seq = tokens.shape[1]
-        # Under FP8 the tokens are right-padded (id 0, positions continuing) to the schedule's
-        # length, a multiple of 16 for TE's FP8 GEMMs. Attention is causal: positions >= S never
-        # reach the logits at positions < S, so cutting the logits back to S is exact (and the
-        # padding gets no gradient).
-        length = schedule_seq_length(module, seq)
-        if length > seq:
-            tokens = torch.nn.functional.pad(tokens, (0, length - seq))
-        positions = torch.arange(length, device=tokens.device).expand_as(tokens)
-        logits = module(tokens, positions, attention_mask=None)
+        seq = mb["tokens"].shape[1]
+        logits = stage_forward_padded(module, mb["tokens"])
 
         def loss_func(logits_BSV):
             logits_BSV = logits_BSV[:, :seq]

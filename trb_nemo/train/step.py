@@ -55,7 +55,8 @@ def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
 
 def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
                vocab: SharedVocab, micro_batch_size: int | MicrobatchPlan, pg: ParallelGroups,
-               veto_b: float | None = None, target: str = "teacher") -> dict:
+               veto_b: float | None = None, target: str = "teacher",
+               teacher_stream=None) -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
     ``tokens`` (global response prefixes), ``update_ok``. ``veto_b``: this step's b of Veto's
@@ -64,6 +65,8 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     ``micro_batch_size``: an int (contiguous microbatches of that many rows at the full S) or a
     :class:`~trb_nemo.train.pipeline.MicrobatchPlan` (rows grouped by length, each microbatch
     cut to its longest row): the loss and gradients are the same up to float summation order.
+    ``teacher_stream``: a :class:`~trb_nemo.scoring.teacher.TeacherStream` giving each
+    microbatch's ``teacher_logits`` on the last stage (instead of the batch carrying them).
 
     Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
     and a broadcast [2] over PP for the metrics.
@@ -74,6 +77,8 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     optimizer.zero_grad()
 
     def on_logits(index, mb, logits_BSV):
+        if teacher_stream is not None:  # this microbatch's teacher logits, then dropped
+            mb = {**mb, "teacher_logits": teacher_stream(mb["tokens"])}
         mask = mb["loss_mask"].to(torch.float32)
         kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor, veto_b, target)
                   * mask).sum()

@@ -93,9 +93,11 @@ class Trainer:
                            pg=self.pg, target=target)
         veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
                             total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
-        self.memory.before_training()
+        # a streamed teacher runs inside the training step: it stays on the device
+        self.memory.before_training(keep_teacher=batch.teacher_stream is not None)
         metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab, plan,
-                             self.pg, veto_b=veto_b, target=target)
+                             self.pg, veto_b=veto_b, target=target,
+                             teacher_stream=batch.teacher_stream)
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes, plan)
 
     def prompts(self, k: int) -> list:
