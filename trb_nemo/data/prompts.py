@@ -402,13 +402,16 @@ class FileSource:
             raise ConfigError("data.max_prompt_length", f"every prompt of {path!r} is longer than "
                               f"{d.max_prompt_length} tokens")
         self.n_eval = held_out(len(self.items), cfg.eval.num_problems) if hold_out else 0
+        self._train = self.items[self.n_eval:] or self.items
+        self._epoch_order: tuple[int, list[int]] | None = None
 
     def train_prompt(self, index: int) -> Prompt:
-        train = self.items[self.n_eval:] or self.items
-        epoch, offset = divmod(index, len(train))
-        order = list(range(len(train)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return train[order[offset]]
+        epoch, offset = divmod(index, len(self._train))
+        if self._epoch_order is None or self._epoch_order[0] != epoch:  # once per epoch
+            order = list(range(len(self._train)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._train[self._epoch_order[1][offset]]
 
     def eval_prompts(self, n: int) -> list[Prompt]:
         return self.items[: min(n, self.n_eval)]

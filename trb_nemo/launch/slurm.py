@@ -83,10 +83,9 @@ def check_memory(cfg: TrainConfig, ranks: int) -> None:
     if cfg.parallel.backend == "gloo":
         return
     from trb_nemo.models.resolve import resolve_models
-    from trb_nemo.plan.memory import check_fits, plan_memory
+    from trb_nemo.plan.memory import check_config
 
-    resolved = resolve_models(cfg, absent=[])
-    check_fits(plan_memory(resolved, ranks), cfg.parallel.gpu_memory_gb)
+    check_config(resolve_models(cfg, absent=[]), ranks)
 
 
 SCRIPT_VARIABLES = {"WORKDIR", "RUN_DIR", "HOSTS", "CPUS_PER_TASK", "ARGS", "PID", "rc"}

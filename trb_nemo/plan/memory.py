@@ -43,6 +43,8 @@ is recomputed).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
@@ -127,15 +129,11 @@ def stage_parameters(spec: ModelSpec, layout: Layout) -> int:
     output layer (padded to Megatron's multiple; a tied output layer is a second copy on the
     last stage when PP > 1)."""
     tp, pp = layout.tp, layout.pp
-    per_layer = 0
     prefix = _L.format(0)
-    for name, shape in hf_shapes(spec).items():
-        if name.startswith(prefix):
-            sharded = len(shape) == 2 or name.endswith("proj.bias")
-            n = 1
-            for x in shape:
-                n *= x
-            per_layer += n // tp if sharded else n
+    per_layer = sum(math.prod(shape) // (tp if len(shape) == 2 or name.endswith("proj.bias")
+                                         else 1)
+                    for name, shape in hf_shapes(dataclasses.replace(spec, num_layers=1)).items()
+                    if name.startswith(prefix))
     layers = -(-spec.num_layers // pp)
     vocab_rows = padded_vocab_size(spec.vocab_size, tp) // tp
     table = vocab_rows * spec.hidden_size
@@ -341,6 +339,12 @@ def check_fits(phases: list[Phase], limit_gb: float) -> None:
                       f"{worst.total / GIB:.1f} GiB per GPU (mostly {worst.dominant.name}: "
                       f"{worst.dominant.bytes / GIB:.1f} GiB), over {limit_gb:g} GiB{also}; "
                       f"{FIXES[_fix_of(worst)]} (see `trb-nemo plan`)")
+
+
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """:func:`check_fits` of ``cfg``'s plan on ``world_size`` ranks against
+    ``parallel.gpu_memory_gb`` (the pre-flights of ``trb-nemo train`` and ``launch slurm``)."""
+    check_fits(plan_memory(cfg, world_size), cfg.parallel.gpu_memory_gb)
 
 
 def _fix_of(phase: Phase) -> str:

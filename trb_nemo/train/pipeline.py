@@ -60,25 +60,21 @@ class MicrobatchPlan:
 
     @property
     def contiguous(self) -> bool:
-        """Microbatch m is rows [m b, (m + 1) b) (slices are views, no copy)."""
+        """Every microbatch is consecutive rows in batch order (all of them slice as views)."""
         flat = [r for rows in self.rows for r in rows]
         return flat == list(range(len(flat)))
 
     def microbatch(self, batch: dict, m: int) -> dict:
-        """Microbatch m of ``batch`` (a dict of [B, S, ...] tensors or None): [b, L_m, ...].
-        Built on demand: at most one microbatch's copy exists when rows are regrouped."""
+        """Microbatch m of ``batch`` (a dict of [B, S, ...] tensors or None, all on one device):
+        [b, L_m, ...]. Consecutive rows are sliced (views); others are gathered with one index
+        on the batch's device, built on demand: at most one microbatch's copy exists."""
         rows, length = self.rows[m], self.lengths[m]
-        if self.contiguous:
+        if rows == tuple(range(rows[0], rows[0] + len(rows))):
             lo, hi = rows[0], rows[-1] + 1
             return {k: (v[lo:hi, :length] if v is not None else None) for k, v in batch.items()}
-        out = {}
-        for k, v in batch.items():
-            if v is None:
-                out[k] = None
-                continue
-            index = torch.tensor(rows, dtype=torch.long, device=v.device)
-            out[k] = v[:, :length].index_select(0, index)
-        return out
+        index = torch.tensor(rows, dtype=torch.long, device=batch["tokens"].device)
+        return {k: (v[:, :length].index_select(0, index) if v is not None else None)
+                for k, v in batch.items()}
 
     def assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per-microbatch results [b, L_m, ...] back as one [B, S, ...] tensor in the batch's

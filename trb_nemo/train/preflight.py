@@ -73,10 +73,10 @@ def check_gpu_memory(cfg: TrainConfig) -> None:
     ``parallel.gpu_memory_gb``, before any model loads."""
     if not torch.cuda.is_available():
         return
-    from trb_nemo.plan.memory import check_fits, plan_memory
+    from trb_nemo.plan.memory import check_config
 
-    world = external_world_size() if launched_externally() else cfg.parallel.local_world_size
-    check_fits(plan_memory(cfg, world), cfg.parallel.gpu_memory_gb)
+    check_config(cfg, external_world_size() if launched_externally()
+                 else cfg.parallel.local_world_size)
 
 
 def check_models(cfg: TrainConfig) -> TrainConfig:
