@@ -2,7 +2,7 @@
 fed one token per step past the shortest), kept only so benchmarks/rollout.py can measure the
 new engine against it in the same run. Not used by trb_nemo.
 
-Same output (:class:`trb_nemo.rollout.engine.Rollout`); sampling noise keyed by batch row.
+Same output (:class:`trb_nemo.rollout.types.Rollout`); sampling noise keyed by batch row.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.losses import teacher_logprobs_at
-from trb_nemo.ops.vocab_parallel import RowNoise, gather_at_ids, logsumexp, topk
+from trb_nemo.ops.sampling import RowNoise
+from trb_nemo.ops.vocab_parallel import gather_at_ids, logprobs_at, logsumexp, topk
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
-from trb_nemo.rollout.engine import RECORDS, Rollout, decode_mode
-from trb_nemo.scoring.teacher import TeacherStats
+from trb_nemo.rollout.engine import decode_mode
+from trb_nemo.rollout.types import RECORDS, Rollout, TeacherStats
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def _choose(policy, zs, zt, noise, vocab, group, k, pos, generating, records, to
     _, ids = topk(zs, k, vocab_group=group, vocab_size=vocab.size)
     topk_ids[generating, pos] = ids[generating]
     if zt is not None:
-        at = teacher_logprobs_at(zt, torch.cat([choice.ids[:, None], ids], dim=-1),
+        at = logprobs_at(zt, torch.cat([choice.ids[:, None], ids], dim=-1),
                                  vocab_group=group, vocab_size=vocab.size)
         values["teacher_logprob"] = at[:, 0]
         teacher_topk[generating, pos] = at[generating, 1:]

@@ -57,7 +57,7 @@ class ForcedLengths:
     def choose(self, zs, zt, noise, group, vocab_size):
         import torch
 
-        from trb_nemo.ops.vocab_parallel import shard_start
+        from trb_nemo.ops.shards import shard_start
 
         stop_at = torch.tensor(self._stop_at, device=zs.device)[noise.ids_R]
         early = noise.counter_R < stop_at
@@ -88,7 +88,7 @@ def _workload(n: int, max_new: int, vocab: int, seed: int, long_tail: bool):
 
 
 def _policy(name: str, eps0: float, lengths, prompts, stop_id):
-    from trb_nemo.rollout.policies import StudentPolicy, TrustRegionPolicy
+    from trb_nemo.methods.policies import StudentPolicy, TrustRegionPolicy
 
     inner = StudentPolicy() if name == "student" else TrustRegionPolicy("trb", eps0)
     # the position whose logits draw response token k is len(prompt) + k - 1: the last is n - 1
@@ -110,6 +110,7 @@ def _engines(tp: int, n: int, max_new: int, repeats: int, eps0: float, budget: i
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.types import DecodeSettings
 
     quiet_third_party()
     torch.set_num_threads(1)
@@ -131,7 +132,10 @@ def _engines(tp: int, n: int, max_new: int, repeats: int, eps0: float, budget: i
                     kw = dict(vocab=vocab, max_new_tokens=max_new, topk_k=cfg.loss.topk,
                               generator=torch.Generator().manual_seed(r), pg=pg)
                     if engine == "new":
-                        ro = generate(student, teacher, prompts, policy, max_in_flight=budget, **kw)
+                        ro = generate(student, teacher, prompts, policy,
+                                      DecodeSettings(max_new_tokens=max_new, topk_k=cfg.loss.topk,
+                                                     max_in_flight=budget),
+                                      vocab=vocab, generator=kw["generator"], pg=pg)
                     else:
                         ro = legacy_generate(student, teacher, prompts, policy, **kw)
                     got = ro.response_lengths.tolist()
@@ -158,6 +162,7 @@ def _memory(n: int, budget: int, max_new: int, shape: str, prefill_tokens: int):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.types import DecodeSettings
 
     quiet_third_party()
     torch.set_num_threads(1)
@@ -177,9 +182,9 @@ def _memory(n: int, budget: int, max_new: int, shape: str, prefill_tokens: int):
     policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
     rss = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the current RSS
-    ro = generate(student, None, prompts, policy, vocab=vocab, max_new_tokens=max_new, topk_k=16,
-                  generator=torch.Generator().manual_seed(0), pg=pg, max_in_flight=budget,
-                  prefill_tokens=prefill_tokens)
+    ro = generate(student, None, prompts, policy,
+                  DecodeSettings(max_new_tokens=max_new, topk_k=16, max_in_flight=budget, prefill_tokens=prefill_tokens),
+                  vocab=vocab, generator=torch.Generator().manual_seed(0), pg=pg)
     peak = _status_kb("VmHWM")
     groups.destroy()
     tensors = [ro.tokens, ro.prompt_lengths, ro.response_lengths, ro.loss_mask, ro.topk_ids,
@@ -208,6 +213,7 @@ def _hf_vs_engine(n: int, max_new: int, repeats: int):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.types import DecodeSettings
 
     quiet_third_party()
     torch.set_num_threads(1)
@@ -241,8 +247,9 @@ def _hf_vs_engine(n: int, max_new: int, repeats: int):
     policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
     rates = []
     for r in range(repeats + 1):
-        ro = generate(student, None, prompts, policy, vocab=vocab, max_new_tokens=max_new, topk_k=1,
-                      generator=torch.Generator().manual_seed(r), pg=pg, max_in_flight=n)
+        ro = generate(student, None, prompts, policy,
+                      DecodeSettings(max_new_tokens=max_new, topk_k=1, max_in_flight=n),
+                      vocab=vocab, generator=torch.Generator().manual_seed(r), pg=pg)
         assert ro.response_lengths.tolist() == lengths
         if r > 0:
             rates.append(n * max_new / ro.seconds)
@@ -260,11 +267,12 @@ def _speculative(n: int, max_new: int, repeats: int, eps0: float, budget: int):
 
     from trb_nemo.config.compose import load_config
     from trb_nemo.logs import quiet_third_party
+    from trb_nemo.methods.policies import StudentPolicy, TrustRegionPolicy
     from trb_nemo.models.networks import build_student, build_teacher
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import StudentPolicy, TrustRegionPolicy
+    from trb_nemo.rollout.types import DecodeSettings
     from trb_nemo.scoring.teacher import loss_batch
 
     quiet_third_party()
@@ -278,9 +286,9 @@ def _speculative(n: int, max_new: int, repeats: int, eps0: float, budget: int):
 
     def run(policy, draft, r):
         t0 = time.perf_counter()
-        ro = generate(student, teacher, prompts, policy, vocab=vocab, max_new_tokens=max_new,
-                      topk_k=cfg.loss.topk, generator=torch.Generator().manual_seed(r), pg=pg,
-                      max_in_flight=budget, draft_tokens=draft)
+        ro = generate(student, teacher, prompts, policy,
+                      DecodeSettings(max_new_tokens=max_new, topk_k=cfg.loss.topk, max_in_flight=budget, draft_tokens=draft),
+                      vocab=vocab, generator=torch.Generator().manual_seed(r), pg=pg)
         loss_batch(ro, cfg.loss, teacher, cfg.optim.micro_batch_size, vocab=vocab, pg=pg)
         return ro, ro.seconds, time.perf_counter() - t0
 

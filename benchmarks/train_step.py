@@ -53,11 +53,11 @@ def workload(sequences: int, cap: int, topk: int, seed: int = 0) -> dict:
 
 def bench(args, device_name: str) -> dict:
     from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.scoring.teacher import score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.train.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(use_distributed_optimizer=False)

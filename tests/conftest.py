@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def no_ranks(monkeypatch):
     """Fail the test if `trb-nemo train` would start a rank (input errors must come before)."""
-    import trb_nemo.train.entry as entry
+    import trb_nemo.commands.train as entry
 
     def refuse(*args, **kwargs):
         raise AssertionError("a rank started")

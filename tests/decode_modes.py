@@ -8,11 +8,12 @@ def modes_seen(parallel_preset: str = "cpu_tp1"):
     from trb_nemo.config.compose import load_config
     from trb_nemo.data.prompts import build_source
     from trb_nemo.eval.pass_at_1 import evaluate
+    from trb_nemo.methods.policies import TrustRegionPolicy
     from trb_nemo.models.networks import build_student, build_teacher
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.rollout.types import DecodeSettings
 
     cfg = load_config([f"parallel={parallel_preset}", "eval.num_problems=2", "eval.num_samples=2",
                        "eval.max_new_tokens=6"])
@@ -29,8 +30,8 @@ def modes_seen(parallel_preset: str = "cpu_tp1"):
     source = build_source(cfg)
     out = {}
     generate(student, teacher, [list(p.ids) for p in source.eval_prompts(2)],
-             TrustRegionPolicy("trb", 0.02), vocab=vocab, max_new_tokens=6, topk_k=4,
-             generator=torch.Generator().manual_seed(0), pg=pg)
+             TrustRegionPolicy("trb", 0.02), DecodeSettings(max_new_tokens=6, topk_k=4),
+             vocab=vocab, generator=torch.Generator().manual_seed(0), pg=pg)
     out["generate"] = {k: list(v) for k, v in seen.items()}
     out["after_generate"] = (student.training, teacher.training)
     for v in seen.values():
@@ -56,11 +57,12 @@ def rows_alone_and_padded(parallel_preset: str = "cpu_tp1"):
     (the FP8 padding: extra rows feed nothing): tokens, beta and lengths of both."""
     from trb_nemo.config.compose import load_config
     from trb_nemo.data.prompts import build_source
+    from trb_nemo.methods.policies import TrustRegionPolicy
     from trb_nemo.models.networks import build_student, build_teacher
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.rollout.types import DecodeSettings
 
     cfg = load_config([f"parallel={parallel_preset}"])
     pg = groups.initialize(cfg.parallel, cfg.seed)
@@ -69,9 +71,10 @@ def rows_alone_and_padded(parallel_preset: str = "cpu_tp1"):
     prompts = [list(p.ids) for p in build_source(cfg).eval_prompts(5)]
     out = []
     for multiple in (1, 16):
-        ro = generate(student, teacher, prompts, TrustRegionPolicy("trb", 0.05), max_new_tokens=12,
-                      vocab=SharedVocab.of(cfg.model), topk_k=4, max_in_flight=3,
-                      generator=torch.Generator().manual_seed(4), pg=pg, rows_multiple=multiple)
+        ro = generate(student, teacher, prompts, TrustRegionPolicy("trb", 0.05),
+                      DecodeSettings(max_new_tokens=12, topk_k=4, max_in_flight=3, rows_multiple=multiple),
+                      vocab=SharedVocab.of(cfg.model),
+                      generator=torch.Generator().manual_seed(4), pg=pg)
         out.append({"tokens": ro.tokens, "beta": ro.records["beta"],
                     "lengths": ro.response_lengths})
     groups.destroy()

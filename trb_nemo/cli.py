@@ -28,14 +28,14 @@ def _train(args: argparse.Namespace) -> int:
         print("".join(f"# trb-nemo: {line}\n" for line in take_notes() + absent) + text, end="")
         return 0
     print_notes()
-    from trb_nemo.train.entry import run_train  # imports torch: only after the config is valid
+    from trb_nemo.commands.train import run_train  # imports torch: only after the config is valid
 
     run_train(cfg)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trb_nemo.eval.run import compose_eval_config, run_eval
+    from trb_nemo.commands.eval import compose_eval_config, run_eval
 
     cfg, no_teacher = compose_eval_config(args.overrides, config_name=args.config_name,
                                           config_dir=args.config_dir)
@@ -44,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from trb_nemo.models.convert import plan
+    from trb_nemo.commands.convert import plan
 
     source = args.hf_path if args.direction == "hf-to-megatron" else args.checkpoint
     if source is None:
@@ -54,7 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
     if job.source != source:
         print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest one, "
               f"{job.source}", flush=True)
-    from trb_nemo.models.convert import run_rank
+    from trb_nemo.commands.convert import run_rank
     from trb_nemo.parallel.env import launched_externally
     from trb_nemo.parallel.spawn import run_local_ranks
 
@@ -67,8 +67,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from trb_nemo.commands.compare import compare_overrides, run_compare
     from trb_nemo.config.compose import load_config
-    from trb_nemo.train.compare import compare_overrides, run_compare
 
     overrides, chosen = compare_overrides(args.overrides)  # compare.methods=[..] etc.
     methods = chosen.get("methods", args.behaviors)
@@ -105,7 +105,7 @@ def _launch(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from trb_nemo.launch import slurm
+    from trb_nemo.commands import slurm
 
     stages = slurm.plan_stages(args.overrides)
     workdir = Path.cwd()
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="dtype of the Megatron weights (export always writes fp32)")
     convert.set_defaults(func=_convert)
 
-    from trb_nemo.methods import METHOD_NAMES
+    from trb_nemo.methods.table import METHOD_NAMES
 
     compare = sub.add_parser("compare", help="methods x seeds on the same config, with standard "
                              "errors and paired intervals against vanilla OPD: the paper's "

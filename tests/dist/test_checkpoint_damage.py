@@ -91,7 +91,7 @@ def test_preflight_skips_each_kind_of_damage(trained, tmp_path, kind, capsys, mo
     warning line and the one before it is chosen."""
     from trb_nemo.config.compose import load_config
     from trb_nemo.train.checkpoint import recorded_resume_choice
-    from trb_nemo.train.preflight import plan_resume
+    from trb_nemo.commands.preflight import plan_resume
 
     monkeypatch.setenv(RESUME_ENV, "")
     run = _copy(trained, tmp_path)

@@ -65,10 +65,10 @@ def convert_and_run(tp: int, pp: int, root: str, export: bool):
 
     import torch.distributed as dist
 
-    from trb_nemo.models.convert import convert_on_rank, plan
+    from trb_nemo.commands.convert import convert_on_rank, plan
     from trb_nemo.models.networks import build_network
     from trb_nemo.parallel import groups
-    from trb_nemo.train.pipeline import run_schedule
+    from trb_nemo.models.pipeline import run_schedule
 
     out = {}
     for family in FAMILIES:

@@ -88,14 +88,14 @@ def _sharded_ops():
     finite = torch.isfinite(value)
     (value[finite] * torch.arange(1.0, ROWS + 1, dtype=torch.float64)[finite]).sum().backward()
     out["canon_grad"] = _gather_cols(raw.grad)
-    lq = losses.teacher_logprobs_at(zt, out["topk_ids"], **kw)
+    lq = vocab_parallel.logprobs_at(zt, out["topk_ids"], **kw)
     out["at_ids_value"] = losses.reverse_kl_at_ids(zs, out["topk_ids"], lq, **kw)
     out["stop_ids"] = _stop_ids_against_copies(zs_full, zt_full, out["topk_ids"], kw)
     out["fused"] = fused.is_fused(torch.device("cpu"))
-    out["samples"] = vocab_parallel.sample(zs, generator=torch.Generator().manual_seed(3), **kw)
+    out["samples"] = sampling.sample(zs, generator=torch.Generator().manual_seed(3), **kw)
     lm_row = trust_region.behavior_logprobs(zs[4:5], zt[4:5], out["beta"][4:5], **kw)
     many = lm_row.expand(SAMPLE_ROWS, -1)
-    out["many"] = torch.bincount(vocab_parallel.sample(many, generator=torch.Generator().manual_seed(9), **kw),
+    out["many"] = torch.bincount(sampling.sample(many, generator=torch.Generator().manual_seed(9), **kw),
                                  minlength=V_PAD)
     return out
 
@@ -105,7 +105,7 @@ def _stop_ids_against_copies(zs_full, zt_full, ids, kw):
     without: {name: ((value, gathered gradient) raw, (value, gathered gradient) copies)}."""
     world, rank, grp = dist.get_world_size(), dist.get_rank(), dist.group.WORLD
     raw_s, raw_t = _shard(zs_full, world, rank), _shard(zt_full, world, rank)
-    lq = losses.teacher_logprobs_at(raw_t, ids, stop_ids=(KEEP, DROP), **kw)
+    lq = vocab_parallel.logprobs_at(raw_t, ids, stop_ids=(KEEP, DROP), **kw)
     calls = {
         "full": lambda a, b, k: losses.reverse_kl(a, b, kind="full", **k),
         "topk": lambda a, b, k: losses.reverse_kl(a, b, kind="topk", topk=K, **k),

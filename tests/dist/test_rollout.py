@@ -39,8 +39,8 @@ class TeacherSampler:
         return True
 
     def choose(self, zs, zt, noise, group, vocab_size):
-        from trb_nemo.ops.vocab_parallel import sample
-        from trb_nemo.rollout.policies import _student_only
+        from trb_nemo.ops.sampling import sample
+        from trb_nemo.methods.policies import _student_only
 
         return _student_only(sample(zt, noise=noise, vocab_group=group, vocab_size=vocab_size))
 
@@ -51,7 +51,7 @@ class ForcedStop:
     name = "forced-stop"
 
     def __init__(self):
-        from trb_nemo.rollout.policies import StudentPolicy
+        from trb_nemo.methods.policies import StudentPolicy
 
         self.inner, self.calls = StudentPolicy(), 0
 
@@ -82,11 +82,13 @@ def _models(parallel, pg):
 def _rollout(student, teacher, policy, pg, prompts=PROMPTS, seed=0, max_new=MAX_NEW, budget=64):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.rollout.engine import generate
+    from trb_nemo.rollout.types import DecodeSettings
 
     cfg = ModelConfig(student=STUDENT, teacher=TEACHER)
-    return generate(student, teacher, prompts, policy, vocab=SharedVocab.of(cfg),
-                    max_new_tokens=max_new, topk_k=TOPK,
-                    generator=torch.Generator().manual_seed(seed), pg=pg, max_in_flight=budget)
+    return generate(student, teacher, prompts, policy,
+                    DecodeSettings(max_new_tokens=max_new, topk_k=TOPK, max_in_flight=budget),
+                    vocab=SharedVocab.of(cfg),
+                    generator=torch.Generator().manual_seed(seed), pg=pg)
 
 
 def _kv_vs_recompute(student, pg):
@@ -94,7 +96,7 @@ def _kv_vs_recompute(student, pg):
     and 3 tokens prefilled in one forward, 8 one-token steps, then the third sequence moved
     from slot 2 to slot 3 and decoded alone for 2 more steps."""
     from trb_nemo.rollout.kv_cache import SequenceCache
-    from trb_nemo.train.pipeline import run_schedule
+    from trb_nemo.models.pipeline import run_schedule
 
     toks = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -127,7 +129,7 @@ def _plain(r):
 
 def run_layout(tp, pp, full_suite):
     from trb_nemo.parallel import groups
-    from trb_nemo.rollout.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
+    from trb_nemo.methods.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     pg = groups.initialize(parallel, seed=3)
@@ -161,7 +163,7 @@ def _chi_square_counts(student, teacher, pg):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta
     from trb_nemo.rollout.kv_cache import SequenceCache
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.methods.policies import TrustRegionPolicy
 
     prompt = [21, 22, 23]
     counts = torch.zeros(256, dtype=torch.long)  # the padded vocabulary at TP=2

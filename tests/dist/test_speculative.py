@@ -51,12 +51,13 @@ def _rollout(student, teacher, pg, prompts, *, eps=EPS, draft=DRAFT, seed=0, max
              budget=64):
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.rollout.engine import generate
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.rollout.types import DecodeSettings
+    from trb_nemo.methods.policies import TrustRegionPolicy
 
     vocab = SharedVocab.of(ModelConfig(student=STUDENT, teacher=TEACHER))
-    return generate(student, teacher, prompts, TrustRegionPolicy("trb", eps), vocab=vocab,
-                    max_new_tokens=max_new, topk_k=TOPK, pg=pg, max_in_flight=budget,
-                    generator=torch.Generator().manual_seed(seed), draft_tokens=draft)
+    return generate(student, teacher, prompts, TrustRegionPolicy("trb", eps),
+                    DecodeSettings(max_new_tokens=max_new, topk_k=TOPK, max_in_flight=budget, draft_tokens=draft),
+                    vocab=vocab, pg=pg, generator=torch.Generator().manual_seed(seed))
 
 
 def _plain(r):
@@ -86,7 +87,7 @@ def _recompute(student, teacher, r, pg):
     """What the non-speculative policy records at every response prefix of ``r``, from a
     teacher-forced forward of both networks (TP=1, last stage)."""
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.ops.losses import teacher_logprobs_at
+    from trb_nemo.ops.vocab_parallel import logprobs_at
     from trb_nemo.ops.trust_region import solve_beta_and_kl
     from trb_nemo.ops.vocab_parallel import log_softmax, topk
 
@@ -98,8 +99,8 @@ def _recompute(student, teacher, r, pg):
     _, top = topk(zs, TOPK, vocab_size=8)
     return {"beta": beta, "kl": kl,
             "student_logprob": log_softmax(zs, vocab_size=8).gather(-1, chosen)[:, 0],
-            "teacher_logprob": teacher_logprobs_at(zt, chosen, vocab_size=8)[:, 0],
-            "topk_ids": top, "teacher_topk": teacher_logprobs_at(zt, top, vocab_size=8)}
+            "teacher_logprob": logprobs_at(zt, chosen, vocab_size=8)[:, 0],
+            "topk_ids": top, "teacher_topk": logprobs_at(zt, top, vocab_size=8)}
 
 
 def _joint_counts(student, teacher, pg, draft, chunks=JOINT_CHUNKS):

@@ -47,7 +47,7 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str, trimmed: bool = False):
     from trb_nemo.parallel import groups
     from trb_nemo.scoring.teacher import score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.train.pipeline import plan_microbatches
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -149,7 +149,7 @@ def trimmed_versus_full():
     from trb_nemo.parallel import groups
     from trb_nemo.scoring.teacher import score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.train.pipeline import plan_microbatches
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
@@ -193,7 +193,7 @@ def streamed_versus_scored(target: str):
     from trb_nemo.parallel import groups
     from trb_nemo.scoring.teacher import TeacherStream, score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.train.pipeline import plan_microbatches
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
 
     parallel = ParallelConfig(use_distributed_optimizer=False)

@@ -24,8 +24,8 @@ SPEC = ModelSpec(name="s", num_layers=2, hidden_size=128, ffn_hidden_size=256,
 
 def _logits(impl: str, fp8):
     from trb_nemo.models.networks import build_network
+    from trb_nemo.models.pipeline import run_schedule
     from trb_nemo.parallel import groups
-    from trb_nemo.train.pipeline import run_schedule
 
     parallel = ParallelConfig(tensor_model_parallel_size=1)
     pg = groups.initialize(parallel, seed=0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trb_nemo.cli import main
-from trb_nemo.launch import slurm
+from trb_nemo.commands import slurm
 from trb_nemo.train.run_dir import STOP_MARKER
 
 GPU = ["model=qwen3_8b_to_1.7b", "parallel=gpu_tp2"]

@@ -6,7 +6,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_checkers.py
 import pytest
 
 from trb_nemo.data import toy_math
-from trb_nemo.eval.checkers import math_answer_matches
+from trb_nemo.data.answers import math_answer_matches
 
 
 @pytest.mark.parametrize("response,answer,ok", [
@@ -65,7 +65,7 @@ def test_reference_formats(response, reference, ok):
 
 
 def test_reference_text():
-    from trb_nemo.eval.checkers import reference_text
+    from trb_nemo.data.answers import reference_text
 
     assert reference_text(GSM8K) == "$72$"
     assert reference_text("#### 1,080") == "$1080$"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from trb_nemo import cli
+from trb_nemo.commands.preflight import preflight
 from trb_nemo.config.compose import default_config_dir, load_config
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
-from trb_nemo.train.preflight import preflight
 
 CONF = default_config_dir()
 GROUP_OPTIONS = sorted(

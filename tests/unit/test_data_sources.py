@@ -15,13 +15,8 @@ from cli_inputs import write_word_tokenizer
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ConfigError
 from trb_nemo.data import toy_math
-from trb_nemo.data.prompts import (
-    ToyMathSource,
-    build_eval_sets,
-    build_source,
-    evaluated_problems,
-)
-from trb_nemo.eval.checkers import math_answer_matches
+from trb_nemo.data.answers import math_answer_matches
+from trb_nemo.data.prompts import ToyMathSource, build_eval_sets, build_source, evaluated_problems
 
 WORDS = "system user assistant please reason step by what is one two three plus".split()
 ID = {w: i + 1 for i, w in enumerate(WORDS)}  # write_word_tokenizer: [UNK] = 0, then the words

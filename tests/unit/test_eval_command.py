@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from trb_nemo.commands.eval import compose_eval_config, default_out, format_table, with_checkpoint
 from trb_nemo.config.compose import load_config, project_root
 from trb_nemo.config.schema import ConfigError
-from trb_nemo.eval.run import compose_eval_config, default_out, format_table, with_checkpoint
 
 TOY_STUDENT = project_root() / "examples/toy_math/checkpoints/student"
 
@@ -87,7 +87,7 @@ def test_samples_per_set_must_name_a_set(tmp_path):
 def test_compare_rates_average_over_sets_not_problems():
     """Two sets of 2 and 4 problems with their own sample counts: the plain mean of the
     per-problem rates compare resamples is the mean over sets (``eval/pass@1``)."""
-    from trb_nemo.train.compare import _rates
+    from trb_nemo.commands.compare import _rates
 
     row = {"eval/correct_per_problem": [2, 0, 1, 1, 1, 1], "eval/problems_per_set": [2, 4],
            "eval/samples_per_problem": [2, 2, 4, 4, 4, 4]}

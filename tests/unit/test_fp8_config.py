@@ -17,7 +17,7 @@ from trb_nemo import cli
 from trb_nemo.config import schema
 from trb_nemo.config.schema import ModelConfig, ModelSpec, ParallelConfig
 from trb_nemo.models.gpt import fp8_kwargs, fp8_padded_length, transformer_config
-from trb_nemo.train.pipeline import schedule_seq_length
+from trb_nemo.models.pipeline import schedule_seq_length
 
 TE = ["model.transformer_impl=transformer_engine", "model.precision=bf16"]
 HYBRID = TE + ["model.fp8=hybrid"]
@@ -229,8 +229,8 @@ def _logits_and_grads_with_and_without_padding():
     import torch
 
     from trb_nemo.models.networks import build_network
+    from trb_nemo.models.pipeline import run_schedule
     from trb_nemo.parallel import groups
-    from trb_nemo.train.pipeline import run_schedule
 
     spec = ModelSpec(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                      vocab_size=128, max_sequence_length=64)

@@ -19,8 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops import eos, fused, losses
-from trb_nemo.ops.vocab_parallel import ROW_CHUNK_BYTES
+from trb_nemo.ops import eos, fused, losses, vocab_parallel
+from trb_nemo.ops.shards import ROW_CHUNK_BYTES
 from trb_nemo.train.step import prefix_kl
 
 ROWS, V, K = 256, 32768, 16
@@ -74,7 +74,7 @@ def _batch(path, dtype):
         return zs, {"teacher_logits": zt}
     _, ids = torch.topk(eos.canonicalize(zs, keep_id=VOCAB.stop_id, drop_id=VOCAB.other_stop_id)
                         .float(), K, dim=-1)
-    lq = losses.teacher_logprobs_at(zt, ids, vocab_size=VOCAB.size, stop_ids=VOCAB.stop_ids)
+    lq = vocab_parallel.logprobs_at(zt, ids, vocab_size=VOCAB.size, stop_ids=VOCAB.stop_ids)
     return zs, {"target_ids": ids, "teacher_logprobs": lq}
 
 

@@ -13,8 +13,7 @@ import pytest
 
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ConfigError
-from trb_nemo.methods import METHOD_NAMES, METHODS, TARGETS, method_of
-from trb_nemo.rollout.policies import policy_for
+from trb_nemo.methods.table import METHOD_NAMES, METHODS, TARGETS, method_of, policy_for
 
 
 def test_the_schema_accepts_exactly_the_registry():
@@ -64,7 +63,7 @@ def test_the_behaviors_do_what_their_entries_say():
 
 
 def test_compare_takes_nemo_style_overrides():
-    from trb_nemo.train.compare import compare_overrides
+    from trb_nemo.commands.compare import compare_overrides
 
     rest, chosen = compare_overrides(["optim.max_steps=3", "compare.methods=[student,veto]",
                                       "compare.seeds=[0,2]", "compare.sweep=true"])

@@ -1,4 +1,4 @@
-"""Microbatch plans: grouping by length and trimming to the longest row (trb_nemo.train.pipeline).
+"""Microbatch plans: grouping by length and trimming to the longest row (trb_nemo.models.pipeline).
 
 The step-level check (same loss, gradients and weights as full-length microbatches, at PP=2
 with microbatches of different lengths) is tests/dist/test_train_step.py::pp2-trimmed-grouped.
@@ -7,7 +7,7 @@ with microbatches of different lengths) is tests/dist/test_train_step.py::pp2-tr
 import pytest
 import torch
 
-from trb_nemo.train.pipeline import PlannedMicrobatches, plan_microbatches, split_microbatches
+from trb_nemo.models.pipeline import PlannedMicrobatches, plan_microbatches, split_microbatches
 
 
 def mask_of(ends: list[int], seq: int, start: int = 2) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trb_nemo.ops import eos, losses, schedules, trust_region, vocab_parallel
+from trb_nemo.methods import schedules
+from trb_nemo.ops import eos, losses, sampling, trust_region, vocab_parallel
 
 EPS_LIST = [1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.5, 3.0]
 
@@ -196,7 +197,7 @@ def test_sampled_token_policy_gradient():
     """k = 1 with gradient="policy": d_x (onehot(x) - p); the support gradient vanishes there."""
     zs, zt = _logits(5, 30)
     ids = torch.randint(0, 30, (5, 1), generator=torch.Generator().manual_seed(1))
-    lq = losses.teacher_logprobs_at(zt, ids)
+    lq = vocab_parallel.logprobs_at(zt, ids)
     a = zs.clone().requires_grad_(True)
     losses.reverse_kl_at_ids(a, ids, lq, gradient="policy").sum().backward()
     ref_z = zs.detach().clone().double().requires_grad_(True)
@@ -228,7 +229,7 @@ def test_topk_with_all_ids_has_the_exact_gradient():
 def test_precomputed_teacher_logprobs_equal_the_topk_kind():
     zs, zt = _logits(4, 30)
     ids = zs.topk(6, dim=-1).indices
-    lq = losses.teacher_logprobs_at(zt, ids)
+    lq = vocab_parallel.logprobs_at(zt, ids)
     assert torch.allclose(lq.double(), ref.log_softmax(zt).gather(-1, ids), atol=1e-6)
     a = losses.reverse_kl_at_ids(zs, ids, lq)
     b = losses.reverse_kl(zs, zt, kind="topk", topk=6)
@@ -248,7 +249,7 @@ def test_padded_vocabulary_is_ignored():
     assert torch.allclose(losses.reverse_kl(zs, zt, kind="topk", vocab_size=40),
                           losses.reverse_kl(true_s, true_t, kind="topk"))
     g = torch.Generator().manual_seed(0)
-    ids = vocab_parallel.sample(zs, generator=g, vocab_size=40)
+    ids = sampling.sample(zs, generator=g, vocab_size=40)
     assert torch.all(ids < 40)
 
 
@@ -277,7 +278,7 @@ def stop_ids_against_canonical_copies(dtype, rows, vocab):
     ids = zs.float().topk(4, dim=-1).indices
     ids[0, 0], ids[4, 1] = STOP_IDS
     size = vocab - 2
-    lq = losses.teacher_logprobs_at(eos.canonicalize(zt, keep_id=3, drop_id=11), ids,
+    lq = vocab_parallel.logprobs_at(eos.canonicalize(zt, keep_id=3, drop_id=11), ids,
                                     vocab_size=size)
     calls = {
         "full": lambda a, b, k: losses.reverse_kl(a, b, kind="full", vocab_size=size, **k),
@@ -290,7 +291,7 @@ def stop_ids_against_canonical_copies(dtype, rows, vocab):
         "veto_rev": lambda a, b, k: losses.veto_kl(a, b, 0.4, direction="reverse",
                                                    vocab_size=size, **k),
         "ce": lambda a, b, k: losses.cross_entropy(a, ids[:, 0], vocab_size=size, **k),
-        "teacher_lp": lambda a, b, k: (losses.teacher_logprobs_at(b, ids, vocab_size=size, **k)
+        "teacher_lp": lambda a, b, k: (vocab_parallel.logprobs_at(b, ids, vocab_size=size, **k)
                                        .sum(-1) + a[:, 0]),
     }
     weights = torch.arange(1.0, rows + 1)
@@ -328,18 +329,18 @@ def test_stop_ids_equal_the_losses_of_canonical_copies(dtype, rows, vocab):
 def test_sampling_is_exact_chi_square():
     zs, _ = _logits(1, 12, scale=1.5)
     lp = torch.log_softmax(zs.float(), -1).expand(200_000, 12)
-    ids = vocab_parallel.sample(lp, generator=torch.Generator().manual_seed(1))
+    ids = sampling.sample(lp, generator=torch.Generator().manual_seed(1))
     counts = torch.bincount(ids, minlength=12)
     assert ref.chi_square_pvalue(counts, lp[0].double().exp()) > 1e-3
 
 
 def test_sampling_is_reproducible_and_consumes_the_generator():
     zs, _ = _logits(50, 30)
-    a = vocab_parallel.sample(zs, generator=torch.Generator().manual_seed(5))
-    b = vocab_parallel.sample(zs, generator=torch.Generator().manual_seed(5))
+    a = sampling.sample(zs, generator=torch.Generator().manual_seed(5))
+    b = sampling.sample(zs, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    vocab_parallel.sample(zs, generator=g)
-    c = vocab_parallel.sample(zs, generator=g)
+    sampling.sample(zs, generator=g)
+    c = sampling.sample(zs, generator=g)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

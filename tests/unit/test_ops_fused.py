@@ -52,7 +52,7 @@ def test_a_kernel_that_cannot_compile_warns_and_runs_eagerly():
     def data_dependent(x):  # .item() in a branch: Dynamo cannot capture it as one graph
         return x.sum(-1) if x.sum().item() > 0 else -x.sum(-1)
 
-    from trb_nemo.ops.vocab_parallel import row_chunks
+    from trb_nemo.ops.shards import row_chunks
 
     k = fused.kernel(data_dependent)
     x = torch.randn(4, 5)

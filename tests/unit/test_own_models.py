@@ -20,9 +20,9 @@ import yaml
 from cli_inputs import one_line_error, write_word_tokenizer
 
 from trb_nemo.cli import main
+from trb_nemo.commands.convert import _write_hf_folder, plan
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ModelSpec
-from trb_nemo.models.convert import _write_hf_folder, plan
 from trb_nemo.models.hf_config import hf_config_from_spec, spec_from_hf_config
 
 WORDS = "what is one two three four plus minus".split()
@@ -89,7 +89,7 @@ def test_hf_path_on_the_command_line_wins_over_the_toy_preset(capsys, models):
 
 def test_the_same_overrides_reach_the_run(models):
     """What preflight hands the ranks (not only what --cfg job prints)."""
-    from trb_nemo.train.preflight import preflight
+    from trb_nemo.commands.preflight import preflight
 
     s, t = models
     cfg = preflight(load_config([f"model.student.hf_path={s}", f"model.teacher.hf_path={t}"]))

@@ -9,8 +9,8 @@ import ops_reference as ref
 import pytest
 import torch
 
-from trb_nemo.ops.vocab_parallel import RowNoise
-from trb_nemo.rollout.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
+from trb_nemo.methods.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
+from trb_nemo.ops.sampling import RowNoise
 
 V_PAD, V_TRUE, ROWS = 16, 12, 100_000
 

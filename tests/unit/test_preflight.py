@@ -5,9 +5,9 @@ Run: .venv/bin/python -m pytest tests/unit/test_preflight.py
 
 import pytest
 
+from trb_nemo.commands.preflight import preflight
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ConfigError
-from trb_nemo.train.preflight import preflight
 
 
 def test_preflight_rejects_what_cannot_run_here(tmp_path):
@@ -20,7 +20,7 @@ def test_preflight_rejects_what_cannot_run_here(tmp_path):
 
 
 def test_local_attention_at_long_context_on_a_gpu():
-    from trb_nemo.train.preflight import check_local_attention, local_attention_bytes
+    from trb_nemo.commands.preflight import check_local_attention, local_attention_bytes
 
     gib = 2**30
     short = load_config(["parallel=cpu_tp1"])

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from trb_nemo.rollout.engine import RECORDS, Rollout
 from trb_nemo.rollout.stats import summarize
+from trb_nemo.rollout.types import RECORDS, Rollout
 
 
 def _rollout():
@@ -64,8 +64,8 @@ def _eval(step, correct, n=2):
 
 
 def test_compare_table_standard_errors_and_paired_intervals():
+    from trb_nemo.commands.compare import bootstrap, format_table, selected
     from trb_nemo.config.compose import load_config
-    from trb_nemo.train.compare import bootstrap, format_table, selected
 
     runs = {("student", None, 0): [_eval(0, [0, 1, 0, 0]), _eval(5, [1, 1, 0, 1]),
                                    _eval(10, [1, 0, 0, 1])],

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from trb_nemo.commands.preflight import CONFIG_CHANGES, config_differences, preflight
+from trb_nemo.commands.train import save_composed_config
 from trb_nemo.config.compose import composed_yaml, load_config
 from trb_nemo.config.schema import ConfigError
 from trb_nemo.models.megatron_io import MANIFEST, verify_checkpoint, write_manifest
@@ -27,8 +29,6 @@ from trb_nemo.train.checkpoint import (
     remove_unfinished_saves,
     step_folder,
 )
-from trb_nemo.train.entry import save_composed_config
-from trb_nemo.train.preflight import CONFIG_CHANGES, config_differences, preflight
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from trb_nemo.methods import METHODS
-from trb_nemo.ops.schedules import SCHEDULES
+from trb_nemo.methods.schedules import SCHEDULES
+from trb_nemo.methods.table import METHODS
 
 
 class ConfigError(ValueError):
@@ -542,7 +542,7 @@ class DataConfig:
     turns (a dataset's own system message, the assistant's answer) are not used."""
     answer_key: str | None = "answer"
     """The reference answer's field (a string or a number): rollout rewards and pass@1 are
-    checked against it (:mod:`trb_nemo.eval.checkers`: ``\\boxed{}``, GSM8K's ``#### 72`` or a
+    checked against it (:mod:`trb_nemo.data.answers`: ``\\boxed{}``, GSM8K's ``#### 72`` or a
     bare expression; with the toy tokenizer an integer). None: the training prompts have no
     answers (OpenThoughts3 ships none); the loss needs none, rollouts are not scored
     (``rollout/reward`` is not logged), and pass@1 needs ``eval.source``."""

@@ -15,7 +15,7 @@ text becomes ids with the student's HF tokenizer (``data.system_prompt`` put bef
 with ``data.chat_template`` the tokenizer's chat template: system message, user message,
 generation prompt); a student without ``hf_path`` whose vocabulary is the toy models' uses the
 toy task's character tokenizer and exact checker, so files of toy problems work with the toy
-models. Answers are checked with math-verify (:mod:`trb_nemo.eval.checkers`).
+models. Answers are checked with math-verify (:mod:`trb_nemo.data.answers`).
 
 Evaluation. With ``eval.source`` null, pass@1 is measured on the source's held-out problems:
 the toy task's held-out stream, or a file's first tenth (at most ``eval.num_problems``), which
@@ -126,12 +126,12 @@ class HFText:
         return self.tokenizer([self.system_prompt + t for t in texts])["input_ids"]
 
     def answer_problem(self, answer: str) -> str | None:
-        from trb_nemo.eval.checkers import reference_text
+        from trb_nemo.data.answers import reference_text
 
         return None if reference_text(answer) else f"no answer in {answer!r}"
 
     def check(self, response_ids, answer: str) -> bool:
-        from trb_nemo.eval.checkers import math_answer_matches
+        from trb_nemo.data.answers import math_answer_matches
 
         return math_answer_matches(self.tokenizer.decode(list(response_ids)), answer)
 

@@ -15,11 +15,12 @@ import torch
 
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import EvalSet
+from trb_nemo.methods.policies import StudentPolicy
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.parallel import comm
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.engine import generate
-from trb_nemo.rollout.policies import StudentPolicy
+from trb_nemo.rollout.types import DecodeSettings
 
 
 def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab, step: int,
@@ -71,12 +72,14 @@ def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, st
         return per_problem
     prompts = [list(p.ids) for p in mine for _ in range(n)]
     seed = cfg.seed * 1_000_003 + 7 * step + 1_000_000 * pg.dp_rank + 5
-    ro = generate(student, None, prompts, StudentPolicy(cfg.eval.temperature), vocab=vocab,
-                  max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                  topk_k=1, generator=torch.Generator().manual_seed(seed), pg=pg,
-                  max_in_flight=cfg.eval.max_sequences_in_flight
-                  or cfg.rollout.max_sequences_in_flight,
-                  prefill_tokens=cfg.rollout.prefill_chunk_tokens)
+    ro = generate(student, None, prompts, StudentPolicy(cfg.eval.temperature),
+                  DecodeSettings(
+                      max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                      topk_k=1,
+                      max_in_flight=cfg.eval.max_sequences_in_flight
+                      or cfg.rollout.max_sequences_in_flight,
+                      prefill_tokens=cfg.rollout.prefill_chunk_tokens),
+                  vocab=vocab, generator=torch.Generator().manual_seed(seed), pg=pg)
     for i in range(len(prompts)):
         if s.check(ro.response(i), mine[i // n].answer):
             per_problem[pg.dp_rank + (i // n) * pg.dp_size] += 1

@@ -16,13 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from trb_nemo.config.schema import (
-    ConfigError,
-    ModelSpec,
-    TrainConfig,
-    check_eos,
-    check_same_vocab,
-)
+from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig, check_eos, check_same_vocab
 from trb_nemo.models.hf_config import (
     model_eos_token_id,
     read_config_json,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trb_nemo.ops.vocab_parallel import NEG_INF, shard_start
+from trb_nemo.ops.shards import NEG_INF, shard_start
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ set_mode(os.environ.get("TRB_NEMO_FUSED_OPS", "auto"))
 
 def is_fused(device: torch.device) -> bool:
     """Whether kernels run compiled for tensors on ``device`` (False after a compile failure).
-    Callers size their row chunks by it (``vocab_parallel.row_chunks``)."""
+    Callers size their row chunks by it (``shards.row_chunks``)."""
     return not _fell_back and (_mode == "on" or (_mode == "auto" and device.type == "cuda"))
 
 

@@ -33,7 +33,7 @@ per logits operand forward, 1 all-reduce(SUM) of [R] backward.
 
 Memory (forward + backward, beyond the inputs): the gradient [R, V] (student dtype, written
 once), [R]-sized statistics, and fp32 temporaries of one row chunk
-(:data:`~trb_nemo.ops.vocab_parallel.ROW_CHUNK_BYTES` each, a few alive at once; fused kernels
+(:data:`~trb_nemo.ops.shards.ROW_CHUNK_BYTES` each, a few alive at once; fused kernels
 hold none). No fp32 or canonical copy of the logits; Veto's target logits x are one [R, V]
 tensor. tests/unit/test_loss_memory.py measures it.
 
@@ -50,20 +50,16 @@ import torch
 
 from trb_nemo.ops.eos import StopMerge, kernel_operand, read_fp32, stop_merge
 from trb_nemo.ops.fused import is_fused, kernel
+from trb_nemo.ops.shards import flat_pair, row_chunks, shard_start, valid_columns, valid_count
 from trb_nemo.ops.vocab_parallel import (
+    _logprobs_at,
     fp32_rows,
     gather_at_ids,
     gather_pair_sums,
     own_max_shift,
-    row_chunks,
     rows_lse,
-    shard_start,
-    valid_columns,
-    valid_count,
 )
-from trb_nemo.ops.vocab_parallel import (
-    topk as global_topk,
-)
+from trb_nemo.ops.vocab_parallel import topk as global_topk
 
 # a = z_S - m_s, b = z_T - m_t with the global row maxima (as in trust_region); over supp p,
 # log p - log q = (a - b) - (log_s - log_t) with log_s = log sum e^a, log_t = log sum e^b.
@@ -242,14 +238,6 @@ class _SupportReverseKL(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _flat_pair(student_logits, teacher_logits):
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape")
-    v = student_logits.shape[-1]
-    return student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
-
-
 def reverse_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -272,7 +260,7 @@ def reverse_kl(
             raise ValueError("reverse_kl(kind='sampled') needs the sampled token ids: call "
                              "reverse_kl_at_ids(student_logits, ids[..., None], teacher_logprobs)")
         raise ValueError(f"kind must be full|topk|sampled, got {kind!r}")
-    zs_RV, zt_RV = _flat_pair(student_logits, teacher_logits)
+    zs_RV, zt_RV, _ = flat_pair(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     s_merge = stop_merge(zs_RV, stop_ids, vocab_group, weight=_wants_grad(zs_RV))
     t_merge = stop_merge(zt_RV, stop_ids, vocab_group, weight=False)
@@ -290,34 +278,6 @@ def reverse_kl(
 def _full_reverse_kl(zs_RV, zt_RV, group, vocab_size, s_merge, t_merge) -> torch.Tensor:
     n_valid = valid_count(zs_RV.shape[-1], vocab_size, group)
     return _FullReverseKL.apply(zs_RV, zt_RV, n_valid, group, s_merge, t_merge)
-
-
-def teacher_logprobs_at(
-    teacher_logits: torch.Tensor,
-    ids: torch.Tensor,
-    *,
-    vocab_group=None,
-    vocab_size: int | None = None,
-    stop_ids: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """log pi_T at global ids: [..., K] fp32 (full-vocabulary normalization), no gradient.
-
-    The compact teacher statistic a rollout hands to the loss. Collectives: 1 all-gather
-    [P, R, 2] + 1 all-reduce(SUM) [R, K]. ``stop_ids``: EOS canonicalization (module
-    docstring).
-    """
-    v = teacher_logits.shape[-1]
-    zt_RV = teacher_logits.detach().reshape(-1, v)
-    merge = stop_merge(zt_RV, stop_ids, vocab_group, weight=False)
-    out = _logprobs_at(zt_RV, ids.reshape(zt_RV.shape[0], -1), vocab_group, vocab_size, merge)
-    return out.reshape(ids.shape)
-
-
-def _logprobs_at(z_RV, ids_RK, group, vocab_size, merge) -> torch.Tensor:
-    """log softmax of the (EOS-merged) shards at global ids [R, K], fp32."""
-    lse = rows_lse(z_RV, valid_columns(z_RV.shape[-1], vocab_size, group, z_RV.device), group,
-                   merge)
-    return gather_at_ids(z_RV, ids_RK, vocab_group=group, merge=merge) - lse.unsqueeze(-1)
 
 
 def reverse_kl_at_ids(
@@ -444,7 +404,7 @@ def veto_kl(
         raise ValueError(f"direction must be {'|'.join(VETO_DIRECTIONS)}, got {direction!r}")
     if not 0 <= b:
         raise ValueError(f"Veto's b must be >= 0, got {b}")
-    zs_RV, zt_RV = _flat_pair(student_logits, teacher_logits)
+    zs_RV, zt_RV, _ = flat_pair(student_logits, teacher_logits)
     lead = student_logits.shape[:-1]
     s_merge = stop_merge(zs_RV, stop_ids, vocab_group, weight=_wants_grad(zs_RV))
     t_merge = stop_merge(zt_RV, stop_ids, vocab_group, weight=False)

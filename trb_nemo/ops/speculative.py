@@ -10,7 +10,7 @@ mu(y). Since KL(mu || p) <= eps, Pinsker gives an acceptance rate 1 - TV(mu, p) 
 sqrt(eps / 2).
 
 Randomness is keyed like every draw of the rollout engine
-(:class:`~trb_nemo.ops.vocab_parallel.RowNoise`: seed, sequence, position), in streams of its
+(:class:`~trb_nemo.ops.sampling.RowNoise`: seed, sequence, position), in streams of its
 own: the student's draft (``DRAFT_STREAM``), the acceptance uniform (``ACCEPT_STREAM``, one per
 row, identical on every TP rank), the residual draw (``RESIDUAL_STREAM``). So a sequence's
 tokens do not depend on TP, PP, the batch or the budget.
@@ -25,15 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from trb_nemo.ops.sampling import RowNoise, row_uniforms, sample
+from trb_nemo.ops.shards import NEG_INF
 from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta_and_kl
-from trb_nemo.ops.vocab_parallel import (
-    NEG_INF,
-    RowNoise,
-    gather_at_ids,
-    log_softmax,
-    row_uniforms,
-    sample,
-)
+from trb_nemo.ops.vocab_parallel import gather_at_ids, log_softmax
 
 DRAFT_STREAM = 11
 ACCEPT_STREAM = 12

@@ -28,19 +28,22 @@ import math
 import torch
 
 from trb_nemo.ops.fused import SMALL, is_fused, kernel
-from trb_nemo.ops.vocab_parallel import (
+from trb_nemo.ops.shards import (
     NEG_INF,
+    flat_pair,
+    group_size,
+    row_chunks,
+    valid_columns,
+    valid_count,
+)
+from trb_nemo.ops.vocab_parallel import (
     all_gather_rows,
     all_reduce_sum,
     as_fp32_masked,
     gather_pair_sums,
-    group_size,
     max_shift,
     own_max_shift,
-    row_chunks,
     rows_lse,
-    valid_columns,
-    valid_count,
 )
 
 FEASIBILITY_MARGIN = 1e-6
@@ -397,17 +400,9 @@ def _edge_kl(beta_R, st, interior_kl):
     return torch.where(beta_R >= 1, st.kl_teacher, kl)
 
 
-def _flat(student_logits, teacher_logits):
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (same vocab shard)")
-    v = student_logits.shape[-1]
-    return student_logits.reshape(-1, v), teacher_logits.reshape(-1, v), student_logits.shape[:-1]
-
-
 def _inputs(student_logits, teacher_logits, per_row, name, vocab_size, group):
     """([R, V'] real columns of each shard (views), [R] fp32 per-row values, leading shape)."""
-    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
+    zs_RV, zt_RV, lead = flat_pair(student_logits, teacher_logits)
     values_R = _per_row(per_row, lead, student_logits.device, name)
     n = valid_count(zs_RV.shape[-1], vocab_size, group)
     return zs_RV[:, :n], zt_RV[:, :n], values_R, lead
@@ -608,7 +603,7 @@ def behavior_logprobs(
     log pi_T; for 0 < beta < 1 only the common support carries mass.
     Collectives: 1 all-gather of [P, R, 2]. Memory: the fp32 output plus one temporary.
     """
-    zs_RV, zt_RV, lead = _flat(student_logits, teacher_logits)
+    zs_RV, zt_RV, lead = flat_pair(student_logits, teacher_logits)
     beta_R1 = _per_row(beta, lead, student_logits.device, "beta").unsqueeze(-1)
     valid = valid_columns(zs_RV.shape[-1], vocab_size, vocab_group, zs_RV.device)
     zs, zt = as_fp32_masked(zs_RV, valid), as_fp32_masked(zt_RV, valid)

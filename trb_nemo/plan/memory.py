@@ -48,9 +48,8 @@ import math
 from dataclasses import dataclass
 
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
-from trb_nemo.methods import method_of
+from trb_nemo.methods.table import method_of, policy_for
 from trb_nemo.models.shapes import _L, hf_shapes, padded_vocab_size
-from trb_nemo.rollout.policies import policy_for
 
 GIB = 1024**3
 RUNTIME_RESERVE = 4 * GIB

@@ -31,43 +31,40 @@ from __future__ import annotations
 
 import torch
 
-from trb_nemo.ops.losses import teacher_logprobs_at
+from trb_nemo.ops.sampling import RowNoise
 from trb_nemo.ops.speculative import draft, verify
-from trb_nemo.ops.vocab_parallel import RowNoise, logprobs_and_topk
+from trb_nemo.ops.vocab_parallel import logprobs_and_topk, logprobs_at
 from trb_nemo.parallel import groups
-from trb_nemo.rollout.engine import RECORDS, Rollout, _Decoder
+from trb_nemo.rollout.decoder import Decoder
+from trb_nemo.rollout.types import RECORDS, Rollout
 
 
-class SpeculativeDecoder(_Decoder):
+class SpeculativeDecoder(Decoder):
     """The scheduler of :func:`trb_nemo.rollout.engine.generate` with ``draft_tokens > 0`` and a
-    trust-region policy (module docstring)."""
+    trust-region policy (module docstring): :class:`~trb_nemo.rollout.decoder.Decoder`'s loop,
+    with a draft/verify round as its step."""
 
     held_back = 1
 
-    def __init__(self, *args, draft_tokens: int):
-        if draft_tokens < 1:
-            raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
-        self.g = draft_tokens
-        self.extra_positions = draft_tokens  # drafts may run past a sequence's cap
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        settings = args[4] if len(args) > 4 else kwargs["settings"]
+        if settings.draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be >= 1, got {settings.draft_tokens}")
+        self.g = settings.draft_tokens
+        self.extra_positions = self.g  # drafts may run past a sequence's cap
+        super().__init__(*args, **kwargs)
         self.accepted = 0
         self.rejected = 0
         self.rounds = 0
 
-    def run(self) -> None:
-        n = len(self.prompts)
-        waiting = sorted(range(n), key=lambda i: -self.plen[i])
-        live: list[int] = []
-        while live or waiting:
-            free = self.budget - len(live)
-            if free and waiting:
-                group, waiting = waiting[:free], waiting[free:]
-                self._prefill(len(live), group)  # every prompt but its last token
-                live += group
-            ended = self._round(live)
-            live, _ = self._compact(live, ended)
-        for c in self.caches:
-            c.release()
+    def _admit(self, live: list[int], group: list[int]) -> None:
+        self._prefill(len(live), group)  # every prompt but its last token (it is pending)
+
+    def _step(self, live: list[int]) -> list[bool]:
+        return self._round(live)
+
+    def _after_compact(self, src: list[int]) -> None:
+        pass  # the next round feeds each sequence's pending token
 
     def _round(self, live: list[int]) -> list[bool]:
         """One draft/verify round of every live sequence (slots [0, len(live))); which ended."""
@@ -114,7 +111,7 @@ class SpeculativeDecoder(_Decoder):
                      max_iterations=policy.max_iterations)
         logprob, top = logprobs_and_topk(zs, ver.ids[:, None], self.topk_k, vocab_group=group,
                                          vocab_size=vocab.size)
-        at = teacher_logprobs_at(zt, torch.cat([ver.ids[:, None], top], dim=-1),
+        at = logprobs_at(zt, torch.cat([ver.ids[:, None], top], dim=-1),
                                  vocab_group=group, vocab_size=vocab.size)
         values = torch.stack([ver.beta, ver.kl, torch.zeros_like(ver.beta), logprob[:, 0],
                               at[:, 0]], dim=-1)  # RECORDS order

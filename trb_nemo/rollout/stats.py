@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from trb_nemo.rollout.engine import Rollout
+from trb_nemo.rollout.types import Rollout
 
 
 def summarize(rollout: Rollout, eps: float | None = None) -> dict:

@@ -17,25 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from trb_nemo.config.schema import LossConfig
-from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.losses import teacher_logprobs_at
-from trb_nemo.parallel.groups import ParallelGroups
-from trb_nemo.train.pipeline import (
+from trb_nemo.models.pipeline import (
     MicrobatchPlan,
     microbatches_of,
     run_schedule,
     stage_forward_padded,
 )
-
-
-@dataclass
-class TeacherStats:
-    """What decoding recorded of the teacher at every response prefix."""
-
-    topk_logprobs: torch.Tensor
-    """[B, S, K] fp32: log pi_T (EOS-canonicalized) at the rollout's ``topk_ids``."""
-    chosen_logprob: torch.Tensor
-    """[B, S] fp32: log pi_T of the token drawn at each prefix."""
+from trb_nemo.models.vocab import SharedVocab
+from trb_nemo.ops.vocab_parallel import logprobs_at
+from trb_nemo.parallel.groups import ParallelGroups
 
 
 @dataclass
@@ -95,7 +85,7 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int | Mi
     ``ids`` [B, S, K] fp32 of the EOS-canonicalized teacher (compact, for ``target_ids``). Last
     stage only; None on other stages. Memory: one microbatch of teacher activations at a time,
     plus the result. ``micro_batch_size``: an int, or the step's
-    :class:`~trb_nemo.train.pipeline.MicrobatchPlan` (the training step's microbatches: each
+    :class:`~trb_nemo.models.pipeline.MicrobatchPlan` (the training step's microbatches: each
     cut to its longest row; positions past it are 0 in the result, and the loss never reads
     them).
     """
@@ -105,7 +95,7 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int | Mi
         if mb["ids"] is None:
             return logits_BSV.detach()
         # the EOS merge read in place (stop_ids): no canonical copy of the [b, S, V/TP] logits
-        return teacher_logprobs_at(logits_BSV, mb["ids"], vocab_group=pg.tensor,
+        return logprobs_at(logits_BSV, mb["ids"], vocab_group=pg.tensor,
                                    vocab_size=vocab.size, stop_ids=vocab.stop_ids)
 
     out = run_schedule(teacher, mbs, on_logits, pg, forward_only=True)
@@ -119,7 +109,7 @@ def score_with_teacher(teacher, tokens: torch.Tensor, micro_batch_size: int | Mi
 
 def loss_batch(rollout, loss_cfg: LossConfig, teacher, micro_batch_size: int | MicrobatchPlan, *,
                vocab: SharedVocab, pg: ParallelGroups, target: str = "teacher") -> LossBatch:
-    """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.engine.Rollout`),
+    """The loss batch of a finished rollout (:class:`~trb_nemo.rollout.types.Rollout`),
     running the teacher only for what decoding did not record (module docstring). ``target``
     is the method's (:mod:`trb_nemo.methods`): ``veto`` needs the teacher's full logits, as
     ``loss.kind=full`` does: under PP = 1 they are streamed per microbatch

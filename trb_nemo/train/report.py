@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import eval_entries, evaluated_problems
-from trb_nemo.methods import method_of
+from trb_nemo.methods.table import method_of
 from trb_nemo.train.metrics_log import read_jsonl
 
 COMMON_CURVES = (("train/loss", "reverse-KL loss"), ("rollout/reward", "rollout reward"))

@@ -23,12 +23,12 @@ from __future__ import annotations
 import torch
 
 from trb_nemo.config.schema import LossConfig
+from trb_nemo.models.pipeline import MicrobatchPlan, microbatches_of, run_schedule
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import cross_entropy, reverse_kl, reverse_kl_at_ids, veto_kl
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.train.optimizer import StudentTraining
-from trb_nemo.train.pipeline import MicrobatchPlan, microbatches_of, run_schedule
 
 
 def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
@@ -63,7 +63,7 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     target (None: the reverse KL to the teacher); ``target`` the method's
     (:mod:`trb_nemo.methods`; ``sft``: the cross-entropy of the rollout's tokens).
     ``micro_batch_size``: an int (contiguous microbatches of that many rows at the full S) or a
-    :class:`~trb_nemo.train.pipeline.MicrobatchPlan` (rows grouped by length, each microbatch
+    :class:`~trb_nemo.models.pipeline.MicrobatchPlan` (rows grouped by length, each microbatch
     cut to its longest row): the loss and gradients are the same up to float summation order.
     ``teacher_stream``: a :class:`~trb_nemo.scoring.teacher.TeacherStream` giving each
     microbatch's ``teacher_logits`` on the last stage (instead of the batch carrying them).

@@ -26,21 +26,21 @@ from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import build_source, step_prompts
 from trb_nemo.eval.pass_at_1 import evaluate
-from trb_nemo.methods import method_of
+from trb_nemo.methods.schedules import veto_b_at
+from trb_nemo.methods.table import method_of, policy_for
 from trb_nemo.models.networks import build_student, build_teacher
+from trb_nemo.models.pipeline import plan_microbatches
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.ops.schedules import veto_b_at
 from trb_nemo.parallel import comm, groups
-from trb_nemo.rollout.engine import Rollout, generate
-from trb_nemo.rollout.policies import policy_for
+from trb_nemo.rollout.engine import generate
 from trb_nemo.rollout.stats import summarize
+from trb_nemo.rollout.types import DecodeSettings, Rollout
 from trb_nemo.scoring.teacher import loss_batch
 from trb_nemo.train import stop_signal
 from trb_nemo.train.checkpoint import agreed_resume_folder, load_training, save_training
 from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.offload import PhaseMemory
 from trb_nemo.train.optimizer import wrap_student
-from trb_nemo.train.pipeline import plan_microbatches
 from trb_nemo.train.report import write_report
 from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
 from trb_nemo.train.step import train_step
@@ -115,11 +115,12 @@ class Trainer:
         seed = r.seed * 1_000_003 + k * 1009 + 1
         first = self.pg.dp_rank * len(prompts)
         return generate(self.student, self.teacher, [list(p.ids) for p in prompts], policy,
-                        vocab=self.vocab, max_new_tokens=r.max_new_tokens,
-                        topk_k=self.cfg.loss.topk, generator=torch.Generator().manual_seed(seed),
-                        pg=self.pg, sequence_ids=range(first, first + len(prompts)),
-                        max_in_flight=r.max_sequences_in_flight,
-                        prefill_tokens=r.prefill_chunk_tokens, draft_tokens=r.draft_tokens)
+                        DecodeSettings(max_new_tokens=r.max_new_tokens, topk_k=self.cfg.loss.topk,
+                                       max_in_flight=r.max_sequences_in_flight,
+                                       prefill_tokens=r.prefill_chunk_tokens,
+                                       draft_tokens=r.draft_tokens),
+                        vocab=self.vocab, generator=torch.Generator().manual_seed(seed),
+                        pg=self.pg, sequence_ids=range(first, first + len(prompts)))
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes, plan) -> dict:
         correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)

@@ -63,7 +63,7 @@ def compose_eval_config(overrides, *, config_name: str = "train",
 def with_checkpoint(cfg: TrainConfig, checkpoint: str) -> tuple[TrainConfig, Path, int]:
     """(``cfg`` whose student is the checkpoint's network, its folder, its step) for
     ``--checkpoint`` (see the module docstring); ConfigError(--checkpoint) if it is none."""
-    from trb_nemo.models.convert import newest_checkpoint
+    from trb_nemo.commands.convert import newest_checkpoint
     from trb_nemo.models.resolve import read_model_meta, spec_from_meta
 
     folder = Path(newest_checkpoint(checkpoint))
@@ -115,10 +115,10 @@ def run_eval(cfg: TrainConfig, *, no_teacher: bool = False, checkpoint: str | No
              out: str | None = None) -> dict:
     """Check everything, evaluate on every rank, report on global rank 0; returns the result
     (:func:`result_record`). ConfigError for bad input, before any rank starts."""
+    from trb_nemo.commands.preflight import check_machine, check_models
     from trb_nemo.data.prompts import build_eval_sets
     from trb_nemo.parallel.env import launched_externally
     from trb_nemo.parallel.spawn import run_local_ranks
-    from trb_nemo.train.preflight import check_machine, check_models
 
     folder, step = None, 0
     if checkpoint is not None:

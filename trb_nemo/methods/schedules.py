@@ -1,4 +1,7 @@
-"""Trust-region budget eps_k per training step k (paper Eq. 3 and the fixed-eps baseline).
+"""The methods' schedules over training steps k, on plain numbers: the trust-region budget
+eps_k (paper Eq. 3 and the fixed-eps baseline), Veto's b_k and the temperature warmup's tau_k.
+
+eps_k:
 
 * ``linear``: eps0 (1 - k/K) for k < K, then 0 (pure OPD on student rollouts).
 * ``cosine``: eps0 (1 + cos(pi k / K)) / 2 for k < K, then 0.
@@ -44,3 +47,12 @@ def veto_b_at(step: int, *, b_start: float, total_steps: int) -> float:
     if total_steps == 1:
         return 0.0
     return b_start * max(0.0, 1.0 - step / (total_steps - 1))
+
+
+def temperature_at(step: int, *, start: float, end: float, warmup_steps: int) -> float:
+    """tau_k of the temperature-warmup baseline: linear from ``start`` at step 0 to ``end``
+    (``rollout.temperature``) over ``warmup_steps`` steps, then ``end``."""
+    k = warmup_steps
+    if k == 0 or step >= k:
+        return end
+    return start + (end - start) * step / k

@@ -7,8 +7,8 @@ speculative decoder), separately from ``choose``, which samples it.
 Each policy sees, at one decode position of B rows on the last pipeline stage, the
 EOS-canonicalized vocab-parallel logits of the student ``zs [B, V_local]`` and (only when
 :meth:`needs_teacher` is true) of the teacher ``zt``, and the rows' sampling noise
-(:class:`~trb_nemo.ops.vocab_parallel.RowNoise`, keyed by sequence and position), and returns a
-:class:`Choice`. Sampling is exact and TP-invariant (:func:`trb_nemo.ops.vocab_parallel.sample`);
+(:class:`~trb_nemo.ops.sampling.RowNoise`, keyed by sequence and position), and returns a
+:class:`Choice`. Sampling is exact and TP-invariant (:func:`trb_nemo.ops.sampling.sample`);
 every TP rank returns the same ids.
 
 * ``student``: x ~ pi_S (vanilla OPD). The teacher is never run while decoding.
@@ -28,17 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trb_nemo.config.schema import RolloutConfig, TRBConfig
-from trb_nemo.methods import method_of
+from trb_nemo.ops.sampling import RowNoise, sample
+from trb_nemo.ops.shards import shard_start
 from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta, solve_beta_and_kl
-from trb_nemo.ops.vocab_parallel import (
-    RowNoise,
-    gather_at_ids,
-    log_softmax,
-    sample,
-    shard_start,
-    topk,
-)
+from trb_nemo.ops.vocab_parallel import gather_at_ids, log_softmax, topk
 
 
 @dataclass
@@ -172,15 +165,3 @@ class InjectionPolicy:
         return choice
 
 
-def temperature_at(step: int, rollout: RolloutConfig) -> float:
-    """tau_k: linear from ``temperature_start`` to ``temperature`` over the warmup steps."""
-    k = rollout.temperature_warmup_steps
-    if k == 0 or step >= k:
-        return rollout.temperature
-    return rollout.temperature_start + (rollout.temperature - rollout.temperature_start) * step / k
-
-
-def policy_for(step: int, rollout: RolloutConfig, trb: TRBConfig):
-    """The behavior policy of training step ``step`` (0-based): the method's own
-    (:mod:`trb_nemo.methods`, named by ``rollout.behavior``)."""
-    return method_of(rollout.behavior).policy(step, rollout, trb)

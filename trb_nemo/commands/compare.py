@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from trb_nemo.config.compose import load_config
-from trb_nemo.methods import METHOD_NAMES, METHODS, method_of
+from trb_nemo.methods.table import METHOD_NAMES, METHODS, method_of
 from trb_nemo.train.metrics_log import read_jsonl
 
 BASELINE = "student"
@@ -74,7 +74,7 @@ def run_name(method: str, point: int | None, seed: int) -> str:
 def run_compare(overrides: list[str], seeds: list[int], methods=METHOD_NAMES,
                 sweep: bool = False) -> Path:
     """Run (or resume, or reuse) every run, then write the table and the plot."""
-    from trb_nemo.train.entry import run_train
+    from trb_nemo.commands.train import run_train
 
     base = load_config(overrides)
     root = Path(base.logging.output_dir) / "compare"

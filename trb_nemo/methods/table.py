@@ -56,42 +56,45 @@ class Method:
 
 
 def _student(step, rollout, trb):
-    from trb_nemo.rollout.policies import StudentPolicy
+    from trb_nemo.methods.policies import StudentPolicy
 
     return StudentPolicy(rollout.temperature)
 
 
 def _trb(step, rollout, trb):
-    from trb_nemo.ops.schedules import eps_at
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.methods.policies import TrustRegionPolicy
+    from trb_nemo.methods.schedules import eps_at
 
     eps = eps_at(step, schedule=trb.schedule, eps0=trb.eps0, warmup_steps=trb.warmup_steps)
     return TrustRegionPolicy("trb", eps, trb.solver_tolerance, trb.solver_max_iterations)
 
 
 def _fixed(step, rollout, trb):
-    from trb_nemo.rollout.policies import TrustRegionPolicy
+    from trb_nemo.methods.policies import TrustRegionPolicy
 
     return TrustRegionPolicy("fixed", rollout.fixed_eps, trb.solver_tolerance,
                              trb.solver_max_iterations)
 
 
 def _skd(step, rollout, trb):
-    from trb_nemo.rollout.policies import InjectionPolicy
+    from trb_nemo.methods.policies import InjectionPolicy
 
     return InjectionPolicy(rollout.skd_topk, rollout.skd_teacher_temperature)
 
 
 def _teacher(step, rollout, trb):
-    from trb_nemo.rollout.policies import TeacherPolicy
+    from trb_nemo.methods.policies import TeacherPolicy
 
     return TeacherPolicy(1.0)
 
 
 def _temperature(step, rollout, trb):
-    from trb_nemo.rollout.policies import StudentPolicy, temperature_at
+    from trb_nemo.methods.policies import StudentPolicy
+    from trb_nemo.methods.schedules import temperature_at
 
-    return StudentPolicy(temperature_at(step, rollout))
+    return StudentPolicy(temperature_at(step, start=rollout.temperature_start,
+                                        end=rollout.temperature,
+                                        warmup_steps=rollout.temperature_warmup_steps))
 
 
 _BLEND = (("rollout/eps", "eps_k"), ("rollout/beta_mean", "mean beta"),
@@ -159,3 +162,10 @@ def method_of(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; one of {'|'.join(METHOD_NAMES)}") from None
+
+
+def policy_for(step: int, rollout, trb):
+    """The behavior policy of training step ``step`` (0-based): the method's own, named by
+    ``rollout.behavior`` (``rollout`` and ``trb``: the config's ``RolloutConfig`` and
+    ``TRBConfig``; this table reads their fields and imports no config)."""
+    return method_of(rollout.behavior).policy(step, rollout, trb)

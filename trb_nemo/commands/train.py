@@ -6,12 +6,12 @@ Under torchrun or srun this process is one rank. Otherwise it starts
 
 from __future__ import annotations
 
+from trb_nemo.commands.preflight import preflight
 from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.logs import global_rank, print0, quiet_third_party
 from trb_nemo.parallel.env import launched_externally
 from trb_nemo.parallel.spawn import run_local_ranks
-from trb_nemo.train.preflight import preflight
 
 
 def rank_main(cfg: TrainConfig) -> dict:
@@ -42,8 +42,8 @@ def keep_previous_config(path, cfg: TrainConfig):
     """Rename the run folder's previous ``config.yaml`` to ``config.before_step_<N>.yaml``, N the
     step this run starts at (the resumed checkpoint's, 0 when it starts over): the settings that
     produced the steps before N. Returns the new path."""
+    from trb_nemo.commands.preflight import checkpoint_dir_of
     from trb_nemo.train.checkpoint import recorded_resume_choice
-    from trb_nemo.train.preflight import checkpoint_dir_of
 
     _, folder = recorded_resume_choice(checkpoint_dir_of(cfg))
     step = int(folder.name.rsplit("_", 1)[1]) if folder is not None else 0
@@ -108,7 +108,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     A second Ctrl-C kills the local ranks at once: one line, exit code 130."""
     import sys
 
-    from trb_nemo.methods import method_of
+    from trb_nemo.methods.table import method_of
     from trb_nemo.parallel.spawn import Interrupted
     from trb_nemo.train.run_dir import RunFolderLock, run_dir_of
 
