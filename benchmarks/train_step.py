@@ -56,7 +56,7 @@ def bench(args, device_name: str) -> dict:
     from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
-    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.scoring.teacher import LossBatch, score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.train.step import train_step
 
@@ -84,7 +84,7 @@ def bench(args, device_name: str) -> dict:
             if args.score:
                 score_with_teacher(teacher, batch["tokens"], plan, vocab=vocab, pg=pg,
                                    ids=batch["target_ids"])
-            m = train_step(training, batch, 0, loss_cfg, vocab, plan, pg)
+            m = train_step(training, LossBatch(**batch), 0, loss_cfg, vocab, plan, pg)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if r:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from trb_nemo.models.megatron_io import MANIFEST, verify_checkpoint
-from trb_nemo.train.checkpoint import RESUME_ENV
+from trb_nemo.train.run_dir import RESUME_ENV
 
 pytestmark = pytest.mark.dist
 
@@ -90,7 +90,7 @@ def test_preflight_skips_each_kind_of_damage(trained, tmp_path, kind, capsys, mo
     """In-process pre-flight on a real checkpoint: the damaged newest folder is named in one
     warning line and the one before it is chosen."""
     from trb_nemo.config.compose import load_config
-    from trb_nemo.train.checkpoint import recorded_resume_choice
+    from trb_nemo.train.run_dir import recorded_resume_choice
     from trb_nemo.commands.preflight import plan_resume
 
     monkeypatch.setenv(RESUME_ENV, "")

@@ -32,11 +32,13 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
     from trb_nemo.models.hf_weights import hf_tensors
     from trb_nemo.models.networks import build_student, build_teacher
     from trb_nemo.parallel import groups
-    from trb_nemo.train.checkpoint import latest_checkpoint, load_training, save_training
+    from trb_nemo.models.folders import latest_checkpoint
+    from trb_nemo.train.checkpoint import load_training, save_training
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.scoring.teacher import score_with_teacher
     from trb_nemo.train.step import train_step
+    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=True)
     pg = groups.initialize(parallel, seed=11)
@@ -58,7 +60,7 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
         batch = {"tokens": tokens[sl], "loss_mask": mask[sl]}
         batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], MICRO, vocab=vocab,
                                                  pg=pg)
-        losses[step] = train_step(training, batch, step, LossConfig(kind="full"),
+        losses[step] = train_step(training, LossBatch(**batch), step, LossConfig(kind="full"),
                                   vocab, MICRO, pg)["loss"]
         if step + 1 in (SAVE_AT, TOTAL):
             save_training(root, step + 1, training, STUDENT, {"data_position": step + 1},

@@ -53,6 +53,7 @@ def round_trips(pg) -> dict:
     from trb_nemo.train.offload import PhaseMemory, module_tensors
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.train.step import train_step
+    from trb_nemo.scoring.teacher import LossBatch
 
     parked = {}
     for distopt, precision in ((True, "bf16"), (False, "bf16"), (True, "fp32")):
@@ -68,7 +69,7 @@ def round_trips(pg) -> dict:
                  "loss_mask": torch.rand(BATCH, SEQ, generator=gen) < 0.7}
         batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], MICRO, vocab=vocab,
                                                      pg=pg)
-        train_step(training, batch, 0, LossConfig(kind="full"), vocab, MICRO, pg)
+        train_step(training, LossBatch(**batch), 0, LossConfig(kind="full"), vocab, MICRO, pg)
 
         ddp, opt = training.model, training.optimizer
         inner = [o.optimizer for o in opt.chained_optimizers]

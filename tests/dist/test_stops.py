@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from trb_nemo.models.resolve import MODEL_META
+from trb_nemo.models.folders import MODEL_META
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

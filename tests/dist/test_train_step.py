@@ -49,6 +49,7 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str, trimmed: bool = False):
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
+    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               use_distributed_optimizer=distopt)
@@ -66,7 +67,8 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str, trimmed: bool = False):
             if trimmed else MICRO)
     batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], plan, vocab=vocab,
                                                  pg=pg)
-    metrics = train_step(training, batch, 0, LossConfig(kind=kind, topk=8), vocab, plan, pg)
+    metrics = train_step(training, LossBatch(**batch), 0, LossConfig(kind=kind, topk=8), vocab,
+                         plan, pg)
     if trimmed:
         metrics["fed"] = plan.fed_positions / plan.full_positions
     optimizer_params = {id(p) for g in training.optimizer.param_groups for p in g["params"]}
@@ -151,6 +153,7 @@ def trimmed_versus_full():
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
+    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
     pg = groups.initialize(parallel, seed=5)
@@ -165,7 +168,8 @@ def trimmed_versus_full():
                 if name == "trimmed" else MICRO)
         batch["teacher_logits"] = score_with_teacher(teacher, batch["tokens"], plan, vocab=vocab,
                                                      pg=pg)
-        metrics = train_step(training, batch, 0, LossConfig(kind="full"), vocab, plan, pg)
+        metrics = train_step(training, LossBatch(**batch), 0, LossConfig(kind="full"), vocab,
+                             plan, pg)
         grads = torch.cat([b.grad_data.clone() for b in training.model.buffers])
         fed = plan.fed_positions / plan.full_positions if name == "trimmed" else 1.0
         out[name] = (metrics, grads, fed)
@@ -195,6 +199,7 @@ def streamed_versus_scored(target: str):
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
+    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
     pg = groups.initialize(parallel, seed=5)
@@ -213,8 +218,9 @@ def streamed_versus_scored(target: str):
                                                          vocab=vocab, pg=pg)
         else:
             stream = TeacherStream(teacher)
-        metrics = train_step(training, batch, 0, LossConfig(kind="full"), vocab, plan, pg,
-                             veto_b=veto_b, target=target, teacher_stream=stream)
+        metrics = train_step(training, LossBatch(**batch, target=target, veto_b=veto_b,
+                                                 teacher_stream=stream),
+                             0, LossConfig(kind="full"), vocab, plan, pg)
         grads = torch.cat([b.grad_data.clone() for b in training.model.buffers])
         out[name] = (metrics, grads, stream.calls if stream else len(plan.rows))
     groups.destroy()

@@ -73,6 +73,7 @@ def _fp8_step():
     from trb_nemo.models.networks import build_student
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
+    from trb_nemo.scoring.teacher import LossBatch
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.train.step import train_step
 
@@ -87,7 +88,7 @@ def _fp8_step():
     batch = {"tokens": tokens, "loss_mask": torch.ones_like(tokens, dtype=torch.bool),
              "target_ids": tokens.unsqueeze(-1),
              "teacher_logprobs": torch.full(tokens.shape + (1,), -1.0, device="cuda")}
-    metrics = train_step(training, batch, 0, LossConfig(kind="sampled"),
+    metrics = train_step(training, LossBatch(**batch), 0, LossConfig(kind="sampled"),
                          SharedVocab(256, 1, 2), micro_batch_size=16, pg=pg)
     groups.destroy()
     return metrics

@@ -240,7 +240,9 @@ def _metrics(run_dir: Path, steps=60, warmup=50):
 
 
 def test_report_says_what_was_evaluated_and_what_trb_did(tmp_path):
+    from trb_nemo.models.folders import CHECKPOINTS
     from trb_nemo.train.report import curves, write_report
+    from trb_nemo.train.run_dir import RunFolder
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n"
@@ -251,7 +253,7 @@ def test_report_says_what_was_evaluated_and_what_trb_did(tmp_path):
     (run / "config_changes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"step": 30, "differences": ["optim.lr: 0.001 -> 0.0005", "eval.interval: 20 -> 10"]},
         {"step": 40, "checkpoint": "step_0000040", "changes": {"optim.max_steps": [40, 60]}})))
-    summary = write_report(run, cfg)
+    summary = write_report(RunFolder(run, run / CHECKPOINTS), cfg)
     md = (run / "report.md").read_text()
     assert "4 held-out problems x 4 samples = 16 per evaluation" in md
     assert "64 problems" not in md and "fewer than eval.num_problems = 64" in md
@@ -272,11 +274,14 @@ def test_report_says_what_was_evaluated_and_what_trb_did(tmp_path):
 
 
 def test_report_of_another_behavior_on_the_toy_task(tmp_path):
+    from trb_nemo.models.folders import CHECKPOINTS
     from trb_nemo.train.report import write_report
+    from trb_nemo.train.run_dir import RunFolder
 
     run = tmp_path / "run"
     _metrics(run, steps=10, warmup=1)
-    write_report(run, load_config(["rollout.behavior=skd", "optim.max_steps=10"]))
+    write_report(RunFolder(run, run / CHECKPOINTS),
+                 load_config(["rollout.behavior=skd", "optim.max_steps=10"]))
     md = (run / "report.md").read_text()
     assert "64 held-out problems x 4 samples" in md
     assert "teacher-token share (SKD injections)" in md and "mean beta" not in md

@@ -21,6 +21,7 @@ from trb_nemo.config.schema import LossConfig
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops import eos, fused, losses, vocab_parallel
 from trb_nemo.ops.shards import ROW_CHUNK_BYTES
+from trb_nemo.scoring.teacher import LossBatch
 from trb_nemo.train.step import prefix_kl
 
 ROWS, V, K = 256, 32768, 16
@@ -70,18 +71,22 @@ def _batch(path, dtype):
     zs = (torch.randn(1, ROWS, V, generator=g) * 2).to(dtype)
     zt = (zs.float() + torch.randn(1, ROWS, V, generator=g)).to(dtype)
     zs[..., VOCAB.other_stop_id] += 8.0  # the student often ends on the teacher's stop id
+    rows = dict(tokens=torch.zeros(1, ROWS, dtype=torch.long),
+                loss_mask=torch.ones(1, ROWS, dtype=torch.bool), **KWARGS.get(path, {}))
     if path in ("full", "topk", "veto"):
-        return zs, {"teacher_logits": zt}
+        return zs, LossBatch(**rows, teacher_logits=zt)
     _, ids = torch.topk(eos.canonicalize(zs, keep_id=VOCAB.stop_id, drop_id=VOCAB.other_stop_id)
                         .float(), K, dim=-1)
     lq = vocab_parallel.logprobs_at(zt, ids, vocab_size=VOCAB.size, stop_ids=VOCAB.stop_ids)
-    return zs, {"target_ids": ids, "teacher_logprobs": lq}
+    if path == "sft":
+        return zs, LossBatch(**rows, target_ids=ids[..., :1])
+    return zs, LossBatch(**rows, target_ids=ids, teacher_logprobs=lq)
 
 
 CONFIGS = {"at_ids": LossConfig(kind="topk", topk=K), "full": LossConfig(kind="full"),
            "topk": LossConfig(kind="topk", topk=K), "veto": LossConfig(kind="topk"),
            "sft": LossConfig(kind="topk")}
-KWARGS = {"veto": {"veto_b": 0.4}, "sft": {"target": "sft"}}
+KWARGS = {"veto": {"target": "veto", "veto_b": 0.4}, "sft": {"target": "sft"}}
 
 
 def _loss_path(path, dtype, tmp_path, step=prefix_kl):
@@ -91,7 +96,7 @@ def _loss_path(path, dtype, tmp_path, step=prefix_kl):
     out = []
 
     def forward_backward():
-        out.append(step(x, mb, CONFIGS[path], VOCAB, None, **KWARGS.get(path, {})))
+        out.append(step(x, mb, CONFIGS[path], VOCAB, None))
         out[0].sum().backward()
 
     peak = _peak_bytes(forward_backward, tmp_path)
@@ -119,14 +124,14 @@ def test_veto_holds_its_target_logits_and_row_chunks(dtype, tmp_path):
     assert peak <= 2 * logits + CHUNK_TEMPORARIES * ROW_CHUNK_BYTES + ROWS * 1024, peak / logits
 
 
-def _old_prefix_kl(logits, mb, loss_cfg, vocab, group, **_):
+def _old_prefix_kl(logits, mb, loss_cfg, vocab, group):
     """The loss path before: canonical copies of the logits, then the losses on them."""
     student = vocab.canonical(logits, group)
     kw = dict(vocab_group=group, vocab_size=vocab.size)
-    if "teacher_logits" in mb:
-        teacher = vocab.canonical(mb["teacher_logits"], group)
+    if mb.teacher_logits is not None:
+        teacher = vocab.canonical(mb.teacher_logits, group)
         return losses.reverse_kl(student, teacher, kind=loss_cfg.kind, topk=loss_cfg.topk, **kw)
-    return losses.reverse_kl_at_ids(student, mb["target_ids"], mb["teacher_logprobs"], **kw)
+    return losses.reverse_kl_at_ids(student, mb.target_ids, mb.teacher_logprobs, **kw)
 
 
 @pytest.mark.parametrize("path", ["at_ids", "full", "topk"])

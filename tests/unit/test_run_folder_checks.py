@@ -15,20 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from trb_nemo.commands.preflight import CONFIG_CHANGES, config_differences, preflight
+from trb_nemo.commands.preflight import config_differences, preflight
 from trb_nemo.commands.train import save_composed_config
 from trb_nemo.config.compose import composed_yaml, load_config
 from trb_nemo.config.schema import ConfigError
+from trb_nemo.models.folders import MODEL_META, step_folder
 from trb_nemo.models.megatron_io import MANIFEST, verify_checkpoint, write_manifest
-from trb_nemo.models.resolve import MODEL_META
 from trb_nemo.train.checkpoint import (
-    RESUME_ENV,
     choose_resume,
     move_aside_newer,
     portable_yaml,
     remove_unfinished_saves,
-    step_folder,
 )
+from trb_nemo.train.run_dir import CONFIG_CHANGES, RESUME_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,6 +25,7 @@ import torch
 from trb_nemo.config.compose import load_config
 from trb_nemo.methods.table import METHOD_NAMES, METHODS, method_of
 from trb_nemo.train.metrics_log import read_jsonl
+from trb_nemo.train.run_dir import RunFolder
 
 BASELINE = "student"
 BOOTSTRAP = 2000
@@ -87,11 +88,11 @@ def run_compare(overrides: list[str], seeds: list[int], methods=METHOD_NAMES,
                 cfg = load_config([*overrides, f"rollout.behavior={method}", *extra,
                                    f"seed={seed}", f"rollout.seed={seed}",
                                    f"logging.run_name={name}"])
-                run_dir = Path(cfg.logging.output_dir) / name
-                if not (run_dir / "report.md").is_file():
+                run = RunFolder.of(cfg)
+                if not run.report.is_file():
                     print(f"trb-nemo compare: {name}", flush=True)
                     run_train(cfg)
-                runs[(method, point, seed)] = read_jsonl(run_dir / "metrics.jsonl")
+                runs[(method, point, seed)] = read_jsonl(run.metrics)
     root.mkdir(parents=True, exist_ok=True)
     table = format_table(runs, methods, seeds, base)
     (root / "table.md").write_text(table)

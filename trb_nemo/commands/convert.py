@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
+from trb_nemo.models.folders import newest_checkpoint, read_model_meta
 from trb_nemo.models.hf_config import (
     hf_config_from_spec,
     model_eos_token_id,
     read_config_json,
     spec_from_hf_config,
 )
-from trb_nemo.models.resolve import MODEL_META, read_model_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json", "tokenizer.model")
@@ -84,23 +83,6 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
     return job
 
 
-_STEP = re.compile(r"step_(\d+)")
-
-
-def newest_checkpoint(folder: str) -> str:
-    """``folder`` when it is a checkpoint; for a run folder (or its ``checkpoints/``) its newest
-    complete ``step_*``; else ConfigError(--checkpoint) saying where checkpoints were looked for."""
-    path = Path(folder)
-    if (path / MODEL_META).is_file() or not path.is_dir():
-        return folder  # a checkpoint, or read_model_meta says what is wrong
-    steps = [(int(m.group(1)), p) for root in (path, path / "checkpoints") if root.is_dir()
-             for p in root.iterdir() if (m := _STEP.fullmatch(p.name))
-             and (p / MODEL_META).is_file()]
-    if not steps:
-        raise ConfigError("--checkpoint", f"{folder!r} is not a checkpoint and holds no complete "
-                          f"step_* checkpoint (looked in it and in {path / 'checkpoints'}); "
-                          "point it at a step_<N> folder or a `trb-nemo convert` output")
-    return str(max(steps)[1])
 
 
 def _eos(folder: str, hf: dict, spec: ModelSpec) -> int | None:

@@ -63,8 +63,8 @@ def compose_eval_config(overrides, *, config_name: str = "train",
 def with_checkpoint(cfg: TrainConfig, checkpoint: str) -> tuple[TrainConfig, Path, int]:
     """(``cfg`` whose student is the checkpoint's network, its folder, its step) for
     ``--checkpoint`` (see the module docstring); ConfigError(--checkpoint) if it is none."""
-    from trb_nemo.commands.convert import newest_checkpoint
-    from trb_nemo.models.resolve import read_model_meta, spec_from_meta
+    from trb_nemo.models.folders import newest_checkpoint, read_model_meta
+    from trb_nemo.models.resolve import spec_from_meta
 
     folder = Path(newest_checkpoint(checkpoint))
     meta = read_model_meta(str(folder), "--checkpoint")
@@ -83,12 +83,13 @@ def default_out(cfg: TrainConfig, folder: Path | None, step: int) -> Path:
     """Where the JSON goes without ``--out``: ``<run>/eval_step_<N>.json`` for a step folder in a
     run's ``checkpoints/``, else ``eval_step_<N>.json`` (a checkpoint) or ``eval.json`` in the
     config's run folder (``logging.output_dir``/``logging.run_name``)."""
-    from trb_nemo.train.run_dir import run_dir_of
+    from trb_nemo.models.folders import CHECKPOINTS
+    from trb_nemo.train.run_dir import RunFolder
 
     name = "eval.json" if folder is None else f"eval_step_{step:07d}.json"
-    if folder is not None and folder.parent.name == "checkpoints":
+    if folder is not None and folder.parent.name == CHECKPOINTS:
         return folder.parent.parent / name
-    return run_dir_of(cfg) / name
+    return RunFolder.of(cfg).path / name
 
 
 def rank_main(cfg: TrainConfig, step: int) -> dict:

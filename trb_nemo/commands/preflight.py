@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -25,10 +22,11 @@ import torch
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.data.prompts import build_source
 from trb_nemo.logs import global_rank
+from trb_nemo.models.folders import MODEL_META
 from trb_nemo.models.megatron_io import verify_checkpoint
-from trb_nemo.models.resolve import MODEL_META, resolve_models
+from trb_nemo.models.resolve import resolve_models
 from trb_nemo.parallel.env import external_world_size, launched_externally
-from trb_nemo.train.run_dir import run_dir_of
+from trb_nemo.train.run_dir import RunFolder
 
 
 def preflight(cfg: TrainConfig) -> TrainConfig:
@@ -43,7 +41,7 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
     if skipped and global_rank() == 0:
         print(f"trb-nemo: data.skip_long_prompts: left out {len(skipped)} prompt(s) longer than "
               f"{cfg.data.max_prompt_length} tokens (the first: {skipped[0]})", flush=True)
-    check_run_folders(cfg)
+    RunFolder.of(cfg).check_writable()
     plan_resume(cfg)
     return cfg
 
@@ -104,42 +102,16 @@ def _check_model_checkpoints(cfg: TrainConfig) -> None:
 # --------------------------------------------------------------------------- the run's folders
 
 
-def checkpoint_dir_of(cfg: TrainConfig) -> Path:
-    """``checkpoint.dir``, or ``<run folder>/checkpoints`` when unset."""
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir_of(cfg) / "checkpoints"
-
-
-def check_run_folders(cfg: TrainConfig) -> None:
-    """Create the run folder and the checkpoint folder and write a file into each, so a folder
-    that cannot take the outputs stops the run now, not at its first save."""
-    _writable_folder(run_dir_of(cfg), "logging.output_dir")
-    _writable_folder(checkpoint_dir_of(cfg),
-                     "checkpoint.dir" if cfg.checkpoint.dir else "logging.output_dir")
-
-
-def _writable_folder(folder: Path, key: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".trb-nemo-write-test-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        why = (f"{str(blocker)!r} is a file, not a folder" if blocker is not None
-               and not blocker.is_dir() else e.strerror or type(e).__name__)
-        raise ConfigError(key, f"cannot write into {str(folder)!r}: {why}; choose a folder this "
-                          "job can write") from None
-
-
 def plan_resume(cfg: TrainConfig) -> Path | None:
     """Choose the checkpoint to resume from and check its config; hand the choice to the ranks.
 
     Global rank 0 verifies checksums (once per job: resume is rare and crc32 reads GB/s); other
     ranks of a torchrun/srun job, which run this too, check sizes only and take rank 0's choice
     at start-up. Damaged folders cost one warning line each (rank 0)."""
-    from trb_nemo.train.checkpoint import choose_resume, record_resume_choice
+    from trb_nemo.train.checkpoint import choose_resume
 
-    root = checkpoint_dir_of(cfg)
+    run = RunFolder.of(cfg)
+    root = run.checkpoints
     folder = None
     if cfg.checkpoint.resume:
         rank0 = global_rank() == 0
@@ -148,7 +120,7 @@ def plan_resume(cfg: TrainConfig) -> Path | None:
                                if rank0 else None)
         if folder is not None:
             check_config_change(cfg, folder)
-    record_resume_choice(root, folder)
+    run.record_resume_choice(folder)
     return folder
 
 
@@ -201,17 +173,14 @@ def _as_dict(yaml_text: str) -> dict:
     return OmegaConf.to_container(OmegaConf.create(yaml_text))
 
 
-CONFIG_CHANGES = "config_changes.jsonl"
-"""In the run folder: one line per resume with allowed changes (step, checkpoint, changes)."""
-
-
 def check_config_change(cfg: TrainConfig, folder: Path) -> list[tuple[str, object, object]]:
     """Compare the run-defining settings with the config saved in checkpoint ``folder``. A
     difference stops the run (ConfigError listing them), or, with
     ``checkpoint.allow_config_change``, is appended to ``<run folder>/config_changes.jsonl`` (global
     rank 0) and announced in one line. A checkpoint saved without its config is not compared."""
     from trb_nemo.config.compose import composed_yaml
-    from trb_nemo.train.checkpoint import CONFIG_FILE, portable_yaml
+    from trb_nemo.train.checkpoint import portable_yaml
+    from trb_nemo.train.run_dir import CONFIG_FILE
 
     saved = folder / CONFIG_FILE
     if not saved.is_file():
@@ -227,38 +196,22 @@ def check_config_change(cfg: TrainConfig, folder: Path) -> list[tuple[str, objec
     listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:_SHOWN])
     if len(diffs) > _SHOWN:
         listed += f" (and {len(diffs) - _SHOWN} more)"
-    run_dir = run_dir_of(cfg)
+    run = RunFolder.of(cfg)
     if not cfg.checkpoint.allow_config_change:
         raise ConfigError("checkpoint.allow_config_change", f"is false, and resuming {folder} "
                           f"with other settings than it was trained with: {listed}. Use the "
                           "checkpoint's values, start a new run (another logging.run_name), or "
                           "set checkpoint.allow_config_change=true to continue with the change "
-                          f"recorded in {run_dir / CONFIG_CHANGES}")
+                          f"recorded in {run.config_changes}")
     if global_rank() == 0:
         step = json.loads((folder / MODEL_META).read_text()).get("step")
-        _append_change(run_dir / CONFIG_CHANGES, {
+        run.record_config_change({
             "step": step, "checkpoint": folder.name,
             "changes": {k: [a, b] for k, a, b in diffs}})
         print(f"trb-nemo: resuming {folder.name} with changed settings "
               f"(checkpoint.allow_config_change=true): {listed}; recorded in "
-              f"{run_dir / CONFIG_CHANGES}", file=sys.stderr, flush=True)
+              f"{run.config_changes}", file=sys.stderr, flush=True)
     return diffs
-
-
-def _append_change(path: Path, record: dict) -> None:
-    """Append, unless the last line already records this very change (a rerun after a crash
-    before the next checkpoint)."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    if lines:
-        try:
-            last = json.loads(lines[-1])
-            if {k: last.get(k) for k in record} == json.loads(json.dumps(record)):
-                return
-        except ValueError:
-            pass
-    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 LOCAL_ATTENTION_WARN_TOKENS = 4096

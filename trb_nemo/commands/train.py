@@ -12,6 +12,7 @@ from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.logs import global_rank, print0, quiet_third_party
 from trb_nemo.parallel.env import launched_externally
 from trb_nemo.parallel.spawn import run_local_ranks
+from trb_nemo.train.run_dir import RunFolder
 
 
 def rank_main(cfg: TrainConfig) -> dict:
@@ -23,37 +24,11 @@ def rank_main(cfg: TrainConfig) -> dict:
 
 
 def save_composed_config(cfg: TrainConfig) -> None:
-    """``<run_dir>/config.yaml``: the resolved config this run uses (rank 0). Written after the
-    pre-flight accepted the settings (a resume with run-defining changes never gets here unless
-    allowed); a previous config.yaml with other content is kept, see :func:`keep_previous_config`."""
-    from trb_nemo.train.run_dir import run_dir_of
-
-    if global_rank() != 0:
-        return
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path, text = run_dir / "config.yaml", composed_yaml(cfg)
-    if path.is_file() and path.read_text() != text:
-        keep_previous_config(path, cfg)
-    path.write_text(text)
-
-
-def keep_previous_config(path, cfg: TrainConfig):
-    """Rename the run folder's previous ``config.yaml`` to ``config.before_step_<N>.yaml``, N the
-    step this run starts at (the resumed checkpoint's, 0 when it starts over): the settings that
-    produced the steps before N. Returns the new path."""
-    from trb_nemo.commands.preflight import checkpoint_dir_of
-    from trb_nemo.train.checkpoint import recorded_resume_choice
-
-    _, folder = recorded_resume_choice(checkpoint_dir_of(cfg))
-    step = int(folder.name.rsplit("_", 1)[1]) if folder is not None else 0
-    target = path.with_name(f"config.before_step_{step:07d}.yaml")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"config.before_step_{step:07d}-{n}.yaml")
-    path.rename(target)
-    return target
+    """``<run folder>/config.yaml``: the resolved config this run uses (global rank 0), written
+    after the pre-flight accepted the settings (:meth:`~trb_nemo.train.run_dir.RunFolder.save_config`
+    keeps a previous one with other content)."""
+    if global_rank() == 0:
+        RunFolder.of(cfg).save_config(composed_yaml(cfg))
 
 
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
@@ -78,21 +53,19 @@ def run_pre_stage(cfg: TrainConfig, stage: str) -> tuple[TrainConfig | None, lis
     results) when a signal stopped it."""
     from dataclasses import replace
 
-    from trb_nemo.train.checkpoint import latest_checkpoint
-    from trb_nemo.train.run_dir import run_dir_of
-
+    from trb_nemo.models.folders import latest_checkpoint
     first = stage_config(cfg, stage)
-    folder = run_dir_of(first)
+    run = RunFolder.of(first)
     results = []
-    if not (folder / "report.md").is_file():
-        print0(f"trb-nemo: first stage `{stage}` ({first.optim.max_steps} updates): {folder}")
+    if not run.report.is_file():
+        print0(f"trb-nemo: first stage `{stage}` ({first.optim.max_steps} updates): {run.path}")
         results = run_train(first)
         if results[0].get("stopped_by_signal"):
             return None, results
-    weights = latest_checkpoint(folder / "checkpoints")
+    weights = latest_checkpoint(run.checkpoints)
     if weights is None:
         raise ConfigError("checkpoint.dir", f"the first stage `{stage}` left no checkpoint in "
-                                            f"{folder / 'checkpoints'}; delete {folder} to redo it")
+                                            f"{run.checkpoints}; delete {run.path} to redo it")
     print0(f"trb-nemo: the student starts from the first stage's weights, {weights}")
     student = replace(cfg.model.student, checkpoint=str(weights))
     return replace(cfg, model=replace(cfg.model, student=student)), results
@@ -110,14 +83,12 @@ def run_train(cfg: TrainConfig) -> list[dict]:
 
     from trb_nemo.methods.table import method_of
     from trb_nemo.parallel.spawn import Interrupted
-    from trb_nemo.train.run_dir import RunFolderLock, run_dir_of
-
     stage = method_of(cfg.rollout.behavior).pre_stage
     if stage is not None:
         cfg, stage_results = run_pre_stage(cfg, stage)
         if cfg is None:
             return stage_results
-    lock = RunFolderLock(run_dir_of(cfg)) if global_rank() == 0 else None
+    lock = RunFolder.of(cfg).lock() if global_rank() == 0 else None
     try:
         if lock is not None:
             lock.acquire(create=False)  # the folder exists: it may be a live run's
@@ -148,9 +119,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         print0(f"trb-nemo: stopped after step {r['step']} (signal {r['stopped_by_signal']}); "
                "checkpoint saved, rerun the same command to resume")
     elif r.get("pass@1_after") is not None:
-        from trb_nemo.train.run_dir import run_dir_of
-
-        print0(f"trb-nemo: done, {r['step']} steps. pass@1 {r['pass@1_before']:.3f} before -> "
+            print0(f"trb-nemo: done, {r['step']} steps. pass@1 {r['pass@1_before']:.3f} before -> "
                f"{r['pass@1_after']:.3f} after (best {r['pass@1_best']:.3f} at step {r['best_step']}). "
-               f"Report: {run_dir_of(cfg) / 'report.md'}")
+               f"Report: {RunFolder.of(cfg).report}")
     return results

@@ -1,21 +1,16 @@
-"""Prompt sources: the embedded toy task, or a JSONL / Parquet file of prompts with reference
-answers; and the evaluation sets pass@1 is measured on.
+"""Prompt sources and evaluation sets: the embedded toy task, or a JSONL / Parquet file of
+prompts with reference answers; and the evaluation sets pass@1 is measured on.
 
 A source hands out, for training step k, the same prompts on every rank of a model-parallel
 group (data-parallel ranks get disjoint shares), and its evaluation sets (``eval_sets``).
 Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would
 have seen.
 
-Files. The format comes from the suffix: ``.jsonl`` (or ``.json``), one JSON object per line,
-or ``.parquet``. A row's fields are found by ``data.prompt_key`` / ``data.answer_key`` (dotted
-paths into nested records, ``|`` between alternatives: see :class:`DataConfig`). A prompt is a
-string, or a list of chat messages (``{"role": ..., "content": ...}`` or ``{"from": ...,
-"value": ...}``) whose first user turn (role/from ``user`` or ``human``) gives the text. The
-text becomes ids with the student's HF tokenizer (``data.system_prompt`` put before it, or
-with ``data.chat_template`` the tokenizer's chat template: system message, user message,
-generation prompt); a student without ``hf_path`` whose vocabulary is the toy models' uses the
-toy task's character tokenizer and exact checker, so files of toy problems work with the toy
-models. Answers are checked with math-verify (:mod:`trb_nemo.data.answers`).
+Files are read by :mod:`trb_nemo.data.files` (the format from the suffix, fields by
+``data.prompt_key`` / ``data.answer_key``; a prompt is a string or chat messages whose first user
+turn gives the text) and become ids with :mod:`trb_nemo.data.text` (the student's HF tokenizer,
+or the toy task's character tokenizer for the toy models). Answers are checked with math-verify
+(:mod:`trb_nemo.data.answers`).
 
 Evaluation. With ``eval.source`` null, pass@1 is measured on the source's held-out problems:
 the toy task's held-out stream, or a file's first tenth (at most ``eval.num_problems``), which
@@ -33,7 +28,6 @@ without tokenizer files is a ConfigError naming ``model.student.hf_path``.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -42,11 +36,16 @@ from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.data import toy_math
-
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet", ".pq")
-USER_ROLES = ("user", "human")
-"""Chat-message roles (``role`` or ``from``) whose first turn is the prompt."""
+from trb_nemo.data.files import (
+    MISSING,
+    count_rows,
+    field_of,
+    fields_here,
+    file_format,
+    prompt_text,
+    read_rows,
+)
+from trb_nemo.data.text import HFText, ToyText, text_encoder
 
 
 @dataclass(frozen=True)
@@ -70,231 +69,6 @@ class EvalSet:
     """(response ids, reference answer) -> correct."""
 
 
-# ------------------------------------------------------------------------- text -> token ids
-
-
-class ToyText:
-    """The toy task's character tokenizer and exact checker, for prompt files of the toy
-    models (a student without ``hf_path``)."""
-
-    chat_template = False
-
-    def __init__(self, system_prompt: str):
-        self.tokenizer = toy_math.CharTokenizer()
-        self.system_prompt = system_prompt
-
-    def encode_all(self, texts: list[str], where: list[str], key: str) -> list[list[int]]:
-        out = []
-        for text, at in zip(texts, where, strict=True):
-            try:
-                out.append(self.tokenizer.encode(self.system_prompt + text))
-            except ValueError as e:
-                raise ConfigError(key, f"{at}: {e} (without model.student.hf_path prompts are "
-                                  "tokenized with the toy task's character tokenizer)") from None
-        return out
-
-    def answer_problem(self, answer: str) -> str | None:
-        return None if answer.isdigit() else f"the toy checker needs an integer, got {answer!r}"
-
-    def check(self, response_ids, answer: str) -> bool:
-        return toy_math.check(self.tokenizer.decode(response_ids), int(answer))
-
-
-class HFText:
-    """The student's HF tokenizer; answers checked with math-verify."""
-
-    def __init__(self, tokenizer, folder: str, system_prompt: str, chat_template: bool):
-        self.tokenizer, self.system_prompt, self.chat_template = tokenizer, system_prompt, chat_template
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("data.chat_template", f"is true, but the tokenizer in {folder!r} has "
-                              "no chat template; set data.chat_template=false (data.system_prompt "
-                              "is then put before each prompt)")
-
-    def render(self, text: str) -> str:
-        """The chat-template text of one prompt (``chat_template`` true)."""
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt
-                    else []) + [{"role": "user", "content": text}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-
-    def encode_all(self, texts: list[str], where: list[str], key: str) -> list[list[int]]:
-        if not texts:
-            return []
-        if self.chat_template:  # the template writes the special tokens itself
-            return self.tokenizer([self.render(t) for t in texts],
-                                  add_special_tokens=False)["input_ids"]
-        return self.tokenizer([self.system_prompt + t for t in texts])["input_ids"]
-
-    def answer_problem(self, answer: str) -> str | None:
-        from trb_nemo.data.answers import reference_text
-
-        return None if reference_text(answer) else f"no answer in {answer!r}"
-
-    def check(self, response_ids, answer: str) -> bool:
-        from trb_nemo.data.answers import math_answer_matches
-
-        return math_answer_matches(self.tokenizer.decode(list(response_ids)), answer)
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-"""One of these makes a folder hold a tokenizer (the rest of an HF tokenizer is configuration)."""
-
-
-def load_tokenizer(folder: str, key: str = "model.student.hf_path"):
-    """The HF tokenizer of ``folder``; ConfigError(key) when it has none (``transformers`` would
-    otherwise build an empty one from config.json that encodes every prompt to nothing)."""
-    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        raise ConfigError(key, f"{folder!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
-                          "; prompts are tokenized with the student's: copy the tokenizer files "
-                          "of the model it came from into that folder")
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 - any loading failure is the folder's
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(key, f"the tokenizer in {folder!r} does not load: {first}") from None
-
-
-def text_encoder(cfg: TrainConfig, key: str = "data.source") -> ToyText | HFText:
-    """How file prompts become ids: the student's HF tokenizer, or, for a student without
-    ``hf_path`` whose vocabulary is the toy models', the toy character tokenizer."""
-    d, student = cfg.data, cfg.model.student
-    if student.hf_path is not None:
-        return HFText(load_tokenizer(student.hf_path), student.hf_path, d.system_prompt,
-                      d.chat_template)
-    if student.vocab_size != toy_math.VOCAB_SIZE:
-        raise ConfigError(key, "a prompt file needs the student's tokenizer: set "
-                          "model.student.hf_path (or use toy_math)")
-    if d.chat_template:
-        raise ConfigError("data.chat_template", "is true, but a student without "
-                          "model.student.hf_path uses the toy task's character tokenizer, which "
-                          "has no chat template; set data.chat_template=false")
-    return ToyText(d.system_prompt)
-
-
-# --------------------------------------------------------------------------------- reading files
-
-_MISSING = object()
-
-
-def _lookup(row, path: str):
-    if isinstance(row, dict) and path in row:  # a flat column that has a dot in its name
-        return row[path]
-    node = row
-    for part in path.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and re.fullmatch(r"-?\d+", part) \
-                and -len(node) <= int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return _MISSING
-    return node
-
-
-def field_of(row, key: str):
-    """The value at ``key`` (dotted path, ``|`` between alternatives: the first one the row has
-    with a non-null value); ``_MISSING`` when none."""
-    for path in key.split("|"):
-        value = _lookup(row, path.strip())
-        if value is not _MISSING and value is not None:
-            return value
-    return _MISSING
-
-
-def _fields_here(row: dict, columns: list[str] | None) -> str:
-    names = columns if columns is not None else list(row)
-    return ", ".join(map(repr, names)) or "none"
-
-
-def prompt_text(value) -> str | None:
-    """The prompt text of a field value: a string, or the first user turn of chat messages;
-    None when it is neither."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        for m in value:
-            if m.get("role", m.get("from")) in USER_ROLES:
-                text = m.get("content", m.get("value"))
-                return text if isinstance(text, str) else None
-    return None
-
-
-def file_format(path: str, key: str) -> str:
-    """``jsonl`` or ``parquet`` from the suffix; ConfigError(key) for a missing file or another
-    suffix."""
-    file = Path(path)
-    if not file.is_file():
-        what = "neither toy_math nor a file" if key in ("data.source", "eval.source") else \
-            "not a file"
-        raise ConfigError(key, f"{path!r} is {what}")
-    suffix = file.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl"
-    if suffix in PARQUET_SUFFIXES:
-        return "parquet"
-    raise ConfigError(key, f"{path}: unknown format {suffix or '(no suffix)'!r}; use a .jsonl "
-                      "(one JSON object per line) or .parquet file")
-
-
-def read_rows(path: str, key: str, fields: Sequence[str] = ()) -> tuple[list[tuple[str, dict]],
-                                                                        list[str] | None]:
-    """(where, row) of every row of a JSONL or Parquet file (``where``: ``p.jsonl:3``, line 3,
-    or ``p.parquet row 2``, 0-based), and a Parquet file's columns (None for JSONL). A Parquet
-    file is read for the columns ``fields`` (keys: dotted paths with ``|``) need only.
-    ConfigError(key) for a file that does not parse."""
-    if file_format(path, key) == "parquet":
-        return _parquet_rows(path, key, fields)
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        raise ConfigError(key, f"{path} is one JSON array, not JSONL: write one JSON "
-                          "object per line (e.g. jq -c '.[]' in.json > prompts.jsonl)")
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(key, f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(key, f"{path}:{number}: a JSON {type(row).__name__}, not an object")
-        rows.append((f"{path}:{number}", row))
-    return rows, None
-
-
-def _parquet_rows(path: str, key: str, fields: Sequence[str]):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        file = pq.ParquetFile(path)
-        names = file.schema_arrow.names
-        wanted = {n for k in fields for alt in k.split("|") for n in names
-                  if alt.strip() == n or alt.strip().split(".")[0] == n}
-        if wanted:
-            rows = file.read(columns=[n for n in names if n in wanted]).to_pylist()
-        else:  # no column the keys name: every row lacks them
-            rows = [{} for _ in range(file.metadata.num_rows)]
-    except (pa.ArrowException, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(key, f"{path} does not read as Parquet: {first}") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(rows)], names
-
-
-def count_rows(path: str) -> int | None:
-    """Rows of a JSONL or Parquet file, cheaply (no parsing); None if it does not read."""
-    try:
-        if Path(path).suffix.lower() in PARQUET_SUFFIXES:
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).metadata.num_rows
-        return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
-    except Exception:  # noqa: BLE001 - the pre-flight says what is wrong with it
-        return None
-
-
 def read_prompts(path: str, encoder: ToyText | HFText, max_prompt_length: int, *,
                  source_key: str, prompt_key: tuple[str, str], answer_key: tuple[str, str | None],
                  limit: int | None = None, skipped: list | None = None) -> list[Prompt]:
@@ -311,9 +85,9 @@ def read_prompts(path: str, encoder: ToyText | HFText, max_prompt_length: int, *
     texts = []
     for where, row in rows:
         value = field_of(row, pk)
-        if value is _MISSING:
+        if value is MISSING:
             raise ConfigError(pk_name, f"{where}: no field {pk!r} (the prompt); fields here: "
-                              f"{_fields_here(row, columns)}")
+                              f"{fields_here(row, columns)}")
         text = prompt_text(value)
         if text is None:
             what = ("a list without a user turn (a message with role or from 'user' or "
@@ -336,10 +110,10 @@ def read_prompts(path: str, encoder: ToyText | HFText, max_prompt_length: int, *
             items.append(Prompt(tuple(ids), None))
             continue
         answer = field_of(row, ak)
-        if answer is _MISSING:
+        if answer is MISSING:
             raise ConfigError(ak_name, f"{where}: no field {ak!r} (the reference answer rollout "
                               "rewards and pass@1 are scored against); fields here: "
-                              f"{_fields_here(row, columns)}")
+                              f"{fields_here(row, columns)}")
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise ConfigError(ak_name, f"{where}: field {ak!r} is of type "
                               f"{type(answer).__name__}, not a string or a number")

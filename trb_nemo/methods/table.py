@@ -169,3 +169,13 @@ def policy_for(step: int, rollout, trb):
     ``rollout.behavior`` (``rollout`` and ``trb``: the config's ``RolloutConfig`` and
     ``TRBConfig``; this table reads their fields and imports no config)."""
     return method_of(rollout.behavior).policy(step, rollout, trb)
+
+
+def needs_full_teacher_logits(loss_kind: str, target: str) -> bool:
+    """Whether the loss reads the teacher's logits over the whole vocabulary at every prefix
+    (``loss.kind=full``, and Veto's target Q ∝ pi_T pi_S^b), rather than log pi_T at a few
+    recorded ids (``topk``/``sampled``) or nothing (``sft``). Scoring streams or scores them
+    (:func:`trb_nemo.scoring.teacher.loss_batch`); the planner charges their memory."""
+    if target == "sft":
+        return False
+    return loss_kind == "full" or target == "veto"

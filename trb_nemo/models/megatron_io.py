@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from trb_nemo.config.schema import ModelSpec
-from trb_nemo.models.resolve import MODEL_META
+from trb_nemo.models.folders import MODEL_META
 from trb_nemo.parallel import comm
 
 

@@ -13,37 +13,16 @@ change. No torch import: this runs before any rank starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig, check_eos, check_same_vocab
+from trb_nemo.models.folders import read_model_meta
 from trb_nemo.models.hf_config import (
     model_eos_token_id,
     read_config_json,
     spec_from_hf_config,
     tokenizer_vocab,
 )
-
-MODEL_META = "trb_nemo_model.json"
-"""Written into every Megatron checkpoint folder we save: the network's ModelSpec fields and,
-when it came from HF, the source config.json (so export restores the same HF config)."""
-
-
-def read_model_meta(folder: str, key: str) -> dict:
-    """The metadata of a complete trb-nemo Megatron checkpoint folder, or ConfigError(key)."""
-    path = Path(folder)
-    if not path.exists():
-        raise ConfigError(key, f"{folder!r} does not exist")
-    meta = path / MODEL_META
-    if not meta.is_file():
-        hint = ""
-        steps = sorted(p.name for p in path.glob("step_*")  # not .tmp / .damaged ones
-                       if p.name[5:].isdigit() and (p / MODEL_META).is_file())
-        if steps:
-            hint = f" (it holds training checkpoints: use {folder}/{steps[-1]})"
-        raise ConfigError(key, f"{folder!r} is not a complete trb-nemo checkpoint: no {MODEL_META}"
-                          f"{hint}; make one with `trb-nemo convert hf-to-megatron`")
-    return json.loads(meta.read_text())
 
 
 def spec_from_meta(meta: dict, base: ModelSpec) -> ModelSpec:

@@ -17,13 +17,7 @@ import torch.distributed as dist
 
 from trb_nemo.ops.eos import StopMerge, stop_merge
 from trb_nemo.ops.fused import is_fused
-from trb_nemo.ops.shards import (
-    NEG_INF,
-    group_size,
-    row_chunks,
-    shard_start,
-    valid_columns,
-)
+from trb_nemo.ops.shards import NEG_INF, group_size, row_chunks, shard_start, valid_columns
 
 
 def as_fp32_masked(logits_RV: torch.Tensor, valid_V: torch.Tensor | None) -> torch.Tensor:

@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass
 
 from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
-from trb_nemo.methods.table import method_of, policy_for
+from trb_nemo.methods.table import method_of, needs_full_teacher_logits, policy_for
 from trb_nemo.models.shapes import _L, hf_shapes, padded_vocab_size
 
 GIB = 1024**3
@@ -190,111 +190,163 @@ def kv_cache_bytes(spec: ModelSpec, layout: Layout, sequences: int, positions: i
     return 2 * layers * sequences * (positions + 1) * g * d * layout.dtype_bytes
 
 
-def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
-    """The phases of ``cfg`` on ``world_size`` ranks (module docstring); ``cfg``'s models
-    resolved (inline shapes, config.json or checkpoint metadata)."""
+@dataclass(frozen=True)
+class _Inputs:
+    """What the phases of one plan share: the config, the layout, the step's shapes and the
+    terms more than one phase holds."""
+
+    cfg: TrainConfig
+    layout: Layout
+    sequences: int
+    """Sequences of a step on one DP rank."""
+    seq: int
+    """Positions of a sequence: prompt + new tokens."""
+    vocab_shard: int
+    student_weights: Term
+    grads: Term
+    optimizer: Term
+    teacher_weights: Term
+    prefill: Term
+    full_logits: bool
+    """The loss needs the teacher's full logits (loss.kind=full, Veto)."""
+    streamed: bool
+    """Those logits are computed per microbatch inside the training step (PP = 1, a teacher)."""
+
+    @property
+    def targets(self) -> Term:
+        """What the loss reads of the teacher, held from scoring through the step."""
+        cfg, seq = self.cfg, self.seq
+        if self.full_logits and not self.streamed:
+            # the teacher's logits of every sequence, scored before the step and kept through it
+            return Term("teacher logits of the batch (loss.kind=full / veto)",
+                        self.sequences * seq * self.vocab_shard * self.layout.dtype_bytes)
+        return Term("loss targets", self.sequences * seq * cfg.loss.topk * (8 + 4))
+
+
+def _working_set(spec: ModelSpec, layout: Layout, tokens: int) -> int:
+    """Bytes of a forward's working set over ``tokens`` positions: max(4 h, 3 f) elements per
+    token (``f`` the FFN width per TP rank), in the compute dtype."""
+    return (tokens * max(spec.hidden_size * 4, spec.ffn_hidden_size // layout.tp * 3)
+            * layout.dtype_bytes)
+
+
+def _inputs(cfg: TrainConfig, world_size: int) -> _Inputs:
     layout = layout_of(cfg, world_size)
     student, teacher = cfg.model.student, cfg.model.teacher
     e = layout.dtype_bytes
     ro, opt = cfg.rollout, cfg.optim
-    sequences = opt.prompts_per_step * ro.num_rollouts_per_prompt // layout.dp
-    seq = cfg.data.max_prompt_length + ro.max_new_tokens
-    vocab_shard = padded_vocab_size(student.vocab_size, layout.tp) // layout.tp
-    k = cfg.loss.topk
-
     p_student = stage_parameters(student, layout)
-    student_weights = Term("student weights", p_student * e)
-    grads = Term("student grads (fp32)", p_student * 4)
     optimizer_bytes = p_student * (ADAM_BYTES if e == 2 else 8)
     if layout.distributed_optimizer:
         optimizer_bytes //= layout.dp
-    optimizer = Term("optimizer (main weights, Adam)", optimizer_bytes)
-    teacher_weights = Term("teacher weights", stage_parameters(teacher, layout) * e
-                           if teacher is not None else 0)
-    # the returned rollout: tokens, records (5 fp32), top-k ids (int64) and teacher log-probs
-    records = Term("rollout records", sequences * seq * (8 + 5 * 4 + k * (8 + 4)))
+    full_logits = needs_full_teacher_logits(cfg.loss.kind, method_of(ro.behavior).target)
+    return _Inputs(
+        cfg=cfg, layout=layout,
+        sequences=opt.prompts_per_step * ro.num_rollouts_per_prompt // layout.dp,
+        seq=cfg.data.max_prompt_length + ro.max_new_tokens,
+        vocab_shard=padded_vocab_size(student.vocab_size, layout.tp) // layout.tp,
+        student_weights=Term("student weights", p_student * e),
+        grads=Term("student grads (fp32)", p_student * 4),
+        optimizer=Term("optimizer (main weights, Adam)", optimizer_bytes),
+        teacher_weights=Term("teacher weights", stage_parameters(teacher, layout) * e
+                             if teacher is not None else 0),
+        prefill=Term("prefill working set",
+                     _working_set(student, layout, ro.prefill_chunk_tokens)),
+        full_logits=full_logits,
+        streamed=full_logits and layout.pp == 1 and teacher is not None)
 
-    # ----- rollout
-    slots = min(ro.max_sequences_in_flight, sequences)
+
+def _rollout_phase(p: _Inputs) -> list[Term]:
+    """Decoding at the rollout budget, the teacher in lockstep where the method needs it."""
+    cfg, layout, seq = p.cfg, p.layout, p.seq
+    student, teacher = cfg.model.student, cfg.model.teacher
+    ro, k = cfg.rollout, cfg.loss.topk
+    slots = min(ro.max_sequences_in_flight, p.sequences)
     # the step-0 policy: the TRB warmup's (the teacher in lockstep) is the costliest
     lockstep = teacher is not None and policy_for(0, ro, cfg.trb).needs_teacher()
     caches = kv_cache_bytes(student, layout, slots, seq + ro.draft_tokens)
     if lockstep:
         caches += kv_cache_bytes(teacher, layout, slots, seq + ro.draft_tokens)
     rows = slots * (1 + ro.draft_tokens)
-    decode_logits = rows * vocab_shard * 4 * (4 if lockstep else 2)
-    prefill = ro.prefill_chunk_tokens * max(student.hidden_size * 4, student.ffn_hidden_size
-                                            // layout.tp * 3) * e
-    rollout_terms = [student_weights]
-    if not opt.offload_during_rollout:
-        rollout_terms += [grads, optimizer]
-    rollout_terms += [teacher_weights, Term("KV caches", caches),
-                      Term("decode logits", decode_logits), Term("prefill working set", prefill),
-                      records]
+    decode_logits = rows * p.vocab_shard * 4 * (4 if lockstep else 2)
+    terms = [p.student_weights]
+    if not cfg.optim.offload_during_rollout:
+        terms += [p.grads, p.optimizer]
+    # the returned rollout: tokens, records (5 fp32), top-k ids (int64) and teacher log-probs
+    records = Term("rollout records", p.sequences * seq * (8 + 5 * 4 + k * (8 + 4)))
+    return terms + [p.teacher_weights, Term("KV caches", caches),
+                    Term("decode logits", decode_logits), p.prefill, records]
 
-    # ----- teacher scoring (forward only: one microbatch's activations live at a time)
-    b = opt.micro_batch_size
-    targets = Term("loss targets", sequences * seq * k * (8 + 4))
-    full_logits = cfg.loss.kind == "full" or method_of(cfg.rollout.behavior).target == "veto"
-    streamed = full_logits and layout.pp == 1 and teacher is not None
-    if full_logits and not streamed:
-        # the teacher's logits of every sequence, scored before the step and kept through it
-        targets = Term("teacher logits of the batch (loss.kind=full / veto)",
-                       sequences * seq * vocab_shard * e)
-    scoring = None
-    if teacher is not None and not streamed:
-        t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
-        working = b * seq * max(teacher.hidden_size * 4, teacher.ffn_hidden_size
-                                // layout.tp * 3) * e
-        state = () if opt.offload_during_rollout else (grads, optimizer)  # still on the host
-        scoring = Phase("scoring", (student_weights, *state, teacher_weights,
-                                    Term("teacher activations (one microbatch)", working),
-                                    Term("teacher logits and the loss buffer",
-                                         2 * b * seq * t_shard * e),
-                                    targets))
 
-    # ----- training
-    in_flight = min(layout.pp, max(1, sequences // b))
-    acts = activation_bytes(student, cfg, layout, b * seq, seq, in_flight)
-    logits = b * seq * vocab_shard * e
-    training_terms = [student_weights, grads, optimizer]
-    if streamed or not cfg.model.offload_teacher_during_training:
-        training_terms.append(teacher_weights)
-    training_terms += [Term("activations", acts),
-                       Term("logits, their gradient and the loss buffer", 3 * logits)]
-    if streamed:  # PP = 1: each microbatch's teacher logits computed inside the step
-        working = b * seq * max(teacher.hidden_size * 4, teacher.ffn_hidden_size
-                                // layout.tp * 3) * e
-        training_terms += [Term("teacher activations (one microbatch)", working),
-                           Term("teacher logits (one microbatch, streamed)", logits)]
+def _scoring_phase(p: _Inputs) -> list[Term] | None:
+    """Teacher scoring before the step (forward only: one microbatch's activations live at a
+    time); None when there is no teacher or its logits are streamed inside the step."""
+    cfg, layout, seq = p.cfg, p.layout, p.seq
+    teacher, b = cfg.model.teacher, cfg.optim.micro_batch_size
+    if teacher is None or p.streamed:
+        return None
+    t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
+    working = _working_set(teacher, layout, b * seq)
+    state = () if cfg.optim.offload_during_rollout else (p.grads, p.optimizer)  # on the host
+    return [p.student_weights, *state, p.teacher_weights,
+            Term("teacher activations (one microbatch)", working),
+            Term("teacher logits and the loss buffer", 2 * b * seq * t_shard * layout.dtype_bytes),
+            p.targets]
+
+
+def _training_phase(p: _Inputs) -> list[Term]:
+    """The training step: the student's state, its activations and the loss's logits."""
+    cfg, layout, seq = p.cfg, p.layout, p.seq
+    b = cfg.optim.micro_batch_size
+    in_flight = min(layout.pp, max(1, p.sequences // b))
+    acts = activation_bytes(cfg.model.student, cfg, layout, b * seq, seq, in_flight)
+    logits = b * seq * p.vocab_shard * layout.dtype_bytes
+    terms = [p.student_weights, p.grads, p.optimizer]
+    if p.streamed or not cfg.model.offload_teacher_during_training:
+        terms.append(p.teacher_weights)
+    terms += [Term("activations", acts),
+              Term("logits, their gradient and the loss buffer", 3 * logits)]
+    if p.streamed:  # PP = 1: each microbatch's teacher logits computed inside the step
+        working = _working_set(cfg.model.teacher, layout, b * seq)
+        terms += [Term("teacher activations (one microbatch)", working),
+                  Term("teacher logits (one microbatch, streamed)", logits)]
     else:
-        training_terms.append(targets)
+        terms.append(p.targets)
+    return terms
 
-    # ----- evaluation: the student decodes alone at the evaluation budget
-    ev = cfg.eval
+
+def _evaluation_phase(p: _Inputs) -> list[Term]:
+    """The student decodes alone at the evaluation budget."""
+    cfg, layout = p.cfg, p.layout
+    ev, ro = cfg.eval, cfg.rollout
     eval_slots = ev.max_sequences_in_flight or ro.max_sequences_in_flight
     if ev.num_problems:  # else every problem of the files: the budget bounds it
         eval_rows = -(-ev.num_problems // layout.dp) * max(
             [ev.num_samples, *ev.samples_per_set.values()])
         eval_slots = min(eval_slots, eval_rows)
     eval_seq = cfg.data.max_prompt_length + (ev.max_new_tokens or ro.max_new_tokens)
-    evaluation_terms = [student_weights]
-    if not opt.offload_during_rollout:
-        evaluation_terms += [grads, optimizer]
+    terms = [p.student_weights]
+    if not cfg.optim.offload_during_rollout:
+        terms += [p.grads, p.optimizer]
     if not cfg.model.offload_teacher_during_training:  # else still on the host from training
-        evaluation_terms.append(teacher_weights)
-    evaluation_terms += [Term("KV cache", kv_cache_bytes(student, layout, eval_slots, eval_seq)),
-                         Term("decode logits", eval_slots * vocab_shard * 4 * 2),
-                         Term("prefill working set", prefill)]
+        terms.append(p.teacher_weights)
+    kv = kv_cache_bytes(cfg.model.student, layout, eval_slots, eval_seq)
+    return terms + [Term("KV cache", kv),
+                    Term("decode logits", eval_slots * p.vocab_shard * 4 * 2), p.prefill]
 
+
+def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
+    """The phases of ``cfg`` on ``world_size`` ranks (module docstring); ``cfg``'s models
+    resolved (inline shapes, config.json or checkpoint metadata)."""
+    p = _inputs(cfg, world_size)
     reserve = [Term("CUDA context, NCCL, allocator slack",
                     RUNTIME_RESERVE if cfg.parallel.backend != "gloo" else 0)]
-    phases = [Phase("rollout", tuple(t for t in rollout_terms + reserve if t.bytes))]
+    scoring = _scoring_phase(p)
+    phases = [("rollout", _rollout_phase(p))]
     if scoring is not None:
-        phases.append(Phase("scoring", tuple(t for t in list(scoring.terms) + reserve if t.bytes)))
-    phases.append(Phase("training", tuple(t for t in training_terms + reserve if t.bytes)))
-    phases.append(Phase("evaluation", tuple(t for t in evaluation_terms + reserve if t.bytes)))
-    return phases
+        phases.append(("scoring", scoring))
+    phases += [("training", _training_phase(p)), ("evaluation", _evaluation_phase(p))]
+    return [Phase(name, tuple(t for t in terms + reserve if t.bytes)) for name, terms in phases]
 
 
 FIXES = {

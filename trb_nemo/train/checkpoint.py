@@ -15,7 +15,8 @@ step, and the caller is told).
 Which folder a run resumes from: :func:`choose_resume` walks the complete checkpoints newest
 first and takes the first that :func:`~trb_nemo.models.megatron_io.verify_checkpoint` finds
 intact, with one warning line per damaged folder skipped; it runs in the pre-flight, before any
-rank starts, which hands its choice to the ranks (:data:`RESUME_ENV`); rank 0 then broadcasts
+rank starts, which hands its choice to the ranks
+(:data:`~trb_nemo.train.run_dir.RESUME_ENV`); rank 0 then broadcasts
 the folder, so every rank loads the same one (:func:`agreed_resume_folder`). Damaged folders are
 never deleted: the run moves them aside as ``step_<N>.damaged`` before it can save over them.
 Each checkpoint also holds the run's composed ``config.yaml``, which the pre-flight compares
@@ -27,10 +28,8 @@ any rank starts, in a process that never builds a model.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from trb_nemo.config.schema import ConfigError, ModelSpec
+from trb_nemo.models.folders import (
+    MODEL_META,
+    STEP_FOLDER,
+    complete_checkpoints,
+    read_model_meta,
+    step_folder,
+)
 from trb_nemo.models.megatron_io import (
     load_model,
     model_meta,
@@ -47,17 +53,12 @@ from trb_nemo.models.megatron_io import (
     save_checkpoint,
     verify_checkpoint,
 )
-from trb_nemo.models.resolve import MODEL_META, read_model_meta
 from trb_nemo.parallel import comm
+from trb_nemo.train.run_dir import CONFIG_FILE, recorded_resume_choice
 
 if TYPE_CHECKING:
     from trb_nemo.parallel.groups import ParallelGroups
     from trb_nemo.train.optimizer import StudentTraining
-
-_STEP = re.compile(r"step_(\d{7})")
-CONFIG_FILE = "config.yaml"
-"""The composed config of the run, saved into every training checkpoint (:func:`portable_yaml`)."""
-
 
 def portable_yaml(text: str) -> str:
     """``text`` with the project checkout's path written ``${project_root:}``, as conf/ writes
@@ -67,29 +68,6 @@ def portable_yaml(text: str) -> str:
 
     return text.replace(f"{project_root()}/", "${project_root:}/")
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def step_folder(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step_{step:07d}"
-
-
-def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint under root, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP.fullmatch(p.name)
-        if m and p.is_dir() and (p / MODEL_META).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint, unverified (see :func:`choose_resume`)."""
-    found = complete_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def choose_resume(root: str | Path, checksums: bool = True,
@@ -121,28 +99,6 @@ def choose_resume(root: str | Path, checksums: bool = True,
 DAMAGED = ".damaged"
 """Suffix of a damaged checkpoint moved aside (kept for the user, never loaded)."""
 
-RESUME_ENV = "TRB_NEMO_RESUME"
-"""The pre-flight's choice, ``{"dir": ..., "folder": name or null}`` as JSON: the local ranks
-inherit it from the process that started them; under torchrun/srun each rank ran the pre-flight
-itself. Only global rank 0's counts (:func:`agreed_resume_folder`)."""
-
-
-def record_resume_choice(root: str | Path, folder: Path | None) -> None:
-    os.environ[RESUME_ENV] = json.dumps({"dir": str(Path(root).resolve()),
-                                         "folder": folder.name if folder else None})
-
-
-def recorded_resume_choice(root: str | Path) -> tuple[bool, Path | None]:
-    """(found, folder): the pre-flight's choice for ``root``, if this process tree has one."""
-    try:
-        rec = json.loads(os.environ.get(RESUME_ENV, ""))
-        if rec["dir"] != str(Path(root).resolve()):
-            return False, None
-        return True, (Path(root) / rec["folder"] if rec["folder"] else None)
-    except (ValueError, KeyError, TypeError):
-        return False, None
-
-
 def remove_unfinished_saves(root: str | Path) -> list[str]:
     """Delete ``step_*.tmp`` folders (saves a crash interrupted: never loadable). Call on one
     rank, while no other run can write into ``root``. Returns their names."""
@@ -150,7 +106,7 @@ def remove_unfinished_saves(root: str | Path) -> list[str]:
     gone = []
     if root.is_dir():
         for p in sorted(root.glob("step_*.tmp")):
-            if _STEP.fullmatch(p.name[: -len(".tmp")]) and p.is_dir():
+            if STEP_FOLDER.fullmatch(p.name[: -len(".tmp")]) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 gone.append(p.name)
     return gone
@@ -160,7 +116,7 @@ def move_aside_newer(root: str | Path, resume_from: Path) -> list[str]:
     """Rename the complete checkpoints newer than ``resume_from`` (all damaged: the choice takes
     the newest intact one) to ``<name>.damaged``, so the run's own saves never replace them and
     they no longer count as checkpoints. Returns the new names."""
-    step = int(_STEP.fullmatch(resume_from.name).group(1))
+    step = int(STEP_FOLDER.fullmatch(resume_from.name).group(1))
     moved = []
     for s, folder in complete_checkpoints(root):
         if s > step:
@@ -191,7 +147,7 @@ def agreed_resume_folder(root: str | Path, resume: bool) -> Path | None:
                 folder = choose_resume(root)
         if folder is not None:
             move_aside_newer(root, folder)
-            step = int(_STEP.fullmatch(folder.name).group(1))
+            step = int(STEP_FOLDER.fullmatch(folder.name).group(1))
     step = int(comm.broadcast(torch.tensor([step], dtype=torch.int64), src=0).item())
     return None if step < 0 else step_folder(root, step)
 

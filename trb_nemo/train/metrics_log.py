@@ -1,7 +1,7 @@
 """What the user sees during a run: a progress bar with live metrics, a JSONL file and
 TensorBoard events (global rank 0 only; other ranks write nothing).
 
-``<run_dir>/metrics.jsonl`` holds one object per training step (``{"step": k, ...}``) and one
+``<run folder>/metrics.jsonl`` holds one object per training step (``{"step": k, ...}``) and one
 per evaluation (``{"step": k, "eval/pass@1": ...}``). On resume, lines of steps at or after the
 resumed step are dropped first, so the file always describes one consistent run.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from trb_nemo.config.schema import LoggingConfig
 from trb_nemo.logs import global_rank
+from trb_nemo.train.run_dir import RunFolder
 
 BAR_KEYS = (("eps", "rollout/eps"), ("beta", "rollout/beta_mean"),
             ("accept", "rollout/draft_acceptance"), ("loss", "train/loss"),
@@ -30,19 +31,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, start_step: int):
+    def __init__(self, run: RunFolder, cfg: LoggingConfig, total_steps: int, start_step: int):
         self.enabled = global_rank() == 0
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run.metrics
         self.cfg, self.bar, self.tb, self.live = cfg, None, None, {}
         if not self.enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_jsonl(self.path) if r["step"] < start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+            self.tb = SummaryWriter(str(run.tensorboard), purge_step=start_step)
         if cfg.progress_bar:
             from tqdm import tqdm
 

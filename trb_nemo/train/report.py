@@ -19,11 +19,9 @@ from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import eval_entries, evaluated_problems
 from trb_nemo.methods.table import method_of
 from trb_nemo.train.metrics_log import read_jsonl
+from trb_nemo.train.run_dir import RunFolder
 
 COMMON_CURVES = (("train/loss", "reverse-KL loss"), ("rollout/reward", "rollout reward"))
-CONFIG_CHANGES = "config_changes.jsonl"
-"""Written into the run folder when a resume changed the config: one JSON object per line with
-``step`` and ``differences`` (``key: old -> new`` strings) or ``changes`` (key -> [old, new])."""
 
 
 SPECULATIVE_CURVES = (("rollout/draft_acceptance", "draft acceptance (speculative TRB)"),
@@ -70,10 +68,10 @@ def _evaluated(cfg: TrainConfig) -> tuple[str, list[str]]:
     return what, []
 
 
-def config_changes(run_dir: Path) -> list[str]:
+def config_changes(run: RunFolder) -> list[str]:
     """``step N: a: x -> y; b: ...`` per line of ``config_changes.jsonl`` (unreadable lines
     skipped); [] without the file."""
-    path = run_dir / CONFIG_CHANGES
+    path = run.config_changes
     if not path.is_file():
         return []
     out = []
@@ -93,9 +91,9 @@ def _series(rows, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
+def write_report(run: RunFolder, cfg: TrainConfig) -> dict:
     """Write report.md and report.png; returns the headline numbers."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run.metrics)
     steps, passes = _series(rows, "eval/pass@1")
     warmup, phase = _warmup(cfg)
     summary = {"pass@1_before": passes[0] if passes else None,
@@ -104,7 +102,7 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
                "best_step": steps[passes.index(max(passes))] if passes else None,
                "steps": max((r["step"] for r in rows), default=0)}
     shown = curves(cfg.rollout.behavior, cfg.rollout.draft_tokens > 0)
-    plotted = _plot(run_dir / "report.png", rows, warmup, shown, phase)
+    plotted = _plot(run.report.with_suffix(".png"), rows, warmup, shown, phase)
     train_rows = [r for r in rows if "train/loss" in r]
 
     def mean(key, sel):
@@ -133,13 +131,13 @@ def write_report(run_dir: Path, cfg: TrainConfig) -> dict:
             lines.append(f"| {name} (steps {sel[0]['step']}-{sel[-1]['step']}) | "
                          + " | ".join(_fmt(mean(key, sel)) for key, _ in columns)
                          + f" | {sum(r.get('scoring/teacher_passes', 0) for r in sel)} |")
-    changes = config_changes(run_dir)
+    changes = config_changes(run)
     if changes:
         lines += ["", "## Config changes", "", "Resumed with a changed config:", "",
                   *(f"- {c}" for c in changes)]
     lines += ["", "![curves](report.png)" if plotted else
               "(no report.png: matplotlib is not installed)", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    run.report.write_text("\n".join(lines))
     return summary
 
 

@@ -8,7 +8,8 @@ over the global batch, so long and short responses weigh each prefix equally and
 not depend on the DP/microbatch split (this is what DP=2 == DP=1 tests check). TRB changes only
 which prefixes are visited, never this loss.
 
-Batch (this data-parallel rank's share; the same on every TP/PP rank of its group):
+Batch: a :class:`~trb_nemo.scoring.teacher.LossBatch` (this data-parallel rank's share; the
+same on every TP/PP rank of its group):
 * ``tokens`` [B, S] int64, right-padded; ``loss_mask`` [B, S]: position t is trained when
   tokens[t + 1] is a response token (the logits at t are the prefix tokens[: t + 1]).
 * teacher targets, one of:
@@ -28,45 +29,44 @@ from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.ops.losses import cross_entropy, reverse_kl, reverse_kl_at_ids, veto_kl
 from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
+from trb_nemo.scoring.teacher import LossBatch
 from trb_nemo.train.optimizer import StudentTraining
 
 
-def prefix_kl(logits_BSV, mb: dict, loss_cfg: LossConfig, vocab: SharedVocab,
-              group, veto_b: float | None = None, target: str = "teacher") -> torch.Tensor:
-    """Per-prefix loss [b, S] of one microbatch on the last stage (vocab-parallel over
-    ``group``, the tensor-parallel group), on EOS-canonicalized distributions: the reverse KL
-    to the teacher, or with ``veto_b`` Veto's KL to Q ∝ pi_T pi_S^b (needs the teacher's
-    logits); with ``target="sft"`` the cross-entropy of ``target_ids``. The losses read the
-    logits canonically in place (``stop_ids``): besides the gradient, only row-chunk
-    temporaries (:mod:`trb_nemo.ops.losses`)."""
+def prefix_kl(logits_BSV, mb: LossBatch, loss_cfg: LossConfig, vocab: SharedVocab,
+              group) -> torch.Tensor:
+    """Per-prefix loss [b, S] of one microbatch ``mb`` on the last stage (vocab-parallel over
+    ``group``, the tensor-parallel group), on EOS-canonicalized distributions, by ``mb.target``:
+    ``teacher``, the reverse KL to the teacher (``teacher_logits`` with ``loss.kind``, else at
+    ``target_ids`` with ``teacher_logprobs``); ``veto``, Veto's KL to Q ∝ pi_T pi_S^b with
+    ``mb.veto_b`` (needs ``teacher_logits``); ``sft``, the cross-entropy of ``target_ids``. The
+    losses read the logits canonically in place (``stop_ids``): besides the gradient, only
+    row-chunk temporaries (:mod:`trb_nemo.ops.losses`)."""
     kw = dict(vocab_group=group, vocab_size=vocab.size, stop_ids=vocab.stop_ids)  # no copies
-    if target == "sft":  # -log pi_S of the recorded (teacher) token
-        return cross_entropy(logits_BSV, mb["target_ids"][..., 0], **kw)
-    if veto_b is not None:
-        return veto_kl(logits_BSV, mb["teacher_logits"], veto_b,
+    if mb.target == "sft":  # -log pi_S of the recorded (teacher) token
+        return cross_entropy(logits_BSV, mb.target_ids[..., 0], **kw)
+    if mb.target == "veto":
+        return veto_kl(logits_BSV, mb.teacher_logits, mb.veto_b,
                        direction=loss_cfg.veto_direction, **kw)
-    if mb.get("teacher_logits") is not None:
-        return reverse_kl(logits_BSV, mb["teacher_logits"], kind=loss_cfg.kind,
+    if mb.teacher_logits is not None:
+        return reverse_kl(logits_BSV, mb.teacher_logits, kind=loss_cfg.kind,
                           topk=loss_cfg.topk, **kw)
     gradient = "policy" if loss_cfg.kind == "sampled" else "support"
-    return reverse_kl_at_ids(logits_BSV, mb["target_ids"], mb["teacher_logprobs"],
+    return reverse_kl_at_ids(logits_BSV, mb.target_ids, mb.teacher_logprobs,
                              gradient=gradient, **kw)
 
 
-def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: LossConfig,
-               vocab: SharedVocab, micro_batch_size: int | MicrobatchPlan, pg: ParallelGroups,
-               veto_b: float | None = None, target: str = "teacher",
-               teacher_stream=None) -> dict:
+def train_step(training: StudentTraining, batch: LossBatch, step: int, loss_cfg: LossConfig,
+               vocab: SharedVocab, micro_batch_size: int | MicrobatchPlan,
+               pg: ParallelGroups) -> dict:
     """Forward/backward over the microbatches, clip, AdamW update. Returns metrics that every
     rank agrees on: ``loss`` (token mean over the global batch), ``grad_norm``, ``lr``,
-    ``tokens`` (global response prefixes), ``update_ok``. ``veto_b``: this step's b of Veto's
-    target (None: the reverse KL to the teacher); ``target`` the method's
-    (:mod:`trb_nemo.methods`; ``sft``: the cross-entropy of the rollout's tokens).
+    ``tokens`` (global response prefixes), ``update_ok``, and ``veto_b`` for Veto. The loss is
+    the batch's (:func:`prefix_kl`: ``batch.target``, ``batch.veto_b``); a ``teacher_stream``
+    gives each microbatch's ``teacher_logits`` on the last stage inside the step.
     ``micro_batch_size``: an int (contiguous microbatches of that many rows at the full S) or a
     :class:`~trb_nemo.models.pipeline.MicrobatchPlan` (rows grouped by length, each microbatch
     cut to its longest row): the loss and gradients are the same up to float summation order.
-    ``teacher_stream``: a :class:`~trb_nemo.scoring.teacher.TeacherStream` giving each
-    microbatch's ``teacher_logits`` on the last stage (instead of the batch carrying them).
 
     Collectives: the schedule's (TP, PP p2p, DP grad reduce), then all-reduce(SUM) [2] over DP
     and a broadcast [2] over PP for the metrics.
@@ -76,20 +76,19 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     model.zero_grad_buffer()
     optimizer.zero_grad()
 
-    def on_logits(index, mb, logits_BSV):
-        if teacher_stream is not None:  # this microbatch's teacher logits, then dropped
-            mb = {**mb, "teacher_logits": teacher_stream(mb["tokens"])}
-        mask = mb["loss_mask"].to(torch.float32)
-        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor, veto_b, target)
-                  * mask).sum()
+    def on_logits(index, part, logits_BSV):
+        # this microbatch, typed; a streamed teacher's logits exist only while it is trained
+        mb = batch.rows(part).with_streamed_teacher()
+        mask = mb.loss_mask.to(torch.float32)
+        kl_sum = (prefix_kl(logits_BSV, mb, loss_cfg, vocab, pg.tensor) * mask).sum()
         num_tokens = mask.sum().to(torch.int)
         return kl_sum, num_tokens, {"kl_sum": kl_sum.detach().clone(), "tokens": num_tokens.clone()}
 
-    reports = run_schedule(model, microbatches_of(batch, micro_batch_size), on_logits, pg,
-                           forward_only=False)
+    reports = run_schedule(model, microbatches_of(batch.row_tensors(), micro_batch_size),
+                           on_logits, pg, forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
     # on the batch's device: the reports' tensors live there (CUDA on a GPU)
-    totals = torch.zeros(2, dtype=torch.float64, device=batch["tokens"].device)
+    totals = torch.zeros(2, dtype=torch.float64, device=batch.tokens.device)
     for r in reports.values():
         totals += torch.stack([r["kl_sum"].double(), r["tokens"].double()])
     if pg.is_last_stage:
@@ -98,6 +97,6 @@ def train_step(training: StudentTraining, batch: dict, step: int, loss_cfg: Loss
     out = {"loss": float(totals[0] / totals[1].clamp_min(1)), "tokens": int(totals[1]),
            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
            "lr": lr, "update_ok": bool(update_ok)}
-    if veto_b is not None:
-        out["veto_b"] = veto_b
+    if batch.veto_b is not None:
+        out["veto_b"] = batch.veto_b
     return out

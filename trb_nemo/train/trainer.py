@@ -1,4 +1,4 @@
-"""The training loop: TRB warmup, then pure on-policy distillation (DESIGN.md section 1).
+"""The training loop: TRB warmup, then pure on-policy distillation (the method box below).
 
 ``Trainer.step`` is the method box, one call per stage:
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import torch
 
@@ -42,7 +41,7 @@ from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.offload import PhaseMemory
 from trb_nemo.train.optimizer import wrap_student
 from trb_nemo.train.report import write_report
-from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
+from trb_nemo.train.run_dir import RunFolder
 from trb_nemo.train.step import train_step
 
 
@@ -50,7 +49,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         stop_signal.install()  # first: a signal during start-up stops after the first step
         self.cfg = cfg
-        self.run_dir = run_dir_of(cfg)
+        self.run = RunFolder.of(cfg)
         self.pg = pg = groups.initialize(cfg.parallel, cfg.seed)
         self.vocab = SharedVocab.of(cfg.model)
         self.source = build_source(cfg)
@@ -62,7 +61,7 @@ class Trainer:
         # wait in host memory in which stage of the step
         self.memory = PhaseMemory(self.training, self.teacher,
                                   cfg.model.offload_teacher_during_training)
-        self.checkpoint_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.checkpoint_dir = self.run.checkpoints
         self.step_k, self.resumed_from = 0, None
         # the pre-flight's choice (the newest intact checkpoint), the same on every rank; rank 0
         # first removes unfinished saves and moves damaged newer checkpoints aside
@@ -70,7 +69,7 @@ class Trainer:
         if latest is not None:
             resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
-        self.log = MetricsLog(self.run_dir, cfg.logging, cfg.optim.max_steps, self.step_k)
+        self.log = MetricsLog(self.run, cfg.logging, cfg.optim.max_steps, self.step_k)
         if self.resumed_from:
             folder, r = self.resumed_from
             self.log.print(f"trb-nemo: resumed from {folder} at step {r.step}"
@@ -89,15 +88,13 @@ class Trainer:
         plan = plan_microbatches(rollout.loss_mask, o.micro_batch_size,
                                  multiple=o.pad_to_multiple, group_by_length=o.group_by_length)
         self.memory.before_scoring()
-        batch = loss_batch(rollout, self.cfg.loss, self.teacher, plan, vocab=self.vocab,
-                           pg=self.pg, target=target)
         veto_b = (veto_b_at(k, b_start=self.cfg.loss.veto_b_start,
                             total_steps=self.cfg.optim.max_steps) if target == "veto" else None)
+        batch = loss_batch(rollout, self.cfg.loss, self.teacher, plan, vocab=self.vocab,
+                           pg=self.pg, target=target, veto_b=veto_b)
         # a streamed teacher runs inside the training step: it stays on the device
         self.memory.before_training(keep_teacher=batch.teacher_stream is not None)
-        metrics = train_step(self.training, batch.as_dict(), k, self.cfg.loss, self.vocab, plan,
-                             self.pg, veto_b=veto_b, target=target,
-                             teacher_stream=batch.teacher_stream)
+        metrics = train_step(self.training, batch, k, self.cfg.loss, self.vocab, plan, self.pg)
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes, plan)
 
     def prompts(self, k: int) -> list:
@@ -170,7 +167,7 @@ class Trainer:
             if stopped:
                 if comm.world_rank() == 0 and stopped != signal.SIGINT:  # a Ctrl-C means stop
                     # the Slurm job script requeues itself on seeing it
-                    (self.run_dir / STOP_MARKER).write_text(f"{self.step_k}\n")
+                    self.run.stop_marker.write_text(f"{self.step_k}\n")
                 self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
                                f"{self.checkpoint_dir}; rerun the same command to resume")
                 break
@@ -178,6 +175,6 @@ class Trainer:
         self.log.close()
         summary = {"stopped_by_signal": stopped, "step": self.step_k}
         if not stopped and comm.world_rank() == 0:
-            summary.update(write_report(self.run_dir, cfg))
+            summary.update(write_report(self.run, cfg))
         groups.destroy()
         return summary
