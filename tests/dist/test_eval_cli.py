@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from trb_nemo import seeds
 from trb_nemo.config.compose import project_root
 from trb_nemo.data import toy_math
 
@@ -29,7 +30,7 @@ PROBLEMS, SAMPLES, OTHER_SAMPLES = 4, 4, 2  # `other` takes eval.samples_per_set
 
 
 def test_eval_on_several_sets_of_the_toy_checkpoint(tmp_path):
-    held = [toy_math.problem(toy_math.EVAL_SEED_OFFSET, i) for i in range(PROBLEMS)]  # data.seed 0
+    held = [toy_math.problem(seeds.TOY_HELD_OUT, i) for i in range(PROBLEMS)]  # data.seed 0
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer})
                                                  + "\n" for p in held))
     other = [toy_math.problem(99, i) for i in range(PROBLEMS + 2)]

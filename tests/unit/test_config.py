@@ -114,13 +114,17 @@ def test_cross_field_context_must_hold_prompt_and_response():
 
 
 def test_fused_ops_on_needs_a_compiler(monkeypatch, tmp_path):
+    """A machine probe: the pre-flight's, before any rank starts (the schema reads no PATH)."""
+    from trb_nemo.commands.preflight import check_machine
+
+    cfg = load_config(["parallel.fused_ops=on"])  # valid as a config on any machine
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler in an empty folder
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(ConfigError) as err:
-        load_config(["parallel.fused_ops=on"])
+        check_machine(cfg)
     assert err.value.key == "parallel.fused_ops" and "C++ compiler" in err.value.reason
     monkeypatch.undo()
-    assert load_config(["parallel.fused_ops=on"]).parallel.fused_ops == "on"
+    check_machine(cfg)
 
 
 def test_dataclass_validates_at_construction():

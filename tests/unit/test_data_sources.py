@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from cli_inputs import write_word_tokenizer
 
+from trb_nemo import seeds
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ConfigError
 from trb_nemo.data import toy_math
@@ -100,7 +101,7 @@ def test_system_prompt_with_and_without_the_chat_template(tmp_path, hf):
 
 
 def test_toy_problems_in_a_file_use_the_toy_tokenizer_and_checker(tmp_path):
-    stream = toy_math.EVAL_SEED_OFFSET  # data.seed 0: the toy task's held-out problems
+    stream = seeds.TOY_HELD_OUT  # data.seed 0: the toy task's held-out problems
     problems = [toy_math.problem(stream, i) for i in range(5)]
     path = write(tmp_path / "toy.parquet", [{"q": p.prompt, "a": p.answer} for p in problems])
     source = build_source(load_config([f"data.source={path}", "data.prompt_key=q",

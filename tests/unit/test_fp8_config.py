@@ -14,8 +14,9 @@ import pytest
 from harness import spawn_bare
 
 from trb_nemo import cli
-from trb_nemo.config import schema
-from trb_nemo.config.schema import ModelConfig, ModelSpec, ParallelConfig
+from trb_nemo.commands import preflight
+from trb_nemo.config.compose import load_config
+from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
 from trb_nemo.models.gpt import fp8_kwargs, fp8_padded_length, transformer_config
 from trb_nemo.models.pipeline import schedule_seq_length
 
@@ -29,7 +30,7 @@ INLINE = ["model.student.checkpoint=null", "model.teacher.checkpoint=null"]
 @pytest.fixture(autouse=True)
 def _te_2_4(monkeypatch):
     """Results must not depend on the Transformer Engine installed (none on CPU machines)."""
-    monkeypatch.setattr(schema, "installed_te_version", lambda: "2.4.0")
+    monkeypatch.setattr(preflight, "installed_te_version", lambda: "2.4.0")
 
 
 def _config_error(capsys, overrides: list[str]) -> str:
@@ -84,15 +85,18 @@ def test_invalid_fp8_combination_exits_2_with_one_line(capsys, overrides, key, f
     assert fragment in line, line
 
 
-def test_tensorwise_needs_te_2_2(capsys, monkeypatch):
-    monkeypatch.setattr(schema, "installed_te_version", lambda: "2.1.0")
-    line = _config_error(capsys, TENSORWISE)
-    assert line.startswith("model.fp8_recipe: ") and ">= 2.2" in line and "2.1.0" in line
-    assert cli.main(["train", "--cfg", "job", *HYBRID]) == 0  # delayed scaling is fine there
-    monkeypatch.setattr(schema, "installed_te_version", lambda: "2.2.0.dev0+abc1234")
-    assert cli.main(["train", "--cfg", "job", *TENSORWISE]) == 0
-    monkeypatch.setattr(schema, "installed_te_version", lambda: None)  # checked at build time
-    assert cli.main(["train", "--cfg", "job", *TENSORWISE]) == 0
+def test_tensorwise_needs_te_2_2(monkeypatch):
+    """A machine probe: the pre-flight's (the config schema reads no installed package)."""
+    monkeypatch.setattr(preflight, "installed_te_version", lambda: "2.1.0")
+    with pytest.raises(ConfigError) as err:
+        preflight.check_te_version(load_config(TENSORWISE))
+    assert err.value.key == "model.fp8_recipe"
+    assert ">= 2.2" in err.value.reason and "2.1.0" in err.value.reason
+    preflight.check_te_version(load_config(HYBRID))  # delayed scaling is fine there
+    monkeypatch.setattr(preflight, "installed_te_version", lambda: "2.2.0.dev0+abc1234")
+    preflight.check_te_version(load_config(TENSORWISE))
+    monkeypatch.setattr(preflight, "installed_te_version", lambda: None)  # checked at build time
+    preflight.check_te_version(load_config(TENSORWISE))
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -47,7 +49,10 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_machine(cfg: TrainConfig) -> None:
-    """This machine can run the configured implementation, backend and features."""
+    """This machine can run the configured implementation, backend and features: the
+    installed packages and tools, CUDA or not."""
+    check_te_version(cfg)
+    check_compiler(cfg)
     if cfg.model.transformer_impl == "transformer_engine" and importlib.util.find_spec(
         "transformer_engine"
     ) is None:
@@ -64,6 +69,58 @@ def check_machine(cfg: TrainConfig) -> None:
             # Megatron re-runs the layers in backward with CUDA RNG states and CUDA masks
             raise ConfigError("model.recompute_granularity", "activation recomputation runs on "
                               "CUDA only; set model.recompute_granularity=null on CPU")
+
+
+TE_MIN_TENSORWISE = "2.2.0.dev0"
+"""Transformer Engine from which Megatron-Core builds the tensorwise (current scaling) recipe."""
+
+
+def installed_te_version() -> str | None:
+    """Version of the importable Transformer Engine; None when absent (or it has no metadata).
+    Read from the package metadata: importing TE would initialize CUDA."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    for dist in ("transformer_engine", "transformer_engine_torch"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_te_version(cfg: TrainConfig) -> None:
+    """``model.fp8_recipe=tensorwise`` needs a Transformer Engine that Megatron-Core builds it
+    with (an absent TE is refused by :func:`check_machine`)."""
+    if cfg.model.fp8_recipe != "tensorwise":
+        return
+    te = installed_te_version()
+    if te is not None and not _version_at_least(te, TE_MIN_TENSORWISE):
+        raise ConfigError("model.fp8_recipe", f"tensorwise (current scaling) needs Transformer "
+                          f"Engine >= 2.2, this one is {te}; use model.fp8_recipe=delayed or a "
+                          "newer Transformer Engine")
+
+
+def check_compiler(cfg: TrainConfig) -> None:
+    """``parallel.fused_ops=on`` compiles kernels with a C++ compiler: one must be on PATH."""
+    if cfg.parallel.fused_ops != "on":
+        return
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if not any(shutil.which(c) for c in compilers):
+        raise ConfigError("parallel.fused_ops", "'on' compiles kernels with a C++ compiler and "
+                          f"none is on PATH (looked for {', '.join(compilers)}); install one or "
+                          "use auto/off")
+
+
+def _version_at_least(version: str, minimum: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) >= Version(minimum)
+    except InvalidVersion:
+        return True  # an unreadable version: let Megatron-Core decide at build time
 
 
 def check_gpu_memory(cfg: TrainConfig) -> None:

@@ -9,8 +9,6 @@ fails at composition. Value ranges and cross-field rules live in ``__post_init__
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 
 from trb_nemo.methods.schedules import SCHEDULES
@@ -124,35 +122,6 @@ def check_eos(eos: int, vocab_size: int | None, key: str, of: str = "") -> None:
 
 FP8_RECIPES = ("delayed", "tensorwise")
 """model.fp8_recipe values: the FP8 recipes of Hopper (Megatron-Core's names)."""
-TE_MIN_TENSORWISE = "2.2.0.dev0"
-"""Transformer Engine from which Megatron-Core builds the tensorwise (current scaling) recipe."""
-
-
-def installed_te_version() -> str | None:
-    """Version of the importable Transformer Engine; None when absent (or it has no metadata).
-    Read from the package metadata: importing TE would initialize CUDA."""
-    import importlib.metadata
-    import importlib.util
-
-    if importlib.util.find_spec("transformer_engine") is None:
-        return None
-    for dist in ("transformer_engine", "transformer_engine_torch"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _version_at_least(version: str, minimum: str) -> bool:
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        return Version(version) >= Version(minimum)
-    except InvalidVersion:
-        return True  # an unreadable version: let Megatron-Core decide at build time
-
-
 @dataclass
 class ModelConfig:
     """Student and teacher networks and how they run."""
@@ -257,11 +226,6 @@ class ModelConfig:
                "fp8_first_last_layers_bf16", "Megatron-Core does not support first/last layers "
                "in bf16 under delayed scaling; use model.fp8_recipe=tensorwise or "
                "model.fp8_first_last_layers_bf16=false")
-        if self.fp8_recipe == "tensorwise":
-            te = installed_te_version()
-            _check(te is None or _version_at_least(te, TE_MIN_TENSORWISE), "fp8_recipe",
-                   f"tensorwise (current scaling) needs Transformer Engine >= 2.2, this one is "
-                   f"{te}; use model.fp8_recipe=delayed or a newer Transformer Engine")
 
     def for_teacher(self) -> ModelConfig:
         """This config as the teacher is built from it: ``fp8`` cleared unless
@@ -300,16 +264,12 @@ class ParallelConfig:
     fused_ops: str = "auto"
     """Row kernels of the vocab-parallel ops (trust region, reverse KL) compiled by
     torch.compile into one fused pass each: ``auto`` (on CUDA), ``on`` (CPU too; needs a C++
-    compiler, compiles for tens of seconds) or ``off`` (eager torch)."""
+    compiler, compiles for tens of seconds; the pre-flight checks one is on PATH) or ``off``
+    (eager torch)."""
 
     def __post_init__(self):
         _positive(self.tensor_model_parallel_size, "tensor_model_parallel_size")
         _one_of(self.fused_ops, ("auto", "on", "off"), "fused_ops")
-        if self.fused_ops == "on":
-            compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
-            _check(any(shutil.which(c) for c in compilers), "fused_ops",
-                   "'on' compiles kernels with a C++ compiler and none is on PATH "
-                   f"(looked for {', '.join(compilers)}); install one or use auto/off")
         _positive(self.pipeline_model_parallel_size, "pipeline_model_parallel_size")
         _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
         _positive(self.timeout_minutes, "timeout_minutes")

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trb_nemo import seeds
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.data import toy_math
 from trb_nemo.data.files import (
@@ -148,7 +149,7 @@ class ToyMathSource:
         return self._prompt(toy_math.problem(self.seed, index))
 
     def eval_prompts(self, n: int) -> list[Prompt]:
-        return [self._prompt(toy_math.problem(self.seed + toy_math.EVAL_SEED_OFFSET, i))
+        return [self._prompt(toy_math.problem(self.seed + seeds.TOY_HELD_OUT, i))
                 for i in range(n)]
 
     def check(self, response_ids, answer: str) -> bool:
@@ -183,7 +184,7 @@ class FileSource:
         epoch, offset = divmod(index, len(self._train))
         if self._epoch_order is None or self._epoch_order[0] != epoch:  # once per epoch
             order = list(range(len(self._train)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(seeds.epoch_order(self.seed, epoch)).shuffle(order)
             self._epoch_order = (epoch, order)
         return self._train[self._epoch_order[1][offset]]
 

@@ -15,6 +15,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from trb_nemo import seeds
+
 PAD, STUDENT_STOP, TEACHER_STOP = 0, 1, 2
 SPECIALS = {PAD: "<pad>", STUDENT_STOP: "<|endoftext|>", TEACHER_STOP: "<|im_end|>"}
 CHARS = "0123456789+=;AQ:"
@@ -65,7 +67,7 @@ class Problem:
 
 def problem(seed: int, index: int) -> Problem:
     """Problem ``index`` of the stream ``seed`` (independent of how many were drawn before)."""
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = random.Random(seeds.toy_problem(seed, index))
     return Problem(tuple(rng.randint(1, 9) for _ in range(TERMS)))
 
 
@@ -75,5 +77,3 @@ def check(response: str, answer: int) -> bool:
     return bool(found) and int(found[-1]) == answer
 
 
-EVAL_SEED_OFFSET = 7919
-"""Held-out problems come from stream ``data.seed + EVAL_SEED_OFFSET``."""

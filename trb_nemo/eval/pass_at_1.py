@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from trb_nemo import seeds
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import EvalSet
 from trb_nemo.methods.policies import StudentPolicy
@@ -71,7 +72,7 @@ def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, st
     if not mine:
         return per_problem
     prompts = [list(p.ids) for p in mine for _ in range(n)]
-    seed = cfg.seed * 1_000_003 + 7 * step + 1_000_000 * pg.dp_rank + 5
+    seed = seeds.evaluation(cfg.seed, step, pg.dp_rank)
     ro = generate(student, None, prompts, StudentPolicy(cfg.eval.temperature),
                   DecodeSettings(
                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,

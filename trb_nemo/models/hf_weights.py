@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from pathlib import Path
 
 import torch
 
+from trb_nemo import seeds
 from trb_nemo.config.schema import ConfigError, ModelSpec
 from trb_nemo.models.shapes import _L, _heads, hf_shapes  # noqa: F401 - hf_shapes re-exported
 from trb_nemo.parallel import comm
@@ -159,7 +159,7 @@ def hf_tensors(model, spec: ModelSpec, tp_group) -> dict[str, torch.Tensor]:
 def random_hf_tensor(name: str, shape, seed: int) -> torch.Tensor:
     """Layout-independent random init of one HF tensor: N(0, 0.02) weights, unit norms, small
     biases; its own generator keyed by (seed, name), so every TP/PP layout gets the same model."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    gen = torch.Generator().manual_seed(seeds.init_tensor(seed, name))
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
         return torch.ones(shape)
     if name.endswith(".bias"):

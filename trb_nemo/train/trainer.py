@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from trb_nemo import seeds
 from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import build_source, step_prompts
@@ -109,7 +110,7 @@ class Trainer:
         """Step k's rollouts of this DP rank; sequence ids are global (DP rank x share + i), so
         a sequence's noise depends on (seed, step, its index), not on the DP layout."""
         r = self.cfg.rollout
-        seed = r.seed * 1_000_003 + k * 1009 + 1
+        seed = seeds.rollout(r.seed, k)
         first = self.pg.dp_rank * len(prompts)
         return generate(self.student, self.teacher, [list(p.ids) for p in prompts], policy,
                         DecodeSettings(max_new_tokens=r.max_new_tokens, topk_k=self.cfg.loss.topk,
