@@ -1,4 +1,5 @@
-"""`trb-nemo`: the command line. Subcommands: train, eval, convert, compare, launch slurm.
+"""`trb-nemo`: the command line, a parser that dispatches: each subcommand runs
+``trb_nemo.commands.<name>.main(args)`` (train, eval, convert, compare, plan, launch slurm).
 
 Config errors (unknown key, bad value, missing file) print one line and exit with code 2
 before any rank starts or any model is built.
@@ -14,91 +15,16 @@ from trb_nemo.config.schema import ConfigError
 EXIT_CONFIG_ERROR = 2
 
 
-def _train(args: argparse.Namespace) -> int:
-    from trb_nemo.config.compose import compose_config, print_notes, to_typed
+def _command(name: str):
+    """The handler of subcommand ``name``: ``trb_nemo.commands.<name>.main``, imported when
+    the subcommand runs (so a config error loads no torch and `--help` loads nothing)."""
 
-    node = compose_config(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
-    cfg = to_typed(node)
-    if args.cfg == "job":  # the architecture read from the model files, where they are here
-        from trb_nemo.config.compose import composed_yaml, take_notes
-        from trb_nemo.models.resolve import resolve_models
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
-        absent: list[str] = []
-        text = composed_yaml(resolve_models(cfg, absent))
-        print("".join(f"# trb-nemo: {line}\n" for line in take_notes() + absent) + text, end="")
-        return 0
-    print_notes()
-    from trb_nemo.commands.train import run_train  # imports torch: only after the config is valid
+        return importlib.import_module(f"trb_nemo.commands.{name}").main(args)
 
-    run_train(cfg)
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from trb_nemo.commands.eval import compose_eval_config, run_eval
-
-    cfg, no_teacher = compose_eval_config(args.overrides, config_name=args.config_name,
-                                          config_dir=args.config_dir)
-    run_eval(cfg, no_teacher=no_teacher, checkpoint=args.checkpoint, out=args.out)
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from trb_nemo.commands.convert import plan
-
-    source = args.hf_path if args.direction == "hf-to-megatron" else args.checkpoint
-    if source is None:
-        flag = "--hf-path" if args.direction == "hf-to-megatron" else "--checkpoint"
-        raise ConfigError(flag, f"is required for {args.direction}")
-    job = plan(args.direction, source, args.out, args.tp, args.pp, args.precision)
-    if job.source != source:
-        print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest one, "
-              f"{job.source}", flush=True)
-    from trb_nemo.commands.convert import run_rank
-    from trb_nemo.parallel.env import launched_externally
-    from trb_nemo.parallel.spawn import run_local_ranks
-
-    if launched_externally():
-        run_rank(job)
-    else:
-        run_local_ranks(run_rank, job.parallel.local_world_size, (job,))
-    print(f"trb-nemo: wrote {args.out} ({args.direction}, TP={args.tp} PP={args.pp})")
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from trb_nemo.commands.compare import compare_overrides, run_compare
-    from trb_nemo.config.compose import load_config
-
-    overrides, chosen = compare_overrides(args.overrides)  # compare.methods=[..] etc.
-    methods = chosen.get("methods", args.behaviors)
-    seeds = chosen.get("seeds", args.seeds)
-    sweep = chosen.get("sweep", args.sweep)
-    load_config(overrides)  # one-line errors before the first run starts
-    run_compare(overrides, [int(s) for s in seeds], tuple(methods), sweep=bool(sweep))
-    return 0
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from trb_nemo.config.compose import load_config, print_notes
-    from trb_nemo.models.resolve import resolve_models
-    from trb_nemo.plan.memory import (
-        check_fits,
-        format_plan,
-        layout_of,
-        plan_memory,
-        planned_world_size,
-    )
-
-    cfg = load_config(args.overrides)
-    absent: list[str] = []  # checkpoints not here yet: planned from the inline shapes
-    cfg = resolve_models(cfg, absent)
-    print_notes()
-    world = args.world_size or planned_world_size(cfg)
-    phases = plan_memory(cfg, world)
-    print(format_plan(phases, cfg.parallel.gpu_memory_gb, layout_of(cfg, world)), flush=True)
-    check_fits(phases, cfg.parallel.gpu_memory_gb)
-    return 0
+    return run
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -130,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
     train.add_argument("--config-dir", default=None, help="folder holding train.yaml (default: conf/)")
     train.add_argument("--config-name", default="train", help="top-level YAML name (default: train)")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_command("train"))
 
     evaluate = sub.add_parser("eval", help="pass@1 of a checkpoint or HF folder on the "
                               "evaluation sets (eval.source), without training",
                               description="Compose the config like `train` and evaluate the "
-                              "student (trb_nemo/eval/run.py): one row per set and their mean.")
+                              "student (trb_nemo/commands/eval.py): one row per set and their mean.")
     evaluate.add_argument("overrides", nargs="*", metavar="a.b=c",
                           help="e.g. eval.source=[math500:test.parquet,aime24.jsonl] "
                           "eval.num_problems=0 eval.num_samples=16")
@@ -147,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: conf/)")
     evaluate.add_argument("--config-name", default="train", help="top-level YAML name "
                           "(default: train)")
-    evaluate.set_defaults(func=_eval)
+    evaluate.set_defaults(func=_command("eval"))
 
     convert = sub.add_parser("convert", help="HF safetensors <-> Megatron checkpoint "
                              "(Qwen3, Qwen2, Llama)")
@@ -160,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=int, default=1, help="pipeline stages doing the work")
     convert.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                          help="dtype of the Megatron weights (export always writes fp32)")
-    convert.set_defaults(func=_convert)
+    convert.set_defaults(func=_command("convert"))
 
     from trb_nemo.methods.table import METHOD_NAMES
 
@@ -170,10 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", metavar="a.b=c", help="applied to every run")
     compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     compare.add_argument("--behaviors", "--methods", nargs="+", default=list(METHOD_NAMES),
-                         choices=METHOD_NAMES, help="the methods (trb_nemo/methods.py)")
+                         choices=METHOD_NAMES, help="the methods (trb_nemo/methods/table.py)")
     compare.add_argument("--sweep", action="store_true", help="run each method's sweep from "
                          "the paper and report its best point (the paper's selection)")
-    compare.set_defaults(func=_compare)
+    compare.set_defaults(func=_command("compare"))
 
     plan = sub.add_parser("plan", help="per-GPU peak memory of each phase (rollout, teacher "
                           "scoring, training, evaluation) of a config; exit 2 if one is over "
@@ -182,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="a.b=c", help="e.g. recipe=paper_qwen3_1.7b")
     plan.add_argument("--world-size", type=int, default=None, help="ranks of the job (default: "
                       "launcher.nodes x GPUs per node on nccl, the local ranks on gloo)")
-    plan.set_defaults(func=_plan)
+    plan.set_defaults(func=_command("plan"))
 
     launch = sub.add_parser("launch", help="submit the run to a cluster scheduler")
     launch_sub = launch.add_subparsers(dest="scheduler", required=True)

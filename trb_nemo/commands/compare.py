@@ -246,3 +246,14 @@ def plot_curves(path: Path, runs: dict, methods, seeds, overrides: list[str]) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def main(args) -> int:
+    """`trb-nemo compare [a.b=c ...] [--seeds ...] [--methods ...] [--sweep]`."""
+    overrides, chosen = compare_overrides(args.overrides)  # compare.methods=[..] etc.
+    methods = chosen.get("methods", args.behaviors)
+    seeds = chosen.get("seeds", args.seeds)
+    sweep = chosen.get("sweep", args.sweep)
+    load_config(overrides)  # one-line errors before the first run starts
+    run_compare(overrides, [int(s) for s in seeds], tuple(methods), sweep=bool(sweep))
+    return 0

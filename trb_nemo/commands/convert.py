@@ -172,3 +172,25 @@ def _write_hf_folder(job: ConvertJob, out: Path) -> None:
         generation = {k: config[k] for k in ("bos_token_id", "pad_token_id") if k in config}
         (out / "generation_config.json").write_text(json.dumps(
             {**generation, "eos_token_id": job.spec.eos_token_id}, indent=2, sort_keys=True))
+
+
+def main(args) -> int:
+    """`trb-nemo convert hf-to-megatron|megatron-to-hf ...`: plan (every check before a rank
+    starts), then convert on ``--tp`` x ``--pp`` local ranks (or this rank under torchrun)."""
+    from trb_nemo.parallel.env import launched_externally
+    from trb_nemo.parallel.spawn import run_local_ranks
+
+    source = args.hf_path if args.direction == "hf-to-megatron" else args.checkpoint
+    if source is None:
+        flag = "--hf-path" if args.direction == "hf-to-megatron" else "--checkpoint"
+        raise ConfigError(flag, f"is required for {args.direction}")
+    job = plan(args.direction, source, args.out, args.tp, args.pp, args.precision)
+    if job.source != source:
+        print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest one, "
+              f"{job.source}", flush=True)
+    if launched_externally():
+        run_rank(job)
+    else:
+        run_local_ranks(run_rank, job.parallel.local_world_size, (job,))
+    print(f"trb-nemo: wrote {args.out} ({args.direction}, TP={args.tp} PP={args.pp})")
+    return 0

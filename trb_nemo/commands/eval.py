@@ -195,3 +195,11 @@ def format_table(result: dict) -> str:
                      f"{s['pass@1']:>7.4f}")
     lines.append(f"{'Avg':<{width}}  {'':>8}  {'':>7}  {result['avg_pass@1']:>7.4f}")
     return "\n".join(lines)
+
+
+def main(args) -> int:
+    """`trb-nemo eval [--checkpoint X] [--out F] [a.b=c ...]`."""
+    cfg, no_teacher = compose_eval_config(args.overrides, config_name=args.config_name,
+                                          config_dir=args.config_dir)
+    run_eval(cfg, no_teacher=no_teacher, checkpoint=args.checkpoint, out=args.out)
+    return 0

@@ -245,7 +245,8 @@ if ! cd "$WORKDIR" 2>/dev/null; then
     {missing_dir}
     exit 1
 fi
-{other_nodes}"""
+{other_nodes}
+"""
 
 
 def _script_environment(stage: Stage) -> str:

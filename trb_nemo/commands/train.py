@@ -1,12 +1,13 @@
 """`trb-nemo train`: validate, check the machine, start the ranks, run the trainer on each.
 
+torch is imported only after the config is valid (a config error costs no torch import).
+
 Under torchrun or srun this process is one rank. Otherwise it starts
 ``parallel.local_world_size`` local ranks itself (gloo on CPU) and waits for them.
 """
 
 from __future__ import annotations
 
-from trb_nemo.commands.preflight import preflight
 from trb_nemo.config.compose import composed_yaml
 from trb_nemo.config.schema import ConfigError, TrainConfig
 from trb_nemo.logs import global_rank, print0, quiet_third_party
@@ -81,6 +82,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     A second Ctrl-C kills the local ranks at once: one line, exit code 130."""
     import sys
 
+    from trb_nemo.commands.preflight import preflight
     from trb_nemo.methods.table import method_of
     from trb_nemo.parallel.spawn import Interrupted
     stage = method_of(cfg.rollout.behavior).pre_stage
@@ -92,7 +94,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     try:
         if lock is not None:
             lock.acquire(create=False)  # the folder exists: it may be a live run's
-        cfg = preflight(cfg)
+        cfg = preflight(cfg)  # imports torch: only after the config is valid
         if lock is not None:
             lock.acquire()  # a new folder (the pre-flight created it)
         save_composed_config(cfg)
@@ -123,3 +125,23 @@ def run_train(cfg: TrainConfig) -> list[dict]:
                f"{r['pass@1_after']:.3f} after (best {r['pass@1_best']:.3f} at step {r['best_step']}). "
                f"Report: {RunFolder.of(cfg).report}")
     return results
+
+
+def main(args) -> int:
+    """`trb-nemo train [a.b=c ...] [--cfg job]`: compose the config and run it (or, with
+    ``--cfg job``, print it with the architecture read from the model files where they are)."""
+    from trb_nemo.config.compose import compose_config, print_notes, to_typed
+
+    node = compose_config(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
+    cfg = to_typed(node)
+    if args.cfg == "job":
+        from trb_nemo.config.compose import take_notes
+        from trb_nemo.models.resolve import resolve_models
+
+        absent: list[str] = []
+        text = composed_yaml(resolve_models(cfg, absent))
+        print("".join(f"# trb-nemo: {line}\n" for line in take_notes() + absent) + text, end="")
+        return 0
+    print_notes()
+    run_train(cfg)
+    return 0
