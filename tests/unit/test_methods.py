@@ -1,4 +1,4 @@
-"""The methods registry (trb_nemo/methods.py) is the one place the Table 1 methods are named:
+"""The methods registry (trb_nemo/methods/table.py) is the one place the Table 1 methods are named:
 the config validation, policy_for, the CLI and compare read it, and every sweep point of the
 paper composes into a valid config.
 
