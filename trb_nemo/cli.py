@@ -27,24 +27,6 @@ def _command(name: str):
     return run
 
 
-def _launch(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from trb_nemo.commands import slurm
-
-    stages = slurm.plan_stages(args.overrides)
-    workdir = Path.cwd()
-    paths = slurm.write_scripts(stages, workdir)  # a dry run writes the same files
-    if args.dry_run:
-        print(slurm.dry_run_report(stages, paths))
-        return 0
-    ids = slurm.submit(paths, stages[0].cfg.launcher.env_passthrough, dict(os.environ))
-    for st, path, job in zip(stages, paths, ids, strict=True):
-        print(f"trb-nemo: submitted {st.name} stage as job {job}: {path}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trb-nemo", description="On-policy distillation with "
                                      "Trust-Region Behavior Blending on Megatron-Core.")
@@ -118,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("overrides", nargs="*", metavar="a.b=c")
     slurm.add_argument("--dry-run", action="store_true", help="write and print the script(s) and "
                        "the sbatch commands that would submit them; submit nothing")
-    slurm.set_defaults(func=_launch)
+    slurm.set_defaults(func=_command("slurm"))
     return parser
 
 

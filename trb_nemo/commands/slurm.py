@@ -34,7 +34,7 @@ from pathlib import Path
 
 from trb_nemo.config.compose import composed_yaml, load_config
 from trb_nemo.config.schema import ConfigError, TrainConfig
-from trb_nemo.train.run_dir import STOP_MARKER, run_dir_of
+from trb_nemo.train.run_dir import STOP_MARKER, RunFolder
 
 
 @dataclass
@@ -307,7 +307,7 @@ exit "$rc"
 
 def log_dir_of(stage: Stage, workdir: Path) -> Path:
     """``<run_dir>/slurm``, absolute (a relative output_dir is taken from ``workdir``)."""
-    return (workdir / run_dir_of(stage.cfg) / "slurm").resolve()
+    return (workdir / RunFolder.of(stage.cfg).slurm).resolve()
 
 
 def write_scripts(stages: list[Stage], workdir: Path) -> list[Path]:
@@ -374,3 +374,19 @@ def submit(paths: list[Path], env_passthrough: list[str], environ: dict) -> list
             raise RuntimeError(f"sbatch {path.name} failed: {out.stderr.strip()}")
         ids.append(out.stdout.strip().split(";")[0])
     return ids
+
+
+def main(args) -> int:
+    """`trb-nemo launch slurm [--dry-run] [a.b=c ...]`: plan every stage (every check before
+    anything is submitted), write the scripts, then submit them (or print them)."""
+    import os
+
+    stages = plan_stages(args.overrides)
+    paths = write_scripts(stages, Path.cwd())  # a dry run writes the same files
+    if args.dry_run:
+        print(dry_run_report(stages, paths))
+        return 0
+    ids = submit(paths, stages[0].cfg.launcher.env_passthrough, dict(os.environ))
+    for st, path, job in zip(stages, paths, ids, strict=True):
+        print(f"trb-nemo: submitted {st.name} stage as job {job}: {path}")
+    return 0

@@ -185,7 +185,6 @@ def run_local_ranks(
         TimeoutError: ``timeout_s`` passed; every rank's process group was killed.
         Interrupted: a second SIGINT; every rank's process group was killed.
     """
-    import torch
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -203,26 +202,10 @@ def run_local_ranks(
         for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, forward)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    outputs: dict[int, Any] = {}
     try:
         for p in procs:
             p.start()
-        while len(outputs) < world_size:
-            while not results.empty():
-                rank, ok, payload = results.get()
-                if not ok:
-                    raise RankFailure(rank, payload)
-                outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            if len(outputs) == world_size:
-                break
-            for r, p in enumerate(procs):
-                if p.exitcode is not None and r not in outputs and results.empty():
-                    time.sleep(0.2)  # a result may still be in flight behind the exit
-                    if results.empty():
-                        raise RankFailure(r, f"exited with code {p.exitcode} without a result")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} local ranks did not finish within {timeout_s:.0f} s")
-            time.sleep(0.02)
+        outputs = _poll_results(procs, results, deadline, timeout_s)
         for p in procs:
             p.join(timeout=30)
         return [outputs[r] for r in range(world_size)]
@@ -233,6 +216,37 @@ def run_local_ranks(
                 p.join(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _poll_results(procs, results, deadline: float | None,
+                  timeout_s: float | None) -> dict[int, Any]:
+    """Every rank's result by rank, read from ``results`` as the started ``procs`` put them.
+
+    Raises:
+        RankFailure: a rank put a failure, or exited without a result.
+        TimeoutError: the ``time.monotonic()`` ``deadline`` passed (``timeout_s`` for the message).
+    """
+    import torch
+
+    world_size = len(procs)
+    outputs: dict[int, Any] = {}
+    while len(outputs) < world_size:
+        while not results.empty():
+            rank, ok, payload = results.get()
+            if not ok:
+                raise RankFailure(rank, payload)
+            outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        if len(outputs) == world_size:
+            break
+        for r, p in enumerate(procs):
+            if p.exitcode is not None and r not in outputs and results.empty():
+                time.sleep(0.2)  # a result may still be in flight behind the exit
+                if results.empty():
+                    raise RankFailure(r, f"exited with code {p.exitcode} without a result")
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{world_size} local ranks did not finish within {timeout_s:.0f} s")
+        time.sleep(0.02)
+    return outputs
 
 
 def _in_main_thread() -> bool:
