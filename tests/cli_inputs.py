@@ -27,3 +27,12 @@ def one_line_error(capsys, argv) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("trb-nemo: config error: "), err
     return err[0].removeprefix("trb-nemo: config error: ")
+
+
+def write_placeholder_weights(folder: Path) -> None:
+    """A ``model.safetensors`` holding one placeholder tensor: the pre-flight checks an HF
+    folder has its weights; tests that start no rank need no real ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"placeholder": torch.zeros(1)}, str(Path(folder) / "model.safetensors"))

@@ -1,10 +1,16 @@
-"""Shared pytest setup: markers and skips. Multi-rank helpers live in ``tests/harness.py``."""
+"""Shared pytest setup: markers and skips, and the guard that no test depends on the checkout's
+state: every test runs in a working directory of its own (an empty temporary folder), and the
+suite fails if the checkout's ``outputs/`` (the demo's runs, a user's runs) changed while it ran.
+Multi-rank helpers live in ``tests/harness.py``."""
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 # tests/ on sys.path so test modules import `harness` and spawned ranks can unpickle test functions
 sys.path.insert(0, os.path.dirname(__file__))
@@ -30,3 +36,35 @@ def no_ranks(monkeypatch):
         raise AssertionError("a rank started")
 
     monkeypatch.setattr(entry, "run_local_ranks", refuse)
+
+
+def outputs_state(checkout: Path = CHECKOUT):
+    """Every path under the checkout's ``outputs/`` with its size and modification time (None
+    when there is no such folder)."""
+    root = checkout / "outputs"
+    if not root.exists():
+        return None
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in root.rglob("*"))
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_OUTPUTS] = outputs_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if outputs_state() != session.config.stash[_OUTPUTS]:
+        sys.stderr.write("\nconftest: the test suite changed the checkout's outputs/ folder; a "
+                         "test must write under its own tmp_path (each test runs in a temporary "
+                         "working directory: use relative paths or tmp_path)\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_OUTPUTS = pytest.StashKey()
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory, monkeypatch):
+    """Each test starts in an empty folder of its own: a test that reads or writes relative paths
+    (``outputs/``, the default ``logging.output_dir``) touches only that folder."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))

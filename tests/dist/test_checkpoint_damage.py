@@ -89,9 +89,9 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
 def test_preflight_skips_each_kind_of_damage(trained, tmp_path, kind, capsys, monkeypatch):
     """In-process pre-flight on a real checkpoint: the damaged newest folder is named in one
     warning line and the one before it is chosen."""
+    from trb_nemo.commands.preflight import plan_resume
     from trb_nemo.config.compose import load_config
     from trb_nemo.train.run_dir import recorded_resume_choice
-    from trb_nemo.commands.preflight import plan_resume
 
     monkeypatch.setenv(RESUME_ENV, "")
     run = _copy(trained, tmp_path)

@@ -29,16 +29,15 @@ def run(root: str, tp: int, dp: int, stop_after: int | None, resume: bool, kill_
     """Train steps [start, stop_after) saving at SAVE_AT and TOTAL; SIGKILL after a step if asked."""
     import torch.distributed as dist
 
+    from trb_nemo.models.folders import latest_checkpoint
     from trb_nemo.models.hf_weights import hf_tensors
     from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
-    from trb_nemo.models.folders import latest_checkpoint
+    from trb_nemo.scoring.teacher import LossBatch, score_with_teacher
     from trb_nemo.train.checkpoint import load_training, save_training
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.scoring.teacher import score_with_teacher
     from trb_nemo.train.step import train_step
-    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, use_distributed_optimizer=True)
     pg = groups.initialize(parallel, seed=11)

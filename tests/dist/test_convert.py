@@ -67,8 +67,8 @@ def convert_and_run(tp: int, pp: int, root: str, export: bool):
 
     from trb_nemo.commands.convert import convert_on_rank, plan
     from trb_nemo.models.networks import build_network
-    from trb_nemo.parallel import groups
     from trb_nemo.models.pipeline import run_schedule
+    from trb_nemo.parallel import groups
 
     out = {}
     for family in FAMILIES:

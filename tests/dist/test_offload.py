@@ -49,11 +49,10 @@ def round_trips(pg) -> dict:
     rank, returns the bytes parked per layout."""
     from trb_nemo.models.networks import build_student, build_teacher
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.scoring.teacher import LossBatch, score_with_teacher
     from trb_nemo.train.offload import PhaseMemory, module_tensors
     from trb_nemo.train.optimizer import wrap_student
     from trb_nemo.train.step import train_step
-    from trb_nemo.scoring.teacher import LossBatch
 
     parked = {}
     for distopt, precision in ((True, "bf16"), (False, "bf16"), (True, "fp32")):

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from harness import spawn
 
-from trb_nemo.ops import eos, fused, losses, trust_region, vocab_parallel
+from trb_nemo.ops import eos, fused, losses, sampling, trust_region, vocab_parallel
 
 pytestmark = pytest.mark.dist
 

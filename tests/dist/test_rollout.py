@@ -39,8 +39,8 @@ class TeacherSampler:
         return True
 
     def choose(self, zs, zt, noise, group, vocab_size):
-        from trb_nemo.ops.sampling import sample
         from trb_nemo.methods.policies import _student_only
+        from trb_nemo.ops.sampling import sample
 
         return _student_only(sample(zt, noise=noise, vocab_group=group, vocab_size=vocab_size))
 
@@ -95,8 +95,8 @@ def _kv_vs_recompute(student, pg):
     """max |cached logits - full forward logits| (last stage; None elsewhere): prompts of 5, 9
     and 3 tokens prefilled in one forward, 8 one-token steps, then the third sequence moved
     from slot 2 to slot 3 and decoded alone for 2 more steps."""
-    from trb_nemo.rollout.kv_cache import SequenceCache
     from trb_nemo.models.pipeline import run_schedule
+    from trb_nemo.rollout.kv_cache import SequenceCache
 
     toks = torch.randint(0, 100, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -128,8 +128,8 @@ def _plain(r):
 
 
 def run_layout(tp, pp, full_suite):
-    from trb_nemo.parallel import groups
     from trb_nemo.methods.policies import InjectionPolicy, StudentPolicy, TrustRegionPolicy
+    from trb_nemo.parallel import groups
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     pg = groups.initialize(parallel, seed=3)
@@ -160,10 +160,10 @@ def _chi_square_counts(student, teacher, pg):
     """First-token counts of 100k trb rollouts of one prompt, and mu_beta at that prefix."""
     import torch.distributed as dist
 
+    from trb_nemo.methods.policies import TrustRegionPolicy
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.ops.trust_region import behavior_logprobs, solve_beta
     from trb_nemo.rollout.kv_cache import SequenceCache
-    from trb_nemo.methods.policies import TrustRegionPolicy
 
     prompt = [21, 22, 23]
     counts = torch.zeros(256, dtype=torch.long)  # the padded vocabulary at TP=2

@@ -24,10 +24,10 @@ SMALL = ["parallel=cpu_tp1", "rollout.behavior=sft_warmup", "sft.updates=3", "sf
 def _stage_sees_the_opd_prompts_and_the_teacher(overrides):
     """In a rank: the first stage's prompts of update u are OPD step (u mod N)'s, drawn by the
     teacher's own policy; its loss batch trains on those tokens."""
+    from trb_nemo.commands.train import stage_config
     from trb_nemo.config.compose import load_config
     from trb_nemo.methods.policies import TeacherPolicy
     from trb_nemo.methods.table import policy_for
-    from trb_nemo.commands.train import stage_config
     from trb_nemo.train.trainer import Trainer
 
     cfg = load_config(overrides)

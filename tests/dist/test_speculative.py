@@ -49,10 +49,10 @@ def _models(parallel, pg):
 
 def _rollout(student, teacher, pg, prompts, *, eps=EPS, draft=DRAFT, seed=0, max_new=MAX_NEW,
              budget=64):
+    from trb_nemo.methods.policies import TrustRegionPolicy
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.rollout.engine import generate
     from trb_nemo.rollout.types import DecodeSettings
-    from trb_nemo.methods.policies import TrustRegionPolicy
 
     vocab = SharedVocab.of(ModelConfig(student=STUDENT, teacher=TEACHER))
     return generate(student, teacher, prompts, TrustRegionPolicy("trb", eps),
@@ -87,9 +87,8 @@ def _recompute(student, teacher, r, pg):
     """What the non-speculative policy records at every response prefix of ``r``, from a
     teacher-forced forward of both networks (TP=1, last stage)."""
     from trb_nemo.models.vocab import SharedVocab
-    from trb_nemo.ops.vocab_parallel import logprobs_at
     from trb_nemo.ops.trust_region import solve_beta_and_kl
-    from trb_nemo.ops.vocab_parallel import log_softmax, topk
+    from trb_nemo.ops.vocab_parallel import log_softmax, logprobs_at, topk
 
     vocab = SharedVocab.of(ModelConfig(student=STUDENT, teacher=TEACHER))
     zs = vocab.canonical(_full_logits(student, r.tokens, pg), None)[r.loss_mask]

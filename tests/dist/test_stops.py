@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from trb_nemo.commands.train import EXIT_STOPPED
 from trb_nemo.models.folders import MODEL_META
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -153,10 +154,11 @@ def _next_save_after(step: int) -> int:
 
 
 def _stopped_with_checkpoint(run: Run, sig: int, after: int) -> int:
-    """The run exited 0 after a signal, with a complete checkpoint of the step it stopped at."""
+    """The run exited with EXIT_STOPPED (not 0: `train ... && next` must not go on) after a
+    signal, with a complete checkpoint of the step it stopped at."""
     rc = run.wait()
     out = run.output()
-    assert rc == 0, out
+    assert rc == EXIT_STOPPED, out
     assert f"(signal {sig})" in out and "rerun the same command to resume" in out, out
     assert "Traceback" not in out, out
     stopped_at = _last_train_step(run.run_dir) + 1

@@ -43,13 +43,12 @@ def one_step(tp: int, pp: int, distopt: bool, kind: str, trimmed: bool = False):
 
     from trb_nemo.models.hf_weights import hf_tensors
     from trb_nemo.models.networks import build_student, build_teacher, is_frozen
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
-    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.scoring.teacher import LossBatch, score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
-    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                               use_distributed_optimizer=distopt)
@@ -147,13 +146,12 @@ def trimmed_versus_full():
     """On one rank: the same step with full-length contiguous microbatches and with microbatches
     grouped by length and trimmed; returns (metrics, fp32 gradients, fed fraction) of both."""
     from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
-    from trb_nemo.scoring.teacher import score_with_teacher
+    from trb_nemo.scoring.teacher import LossBatch, score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
-    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
     pg = groups.initialize(parallel, seed=5)
@@ -193,13 +191,12 @@ def streamed_versus_scored(target: str):
     """On one rank, trimmed microbatches: the step with the teacher's logits scored for the
     whole batch first, and with them streamed per microbatch (TeacherStream, PP = 1)."""
     from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
-    from trb_nemo.scoring.teacher import TeacherStream, score_with_teacher
+    from trb_nemo.scoring.teacher import LossBatch, TeacherStream, score_with_teacher
     from trb_nemo.train.optimizer import wrap_student
-    from trb_nemo.models.pipeline import plan_microbatches
     from trb_nemo.train.step import train_step
-    from trb_nemo.scoring.teacher import LossBatch
 
     parallel = ParallelConfig(use_distributed_optimizer=False)
     pg = groups.initialize(parallel, seed=5)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from trb_nemo.commands.train import EXIT_STOPPED
+
 pytestmark = pytest.mark.dist
 
 SHORT = ["optim.max_steps=5", "trb.warmup_steps=2", "optim.prompts_per_step=4",
@@ -80,12 +82,12 @@ def test_sigterm_then_resume_matches_uninterrupted(straight, tmp_path):
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output
+    assert proc.returncode == EXIT_STOPPED, output  # stopped, not finished: `&& next` waits
     assert "rerun the same command to resume" in output
     stopped_at = max(r["step"] for r in _rows(tmp_path / "interrupted") if "train/loss" in r) + 1
     assert stopped_at < 5, "the run finished before the signal arrived"
     assert (tmp_path / "interrupted" / "checkpoints" / f"step_{stopped_at:07d}").is_dir()
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed from" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
     assert _deterministic(_rows(tmp_path / "interrupted")) == _deterministic(_rows(straight))

@@ -32,8 +32,12 @@ def test_default_config_composes_and_validates():
     assert cfg.model.student.eos_token_id != cfg.model.teacher.eos_token_id
 
 
-REQUIRED = {("model", "hf"): ["model.student.hf_path=student", "model.teacher.hf_path=teacher"]}
-"""What a preset asks the command line for (without it: one line naming the key)."""
+OWN_ON_TOY = ["data.source=toy_math"]
+REQUIRED = {("model", "hf"): ["model.student.hf_path=student", "model.teacher.hf_path=teacher",
+                              *OWN_ON_TOY],
+            ("model", "qwen3_4b_to_0.6b"): OWN_ON_TOY, ("model", "qwen3_8b_to_1.7b"): OWN_ON_TOY}
+"""What a preset asks the command line for (without it: one line naming the key); a preset of
+real models on the toy task says so (the default data.source is refused for them)."""
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -70,7 +74,7 @@ def test_overrides_reach_the_typed_config():
         ("+trb.no_such_key=1", "trb.no_such_key", "unknown key"),
         ("trb.eps0=abc", "trb.eps0", "Float"),
         ("trb.schedule=exponential", "trb.schedule", "linear|cosine|constant|none"),
-        ("rollout.behavior=dagger", "rollout.behavior", "student|trb|fixed|skd|temperature|veto|sft_warmup|sft"),
+        ("rollout.behavior=dagger", "rollout.behavior", "student|trb|fixed|skd|temperature|veto|sft_warmup, got"),
         ("loss.kind=forward", "loss.kind", "topk|full|sampled"),
         ("model.student.no_field=3", "model.student.no_field", "unknown key"),
         ("model=nope", "model", "available"),

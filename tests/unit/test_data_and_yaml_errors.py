@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_inputs import one_line_error, write_word_tokenizer
+from cli_inputs import one_line_error, write_placeholder_weights, write_word_tokenizer
 
 from trb_nemo.cli import main
 from trb_nemo.config.compose import default_config_dir, load_config
@@ -29,6 +29,7 @@ def student(tmp_path_factory):
                              head_dim=8, max_position_embeddings=256, eos_token_id=1,
                              architectures=["Qwen3ForCausalLM"]).save_pretrained(folder)
     write_word_tokenizer(folder, "what is one two three plus".split())
+    write_placeholder_weights(folder)
     return str(folder)
 
 
@@ -62,6 +63,7 @@ def test_student_folder_without_a_tokenizer(capsys, tmp_path, student, no_ranks)
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(Path(student) / "config.json", bare / "config.json")
+    write_placeholder_weights(bare)
     (tmp_path / "p.jsonl").write_text('{"prompt": "one plus two", "answer": "3"}\n')
     line = one_line_error(capsys, ["train", f"model.student.hf_path={bare}",
                                    f"model.teacher.hf_path={bare}",
@@ -131,7 +133,7 @@ def _bad_file(tmp_path, case):
                 "p.jsonl:1: toy tokenizer: character 'W' is not in")
     if case == "chat template":
         return (jsonl("p.jsonl", [TOY_ROW]), ["data.chat_template=true"], "data.chat_template",
-                "is true, but a student without model.student.hf_path uses the toy task's")
+                "is true, but the toy task (data.source=toy_math) is written in the toy models'")
     raise AssertionError(case)
 
 
@@ -164,12 +166,12 @@ def test_eval_sets_are_checked_by_train_too(capsys, tmp_path, no_ranks_anywhere)
 def test_warmup_longer_than_the_run_warns_in_one_line(capsys):
     load_config(["trb.warmup_steps=150"])
     out = capsys.readouterr()
-    warned = [line for line in out.out.splitlines() if "warning" in line]
+    warned = [line for line in out.err.splitlines() if "warning" in line]  # stderr, not stdout
     assert warned == ["trb-nemo: warning: trb.warmup_steps=150 > optim.max_steps=100: the TRB "
                       "warmup never finishes (eps_k never reaches 0, so the run never gets to "
                       "pure on-policy distillation); lower trb.warmup_steps or raise "
                       "optim.max_steps"]
-    assert out.err == ""
+    assert "warning" not in out.out
     assert main(["train", "--cfg", "job", "trb.warmup_steps=150"]) == 0  # a YAML comment there
     assert "# trb-nemo: warning: trb.warmup_steps=150" in capsys.readouterr().out
     for quiet in (["trb.warmup_steps=100"], ["trb.warmup_steps=150", "rollout.behavior=student"],

@@ -128,7 +128,8 @@ def test_eval_sets_named_capped_and_separate_from_training(tmp_path, hf):
                                                                  ("math", str(b), 4)]
     assert sets[0].prompts[2].ids == ids("what is three plus one")
     assert evaluated_problems(cfg) == 7
-    everything = cfg_of(hf, f"eval.source=[{a},math:{b}]", "eval.num_problems=0")
+    everything = cfg_of(hf, f"data.source={train}", f"eval.source=[{a},math:{b}]",
+                        "eval.num_problems=0")
     assert [len(s.prompts) for s in build_eval_sets(everything)] == [3, 5]
     assert evaluated_problems(everything) == 8
     held = cfg_of(hf, f"data.source={train}", "eval.num_problems=3")  # eval.source null
@@ -137,7 +138,7 @@ def test_eval_sets_named_capped_and_separate_from_training(tmp_path, hf):
     toy = build_eval_sets(load_config(["eval.source=[toy_math]", "eval.num_problems=2"]))
     assert toy[0].prompts == ToyMathSource(0, 32).eval_prompts(2)
     with pytest.raises(ConfigError, match="two sets named 'a'"):
-        build_eval_sets(cfg_of(hf, f"eval.source=[{a},a:{b}]"))
+        build_eval_sets(cfg_of(hf, f"data.source={train}", f"eval.source=[{a},a:{b}]"))
     with pytest.raises(ConfigError, match="eval.num_problems: 0 .all problems. needs"):
         load_config(["eval.source=[toy_math]", "eval.num_problems=0"])
 

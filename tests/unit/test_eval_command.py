@@ -23,7 +23,8 @@ def test_no_teacher_needed(tmp_path):
     cfg, no_teacher = compose_eval_config(["model.teacher=null"])
     assert no_teacher and cfg.model.teacher == cfg.model.student
     # model=hf requires both folders for training; evaluation goes on without the teacher's
-    cfg, no_teacher = compose_eval_config(["model=hf", f"model.student.hf_path={tmp_path}"])
+    cfg, no_teacher = compose_eval_config(["model=hf", f"model.student.hf_path={tmp_path}",
+                                           "data.source=toy_math"])
     assert no_teacher and cfg.model.student.hf_path == str(tmp_path)
     with pytest.raises(ConfigError, match="model.student.hf_path: is required"):
         compose_eval_config(["model=hf"])
@@ -50,7 +51,7 @@ def test_checkpoint_of_a_run_folder(tmp_path):
         assert default_out(evaluated, folder, step) == run / "eval_step_0000012.json"
     shutil.rmtree(hf)  # the recorded tokenizer folder is gone: none, unless the config names one
     assert with_checkpoint(cfg, str(run))[0].model.student.hf_path is None
-    assert default_out(cfg, None, 0) == Path("outputs/trb-toy/eval.json")  # the config's run
+    assert default_out(cfg, None, 0) == Path("outputs/trb-toy-student-from-toy-teacher/eval.json")
     with pytest.raises(ConfigError, match="--checkpoint: .* holds no complete step_"):
         with_checkpoint(cfg, str(tmp_path))
 

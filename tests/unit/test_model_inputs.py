@@ -29,8 +29,10 @@ def hf_folder(path, config, vocab=None):
     return str(path)
 
 
-INLINE = ["model.student.checkpoint=null", "model.teacher.checkpoint=null"]
-"""Networks described by the overrides, not by the shipped toy checkpoints."""
+INLINE = ["model.student.checkpoint=null", "model.teacher.checkpoint=null",
+          "data.source=toy_math"]
+"""Networks described by the overrides, not by the shipped toy checkpoints (own models on the
+toy task: said explicitly)."""
 
 
 def one_line_error(capsys, argv) -> str:

@@ -17,21 +17,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_inputs import one_line_error, write_word_tokenizer
+from cli_inputs import one_line_error, write_placeholder_weights, write_word_tokenizer
 
 from trb_nemo.cli import main
 from trb_nemo.commands.convert import _write_hf_folder, plan
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ModelSpec
 from trb_nemo.models.hf_config import hf_config_from_spec, spec_from_hf_config
+from trb_nemo.models.megatron_io import write_manifest
 
 WORDS = "what is one two three four plus minus".split()
+TOY_TASK = ["data.source=toy_math"]
+"""Own models on the toy task: said explicitly (the default data.source is refused for them)."""
 
 
 def make_hf(folder: Path, *, vocab_size=160, hidden_size=48, layers=2, max_positions=384,
-            eos=5, generation_eos=None, pad=4, tokenizer=True) -> str:
+            eos=5, generation_eos=None, pad=4, tokenizer=True, weights=True) -> str:
     """A tiny Qwen3 HF folder: config.json, generation_config.json (when ``generation_eos``),
-    and a word-level tokenizer ``transformers`` loads."""
+    a word-level tokenizer ``transformers`` loads and (``weights``) a ``model.safetensors``
+    (a placeholder: the pre-flight checks the weights are there; no rank starts here)."""
     import transformers
 
     folder.mkdir(parents=True)
@@ -45,6 +49,8 @@ def make_hf(folder: Path, *, vocab_size=160, hidden_size=48, layers=2, max_posit
         transformers.GenerationConfig(eos_token_id=generation_eos).save_pretrained(folder)
     if tokenizer:
         write_word_tokenizer(folder, WORDS)
+    if weights:
+        write_placeholder_weights(folder)
     return str(folder)
 
 
@@ -62,7 +68,7 @@ def models(tmp_path_factory):
 
 def cfg_job(capsys, *overrides) -> tuple[dict, list[str]]:
     """``trb-nemo train --cfg job``: (the printed YAML, its ``# trb-nemo:`` comment lines)."""
-    assert main(["train", "--cfg", "job", *overrides]) == 0
+    assert main(["train", "--cfg", "job", *overrides, *TOY_TASK]) == 0
     out = capsys.readouterr().out
     return yaml.safe_load(out), [line for line in out.splitlines() if line.startswith("# ")]
 
@@ -92,7 +98,8 @@ def test_the_same_overrides_reach_the_run(models):
     from trb_nemo.commands.preflight import preflight
 
     s, t = models
-    cfg = preflight(load_config([f"model.student.hf_path={s}", f"model.teacher.hf_path={t}"]))
+    cfg = preflight(load_config([f"model.student.hf_path={s}", f"model.teacher.hf_path={t}",
+                                 *TOY_TASK]))
     assert cfg.model.student.checkpoint is None and cfg.model.student.hf_path == s
     assert (cfg.model.student.eos_token_id, cfg.model.teacher.eos_token_id) == (7, 150)
     assert cfg.model.student.max_sequence_length == 384
@@ -119,7 +126,7 @@ def test_model_hf_needs_the_folders(capsys, no_ranks):
 
 def test_explicit_stop_id_is_checked_against_the_resolved_vocabulary(capsys, models, no_ranks):
     s, t = models
-    line = one_line_error(capsys, ["train", "model=hf", f"model.student.hf_path={s}",
+    line = one_line_error(capsys, ["train", "model=hf", *TOY_TASK, f"model.student.hf_path={s}",
                                    f"model.teacher.hf_path={t}", "model.student.eos_token_id=200"])
     assert line.startswith("model.student.eos_token_id: must be in [0, vocab_size=160 of "), line
     assert "got 200" in line
@@ -128,7 +135,7 @@ def test_explicit_stop_id_is_checked_against_the_resolved_vocabulary(capsys, mod
 def test_a_model_that_names_no_stop_id(capsys, tmp_path, models, no_ranks):
     s, _ = models
     bare = make_hf(tmp_path / "bare", eos=None, tokenizer=False)
-    line = one_line_error(capsys, ["train", "model=hf", f"model.student.hf_path={s}",
+    line = one_line_error(capsys, ["train", "model=hf", *TOY_TASK, f"model.student.hf_path={s}",
                                    f"model.teacher.hf_path={bare}"])
     assert line.startswith("model.teacher.eos_token_id: not set, and "), line
 
@@ -151,7 +158,7 @@ def test_cfg_job_fails_on_files_that_do_not_resolve(capsys, tmp_path, models):
     bad = tmp_path / "mistral"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
-    line = one_line_error(capsys, ["train", "--cfg", "job", f"model.student.hf_path={s}",
+    line = one_line_error(capsys, ["train", "--cfg", "job", *TOY_TASK, f"model.student.hf_path={s}",
                                    f"model.teacher.hf_path={bad}"])
     assert line.startswith("model.teacher.hf_path: architecture 'MistralForCausalLM'")
 
@@ -185,7 +192,9 @@ def _run_folder(root: Path, spec: ModelSpec) -> Path:
         folder = root / "checkpoints" / f"step_{step:07d}"
         folder.mkdir(parents=True)
         if step != 11:
+            (folder / ".metadata").write_bytes(b"index")  # placeholder tensor index
             (folder / "trb_nemo_model.json").write_text(json.dumps(meta))
+            write_manifest(folder)  # intact: the export verifies what it reads
     return root
 
 
@@ -226,7 +235,7 @@ def test_convert_cli_says_which_checkpoint_it_exports(capsys, tmp_path, models, 
                  "--out", str(tmp_path / "o")]) == 0
     assert started[0].source.endswith("step_0000010")
     out = capsys.readouterr().out
-    assert "exporting its newest one" in out and "step_0000010" in out
+    assert "exporting its newest intact one" in out and "step_0000010" in out
     (tmp_path / "empty").mkdir()
     line = one_line_error(capsys, ["convert", "megatron-to-hf", "--checkpoint",
                                    str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])

@@ -12,10 +12,12 @@ from trb_nemo.config.schema import ConfigError
 
 def test_preflight_rejects_what_cannot_run_here(tmp_path):
     with pytest.raises(ConfigError) as err:
-        preflight(load_config([f"model.student.hf_path={tmp_path}/missing"]))
+        preflight(load_config([f"model.student.hf_path={tmp_path}/missing",
+                               "model.teacher.checkpoint=null", "data.source=toy_math"]))
     assert err.value.key == "model.student.hf_path"
     with pytest.raises(ConfigError) as err:
-        preflight(load_config(["model=qwen3_8b_to_1.7b", "parallel=cpu_tp2"]))
+        preflight(load_config(["model=qwen3_8b_to_1.7b", "parallel=cpu_tp2",
+                               "data.source=toy_math"]))
     assert err.value.key in ("model.transformer_impl", "model.student.hf_path")
 
 

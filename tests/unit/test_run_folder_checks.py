@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trb_nemo.commands.preflight import config_differences, preflight
-from trb_nemo.commands.train import save_composed_config
+from trb_nemo.commands.preflight import preflight
 from trb_nemo.config.compose import composed_yaml, load_config
 from trb_nemo.config.schema import ConfigError
 from trb_nemo.models.folders import MODEL_META, step_folder
@@ -24,10 +23,15 @@ from trb_nemo.models.megatron_io import MANIFEST, verify_checkpoint, write_manif
 from trb_nemo.train.checkpoint import (
     choose_resume,
     move_aside_newer,
-    portable_yaml,
     remove_unfinished_saves,
 )
-from trb_nemo.train.run_dir import CONFIG_CHANGES, RESUME_ENV
+from trb_nemo.train.run_dir import (
+    CONFIG_CHANGES,
+    RESUME_ENV,
+    RunFolder,
+    config_differences,
+    portable_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,9 +219,13 @@ def test_changed_settings_stop_or_are_recorded(tmp_path):
     assert not (tmp_path / "r" / CONFIG_CHANGES).exists()
 
     allowed = load_config(changed + ["checkpoint.allow_config_change=true"])
+    step4 = tmp_path / "r" / "checkpoints" / "step_0000004"
     for _ in range(2):  # a rerun before the next checkpoint does not record it twice
         cfg = preflight(allowed)
-        save_composed_config(cfg)
+        # the pre-flight allows it but writes nothing: a start that fails changes no file
+        assert not (tmp_path / "r" / CONFIG_CHANGES).exists() or _ == 1
+        assert (tmp_path / "r" / "config.yaml").read_text() == composed_yaml(before) or _ == 1
+        RunFolder.of(cfg).started(composed_yaml(cfg), step4)  # what the trainer does on rank 0
     records = [json.loads(line) for line in
                (tmp_path / "r" / CONFIG_CHANGES).read_text().splitlines()]
     assert len(records) == 1
@@ -227,6 +235,29 @@ def test_changed_settings_stop_or_are_recorded(tmp_path):
     assert "kind: full" in (tmp_path / "r" / "config.yaml").read_text()
     kept = (tmp_path / "r" / "config.before_step_0000004.yaml").read_text()
     assert kept == composed_yaml(before)
+
+
+def test_another_network_is_refused_even_when_changes_are_allowed(tmp_path):
+    """A checkpoint of another architecture or vocabulary cannot be resumed with
+    ``allow_config_change`` (it would crash after the ranks start): refused in one line that
+    offers no such remedy and shows real paths, and nothing in the folder changes."""
+    run = ["logging.output_dir=" + str(tmp_path), "logging.run_name=r"]
+    before = load_config(run)
+    fake_checkpoint(tmp_path / "r" / "checkpoints" / "step_0000004", 4,
+                    portable_yaml(composed_yaml(before)))
+    (tmp_path / "r" / "config.yaml").write_text(composed_yaml(before))
+    listing = sorted(p.name for p in (tmp_path / "r").iterdir())
+    for change in (["model.student.num_layers=3", "model.student.checkpoint=null"],
+                   ["model.student.checkpoint=null", "model.teacher.checkpoint=null",
+                    "model.student.vocab_size=200", "model.teacher.vocab_size=200"]):
+        with pytest.raises(ConfigError) as err:
+            preflight(load_config(run + change + ["checkpoint.allow_config_change=true"]))
+        assert err.value.key == "logging.run_name", err.value
+        assert "allow_config_change" not in err.value.reason
+        assert "${project_root:}" not in err.value.reason
+        assert "another logging.run_name" in err.value.reason
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == listing
+    assert not (tmp_path / "r" / CONFIG_CHANGES).exists()
 
 
 # ----------------------------------------------------------------- folders that cannot be written

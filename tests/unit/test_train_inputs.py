@@ -8,7 +8,7 @@ Run: .venv/bin/python -m pytest tests/unit/test_train_inputs.py
 import json
 
 import pytest
-from cli_inputs import write_word_tokenizer
+from cli_inputs import write_placeholder_weights, write_word_tokenizer
 
 from trb_nemo.cli import EXIT_CONFIG_ERROR, main
 
@@ -25,6 +25,7 @@ def hf_with_tokenizer(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf")
     write_word_tokenizer(folder, "what is one two three plus".split())
     (folder / "config.json").write_text(json.dumps(QWEN3))
+    write_placeholder_weights(folder)
     return str(folder)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, ParallelConfig
 from trb_nemo.models.folders import newest_checkpoint, read_model_meta
 from trb_nemo.models.hf_config import (
+    check_hf_weights,
     hf_config_from_spec,
     model_eos_token_id,
     read_config_json,
@@ -63,9 +64,10 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
         spec = spec_from_hf_config(hf, ModelSpec(name=Path(source).name, hf_path=source),
                                    "--hf-path")
         spec = dataclasses.replace(spec, eos_token_id=_eos(source, hf, spec))
+        check_hf_weights(source, "--hf-path")  # after the architecture: the first question
         job = ConvertJob(direction, source, out, spec, parallel, precision, hf, source)
     elif direction == "megatron-to-hf":
-        source = newest_checkpoint(source)
+        source = intact_checkpoint(source)
         meta = read_model_meta(source, "--checkpoint")
         spec = ModelSpec(**meta["spec"])
         hf_path = meta["spec"].get("hf_path")
@@ -83,6 +85,36 @@ def plan(direction: str, source: str, out: str, tp: int = 1, pp: int = 1,
     return job
 
 
+def intact_checkpoint(folder: str) -> str:
+    """The checkpoint ``--checkpoint`` names, verified (sizes and checksums: the export reads
+    every byte anyway): a checkpoint folder must be intact; for a run folder (or its
+    ``checkpoints/``) the newest intact ``step_*``, one warning line per damaged newer one.
+    ConfigError(--checkpoint) when there is none, before any rank starts."""
+    import sys
+
+    from trb_nemo.models.folders import CHECKPOINTS, MODEL_META, complete_checkpoints
+    from trb_nemo.models.megatron_io import verify_checkpoint
+
+    path = Path(folder)
+    if (path / MODEL_META).is_file() or not path.is_dir():
+        read_model_meta(folder, "--checkpoint")  # says what is wrong with a non-checkpoint
+        reason = verify_checkpoint(path)
+        if reason is not None:
+            raise ConfigError("--checkpoint", f"{folder!r} is damaged: {reason}; export another "
+                              "checkpoint (a run folder: its newest intact one)")
+        return folder
+    newest_checkpoint(folder)  # ConfigError when it holds no complete checkpoint at all
+    found = sorted(complete_checkpoints(path) + complete_checkpoints(path / CHECKPOINTS))
+    damaged = []
+    for _, candidate in reversed(found):
+        reason = verify_checkpoint(candidate)
+        if reason is None:
+            for name, why in damaged:
+                print(f"trb-nemo: skipping {name}, damaged: {why}", file=sys.stderr, flush=True)
+            return str(candidate)
+        damaged.append((candidate.name, reason))
+    listed = "; ".join(f"{name}: {why}" for name, why in damaged)
+    raise ConfigError("--checkpoint", f"every checkpoint in {folder!r} is damaged ({listed})")
 
 
 def _eos(folder: str, hf: dict, spec: ModelSpec) -> int | None:
@@ -186,7 +218,7 @@ def main(args) -> int:
         raise ConfigError(flag, f"is required for {args.direction}")
     job = plan(args.direction, source, args.out, args.tp, args.pp, args.precision)
     if job.source != source:
-        print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest one, "
+        print(f"trb-nemo: {source} is not a checkpoint itself: exporting its newest intact one, "
               f"{job.source}", flush=True)
     if launched_externally():
         run_rank(job)

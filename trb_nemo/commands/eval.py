@@ -37,21 +37,50 @@ from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
 from trb_nemo.logs import global_rank
 
 
+def saved_run_config(checkpoint: str) -> Path | None:
+    """The config a checkpoint was trained with: the ``config.yaml`` saved in the checkpoint
+    folder ``--checkpoint`` names (a run folder: its newest), else its run folder's; None for a
+    checkpoint saved without one (``trb-nemo convert`` output)."""
+    from trb_nemo.models.folders import CHECKPOINTS, newest_checkpoint
+    from trb_nemo.train.run_dir import CONFIG_FILE
+
+    folder = Path(newest_checkpoint(checkpoint))
+    candidates = [folder / CONFIG_FILE]
+    if folder.parent.name == CHECKPOINTS:
+        candidates.append(folder.parent.parent / CONFIG_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def compose_eval_config(overrides, *, config_name: str = "train",
-                        config_dir: str | None = None) -> tuple[TrainConfig, bool]:
-    """(the validated config, whether it has no teacher). Without a teacher (``model.teacher=null``
-    or a preset's teacher hf_path not given) the student stands in for it, so the config is
-    valid and no other stop id is merged."""
+                        config_dir: str | None = None,
+                        run_config: Path | None = None) -> tuple[TrainConfig, bool]:
+    """(the validated config, whether it has no teacher). ``run_config``: a training run's saved
+    ``config.yaml`` to compose from instead of ``conf/`` (its models, data and evaluation sets;
+    ``overrides`` apply over it). Without a teacher (``model.teacher=null`` or a preset's
+    teacher hf_path not given) the student stands in for it, so the config is valid and no other
+    stop id is merged."""
+    import tempfile
+
+    if run_config is None:
+        return _compose_eval(list(overrides), config_name, config_dir, check_own_models=True)
+    with tempfile.TemporaryDirectory(prefix="trb-nemo-eval-") as staged:
+        # composed like conf/train.yaml: from a folder that holds it
+        (Path(staged) / "run.yaml").write_text(run_config.read_text())
+        return _compose_eval(list(overrides), "run", staged, check_own_models=False)
+
+
+def _compose_eval(overrides: list[str], config_name: str, config_dir: str | None, *,
+                  check_own_models: bool) -> tuple[TrainConfig, bool]:
     from trb_nemo.config.compose import compose_config, print_notes, to_typed
 
-    overrides = list(overrides)
     try:
-        node = compose_config(overrides, config_name=config_name, config_dir=config_dir)
+        node = compose_config(overrides, config_name=config_name, config_dir=config_dir,
+                              check_own_models=check_own_models)
     except ConfigError as e:
         if e.key != "model.teacher.hf_path" or not e.reason.startswith("is required"):
             raise
         node = compose_config([*overrides, "model.teacher=null"], config_name=config_name,
-                              config_dir=config_dir)
+                              config_dir=config_dir, check_own_models=check_own_models)
     no_teacher = node.model.teacher is None
     if no_teacher:
         node.model.teacher = node.model.student  # a copy
@@ -88,8 +117,14 @@ def default_out(cfg: TrainConfig, folder: Path | None, step: int) -> Path:
 
     name = "eval.json" if folder is None else f"eval_step_{step:07d}.json"
     if folder is not None and folder.parent.name == CHECKPOINTS:
-        return folder.parent.parent / name
-    return RunFolder.of(cfg).path / name
+        path = folder.parent.parent / name
+    else:
+        path = RunFolder.of(cfg).path / name
+    n = 1  # an earlier result (training's, or another evaluation's) is never overwritten
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{name.removesuffix('.json')}-{n}.json")
+    return path
 
 
 def rank_main(cfg: TrainConfig, step: int) -> dict:
@@ -131,7 +166,7 @@ def run_eval(cfg: TrainConfig, *, no_teacher: bool = False, checkpoint: str | No
     cfg = check_models(cfg)
     sets = build_eval_sets(cfg)  # reads and checks every evaluation prompt
     path = Path(out) if out is not None else default_out(cfg, folder, step)
-    _writable(path)
+    _writable(path, "--out" if out is not None else "logging.output_dir")
     what = str(folder) if folder is not None else (cfg.model.student.hf_path
                                                     or cfg.model.student.checkpoint
                                                     or f"inline {cfg.model.student.name}")
@@ -157,12 +192,24 @@ def run_eval(cfg: TrainConfig, *, no_teacher: bool = False, checkpoint: str | No
     return result
 
 
-def _writable(path: Path) -> None:
-    """The JSON's folder can be made (checked before any rank starts)."""
+def _writable(path: Path, key: str) -> None:
+    """The JSON can be written there: its folder is made and takes a file (checked before any
+    rank starts, so an evaluation's result is never lost to a folder it cannot write)."""
+    import os
+    import tempfile
+
     blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
     if path.is_dir() or (blocker is not None and not blocker.is_dir()):
-        raise ConfigError("--out", f"cannot write {str(path)!r}: "
+        raise ConfigError(key, f"cannot write {str(path)!r}: "
                           f"{str(path if path.is_dir() else blocker)!r} is in the way")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".trb-nemo-write-test-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(key, f"cannot write {str(path)!r}: {e.strerror or type(e).__name__}; "
+                          "choose a file in a folder this job can write") from None
 
 
 def result_record(cfg: TrainConfig, sets, metrics: dict, what: str, step: int) -> dict:
@@ -198,8 +245,13 @@ def format_table(result: dict) -> str:
 
 
 def main(args) -> int:
-    """`trb-nemo eval [--checkpoint X] [--out F] [a.b=c ...]`."""
+    """`trb-nemo eval [--checkpoint X] [--out F] [a.b=c ...]`. A checkpoint of a training run
+    is evaluated with that run's config (its models, data and evaluation sets), unless
+    ``--config-dir``/``--config-name`` name another."""
+    run_config = None
+    if args.checkpoint is not None and args.config_dir is None and args.config_name == "train":
+        run_config = saved_run_config(args.checkpoint)
     cfg, no_teacher = compose_eval_config(args.overrides, config_name=args.config_name,
-                                          config_dir=args.config_dir)
+                                          config_dir=args.config_dir, run_config=run_config)
     run_eval(cfg, no_teacher=no_teacher, checkpoint=args.checkpoint, out=args.out)
     return 0

@@ -11,8 +11,8 @@ compared with the config saved in it (:func:`check_config_change`).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -22,9 +22,8 @@ from pathlib import Path
 import torch
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
-from trb_nemo.data.prompts import build_source
+from trb_nemo.data.prompts import build_source, data_fingerprint
 from trb_nemo.logs import global_rank
-from trb_nemo.models.folders import MODEL_META
 from trb_nemo.models.megatron_io import verify_checkpoint
 from trb_nemo.models.resolve import resolve_models
 from trb_nemo.parallel.env import external_world_size, launched_externally
@@ -43,6 +42,8 @@ def preflight(cfg: TrainConfig) -> TrainConfig:
     if skipped and global_rank() == 0:
         print(f"trb-nemo: data.skip_long_prompts: left out {len(skipped)} prompt(s) longer than "
               f"{cfg.data.max_prompt_length} tokens (the first: {skipped[0]})", flush=True)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                            fingerprint=data_fingerprint(cfg)))
     RunFolder.of(cfg).check_writable()
     plan_resume(cfg)
     return cfg
@@ -144,11 +145,16 @@ def check_models(cfg: TrainConfig) -> TrainConfig:
 
 
 def _check_model_checkpoints(cfg: TrainConfig) -> None:
-    """A ``model.<role>.checkpoint`` with a manifest must have every file at its size (cheap: no
-    checksums, a teacher is read at every start); one without (older saves, the shipped toy
-    models) is used as it is."""
+    """The weights each network loads are there: a ``model.<role>.checkpoint`` with a manifest
+    must have every file at its size (cheap: no checksums, a teacher is read at every start;
+    one without, older saves and the shipped toy models, is used as it is); a network read from
+    ``model.<role>.hf_path`` alone needs its ``*.safetensors``."""
+    from trb_nemo.models.hf_config import check_hf_weights
+
     for role in ("student", "teacher"):
         spec = getattr(cfg.model, role)
+        if spec is not None and spec.checkpoint is None and spec.hf_path is not None:
+            check_hf_weights(spec.hf_path, f"model.{role}.hf_path")
         if spec is not None and spec.checkpoint is not None:
             reason = verify_checkpoint(spec.checkpoint, checksums=False)
             if reason is not None:
@@ -181,93 +187,37 @@ def plan_resume(cfg: TrainConfig) -> Path | None:
     return folder
 
 
-# ------------------------------------------------------------------ settings that define the run
-
-RUN_DEFINING = ("model.student.", "model.teacher", "model.fp8", "model.precision",
-                "model.init_seed", "data.", "loss.", "rollout.", "trb.", "optim.", "eval.", "seed")
-"""Dotted-key prefixes of the settings that decide what a run is: which networks (files and
-architecture) in which precision, which prompts and held-out problems, the loss, the behavior
-policy and its schedule (``trb.*``, ``rollout.*``), the optimization problem, the evaluation
-protocol behind the report's pass@1 (``eval.num_problems`` also sets the held-out split) and
-every seed. A resume must keep them, unless ``checkpoint.allow_config_change``."""
-MAY_CHANGE = ("model.student.name", "model.teacher.name", "optim.max_steps",
-              "optim.micro_batch_size", "eval.interval", "optim.offload_during_rollout")
-"""Exceptions: labels, the run's length, how a step is split into microbatches (the same sums),
-how often pass@1 is measured and where the optimizer state waits while the student decodes
-(bit-exact either way). Everything outside RUN_DEFINING may change too: the parallel
-layout (resume across layouts is supported), ``model.transformer_impl`` (same math, another
-kernel), logging, checkpointing, the launcher."""
-_SHOWN = 6
-
-
-def _defines_run(key: str) -> bool:
-    return key.startswith(RUN_DEFINING) and key not in MAY_CHANGE
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, old, new) for every run-defining setting that differs. A key only one side
-    has (the schema gained or lost it between versions) is not compared."""
-    out = []
-    for k, v in new.items():
-        key = f"{prefix}{k}"
-        if k not in old:
-            continue
-        if isinstance(v, dict) and isinstance(old[k], dict):
-            out += config_differences(old[k], v, key + ".")
-        elif old[k] != v and _defines_run(key):
-            out.append((key, old[k], v))
-    return out
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 48 else text[:45] + "..."
-
-
-def _as_dict(yaml_text: str) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.create(yaml_text))
-
-
 def check_config_change(cfg: TrainConfig, folder: Path) -> list[tuple[str, object, object]]:
-    """Compare the run-defining settings with the config saved in checkpoint ``folder``. A
-    difference stops the run (ConfigError listing them), or, with
-    ``checkpoint.allow_config_change``, is appended to ``<run folder>/config_changes.jsonl`` (global
-    rank 0) and announced in one line. A checkpoint saved without its config is not compared."""
+    """Compare the run-defining settings with the config saved in checkpoint ``folder``
+    (:func:`~trb_nemo.train.run_dir.saved_config_differences`). The student's architecture and
+    the vocabulary are fixed by the checkpoint: a change there stops the run whatever
+    ``checkpoint.allow_config_change`` says. Another difference stops it unless
+    ``checkpoint.allow_config_change``; then it is announced in one line, and the trainer records
+    it in ``config_changes.jsonl`` once the checkpoint has loaded (a start that fails writes
+    nothing). A checkpoint saved without its config is not compared."""
     from trb_nemo.config.compose import composed_yaml
-    from trb_nemo.train.checkpoint import portable_yaml
-    from trb_nemo.train.run_dir import CONFIG_FILE
+    from trb_nemo.train.run_dir import fixed_by_checkpoint, listed, saved_config_differences
 
-    saved = folder / CONFIG_FILE
-    if not saved.is_file():
-        return []
-    try:
-        old = _as_dict(saved.read_text())
-    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
-        raise ConfigError("checkpoint.dir", f"{str(saved)!r} is unreadable ({type(e).__name__}); "
-                          "set checkpoint.resume=false to start over") from None
-    diffs = config_differences(old, _as_dict(portable_yaml(composed_yaml(cfg))))
+    diffs = saved_config_differences(folder, composed_yaml(cfg))
     if not diffs:
         return []
-    listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, a, b in diffs[:_SHOWN])
-    if len(diffs) > _SHOWN:
-        listed += f" (and {len(diffs) - _SHOWN} more)"
     run = RunFolder.of(cfg)
+    fixed = [d for d in diffs if fixed_by_checkpoint(d[0])]
+    if fixed:
+        raise ConfigError("logging.run_name", f"{folder} holds a run of another network than "
+                          f"this config's ({listed(fixed)}): its checkpoint cannot take these "
+                          "settings. Start a new run (another logging.run_name or "
+                          f"logging.output_dir), or move {run.path} away")
     if not cfg.checkpoint.allow_config_change:
         raise ConfigError("checkpoint.allow_config_change", f"is false, and resuming {folder} "
-                          f"with other settings than it was trained with: {listed}. Use the "
-                          "checkpoint's values, start a new run (another logging.run_name), or "
-                          "set checkpoint.allow_config_change=true to continue with the change "
-                          f"recorded in {run.config_changes}")
+                          f"with other settings than it was trained with: {listed(diffs)}. Use "
+                          "the checkpoint's values, start a new run (another logging.run_name), "
+                          "or set checkpoint.allow_config_change=true to continue with the "
+                          f"change recorded in {run.config_changes}")
     if global_rank() == 0:
-        step = json.loads((folder / MODEL_META).read_text()).get("step")
-        run.record_config_change({
-            "step": step, "checkpoint": folder.name,
-            "changes": {k: [a, b] for k, a, b in diffs}})
         print(f"trb-nemo: resuming {folder.name} with changed settings "
-              f"(checkpoint.allow_config_change=true): {listed}; recorded in "
-              f"{run.config_changes}", file=sys.stderr, flush=True)
+              f"(checkpoint.allow_config_change=true): {listed(diffs)}; recorded in "
+              f"{run.config_changes} once the run has resumed", file=sys.stderr, flush=True)
     return diffs
 
 

@@ -24,14 +24,6 @@ def rank_main(cfg: TrainConfig) -> dict:
     return Trainer(cfg).fit()
 
 
-def save_composed_config(cfg: TrainConfig) -> None:
-    """``<run folder>/config.yaml``: the resolved config this run uses (global rank 0), written
-    after the pre-flight accepted the settings (:meth:`~trb_nemo.train.run_dir.RunFolder.save_config`
-    keeps a previous one with other content)."""
-    if global_rank() == 0:
-        RunFolder.of(cfg).save_config(composed_yaml(cfg))
-
-
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
     """The config of ``cfg``'s first stage, method ``stage`` (:mod:`trb_nemo.methods`): the
     SFT warmup's fine-tuning on teacher responses, ``sft.updates`` updates at ``sft.lr`` with
@@ -90,14 +82,17 @@ def run_train(cfg: TrainConfig) -> list[dict]:
         cfg, stage_results = run_pre_stage(cfg, stage)
         if cfg is None:
             return stage_results
-    lock = RunFolder.of(cfg).lock() if global_rank() == 0 else None
+    run = RunFolder.of(cfg)
+    new_folder = not run.path.exists()
+    lock = run.lock() if global_rank() == 0 else None
+    finished = False
     try:
         if lock is not None:
             lock.acquire(create=False)  # the folder exists: it may be a live run's
         cfg = preflight(cfg)  # imports torch: only after the config is valid
         if lock is not None:
             lock.acquire()  # a new folder (the pre-flight created it)
-        save_composed_config(cfg)
+        # the trainer writes config.yaml once its checkpoint (if any) has loaded
         if launched_externally():
             results = [rank_main(cfg)]
         else:
@@ -107,6 +102,7 @@ def run_train(cfg: TrainConfig) -> list[dict]:
             results = run_local_ranks(rank_main, world, (cfg,), interrupt_note=(
                 "trb-nemo: Ctrl-C: the ranks finish this step, save a checkpoint and exit; "
                 "Ctrl-C again stops at once"))
+        finished = True
     except KeyboardInterrupt as e:
         what = ("second Ctrl-C: stopped at once, every rank killed" if isinstance(e, Interrupted)
                 else "interrupted")
@@ -116,6 +112,8 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     finally:
         if lock is not None:
             lock.release()
+        if new_folder and not finished and global_rank() == 0:
+            run.remove_if_unused()  # a refused or failed start leaves no empty run folder
     r = results[0]
     if r.get("stopped_by_signal"):
         print0(f"trb-nemo: stopped after step {r['step']} (signal {r['stopped_by_signal']}); "
@@ -127,9 +125,16 @@ def run_train(cfg: TrainConfig) -> list[dict]:
     return results
 
 
+EXIT_STOPPED = 75
+"""`trb-nemo train`'s exit code when a signal stopped the run after a checkpoint (rerun the same
+command to resume; the Slurm job script requeues itself): not 0, so ``train ... && next`` does
+not go on to the next command as if the run had finished (75: EX_TEMPFAIL, "try again")."""
+
+
 def main(args) -> int:
     """`trb-nemo train [a.b=c ...] [--cfg job]`: compose the config and run it (or, with
-    ``--cfg job``, print it with the architecture read from the model files where they are)."""
+    ``--cfg job``, print it with the architecture read from the model files where they are).
+    Exit code 0 when the run finished, :data:`EXIT_STOPPED` when a signal stopped it."""
     from trb_nemo.config.compose import compose_config, print_notes, to_typed
 
     node = compose_config(args.overrides, config_name=args.config_name, config_dir=args.config_dir)
@@ -143,5 +148,5 @@ def main(args) -> int:
         print("".join(f"# trb-nemo: {line}\n" for line in take_notes() + absent) + text, end="")
         return 0
     print_notes()
-    run_train(cfg)
-    return 0
+    results = run_train(cfg)
+    return EXIT_STOPPED if results and results[0].get("stopped_by_signal") else 0

@@ -81,8 +81,11 @@ def compose_config(
     *,
     config_name: str = "train",
     config_dir: str | Path | None = None,
+    check_own_models: bool = True,
 ) -> DictConfig:
-    """Hydra-compose ``<config_dir>/<config_name>.yaml`` with ``overrides``; raises ConfigError."""
+    """Hydra-compose ``<config_dir>/<config_name>.yaml`` with ``overrides``; raises ConfigError.
+    ``check_own_models``: :func:`own_models_not_on_the_toy` (off for a run's saved config,
+    which the run's own command line already decided)."""
     config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
     take_notes()  # a new composition: nothing left from an earlier one
     if not (config_dir / f"{config_name}.yaml").is_file():
@@ -97,7 +100,62 @@ def compose_config(
         raise _one_line(e, config_dir) from None
     except yaml.YAMLError as e:
         raise _yaml_syntax_error(e) from None
+    if check_own_models:
+        own_models_not_on_the_toy(node, overrides)
+        settings_that_do_something(node, overrides)
     return node
+
+
+def settings_that_do_something(node: DictConfig, overrides) -> None:
+    """A setting the chosen method ignores is refused when the command line sets it, and a
+    method is one a user can choose: ConfigError naming what to do instead."""
+    from trb_nemo.methods.table import METHOD_NAMES, METHODS
+
+    given = _command_line_keys(overrides)
+    behavior = node.rollout.behavior
+    if behavior in METHODS and behavior not in METHOD_NAMES:
+        raise ConfigError("rollout.behavior", f"{behavior!r} is a stage of another method, not a "
+                          f"method of its own; one of {'|'.join(METHOD_NAMES)} (the SFT stage: "
+                          "rollout.behavior=sft_warmup, with sft.* settings)")
+    if behavior in METHODS and METHODS[behavior].target == "veto":
+        ignored = [k for k in ("loss.kind", "loss.topk") if k in given]
+        if ignored:
+            raise ConfigError(ignored[0], "has no effect with rollout.behavior=veto: Veto's loss "
+                              "is its own KL to Q ∝ pi_T pi_S^b over the full vocabulary "
+                              "(tuned by loss.veto_b_start and loss.veto_direction); drop "
+                              f"{' and '.join(ignored)}")
+
+
+TOY_SOURCE = "toy_math"
+"""``data.source`` of the embedded task: character ids of the toy models' vocabulary."""
+
+
+def own_models_not_on_the_toy(node: DictConfig, overrides) -> None:
+    """Own models are never paired with the toy demo's task or teacher unless the command line
+    says so: a student given by ``model.student.hf_path`` (or a preset naming one) with the
+    default ``data.source=toy_math``, or a student set on the command line beside the toy
+    preset's teacher, is a ConfigError saying what to set."""
+    given = _command_line_keys(overrides)
+    student = node.model.student
+    if student is None:
+        return
+    own_student = student.get("hf_path") is not None
+    if own_student and node.data.source == TOY_SOURCE and "data.source" not in given:
+        raise ConfigError("data.source", "is the toy task (toy_math: arithmetic in the toy "
+                          "models' character ids), but the student is your own model "
+                          f"(model.student.hf_path={student.hf_path}); set data.source=FILE "
+                          "(.jsonl or .parquet prompts with answers), or data.source=toy_math "
+                          "explicitly to run it on the toy task anyway")
+    sets_student = any(k.startswith("model.student.") for k in given)
+    sets_teacher = any(k.startswith("model.teacher") for k in given)
+    teacher = node.model.teacher
+    toy_teacher = teacher is not None and str(teacher.get("checkpoint") or "").endswith(
+        "examples/toy_math/checkpoints/teacher")
+    if own_student and sets_student and toy_teacher and not sets_teacher and "model" not in given:
+        raise ConfigError("model.teacher.hf_path", "your student (model.student.hf_path="
+                          f"{student.hf_path}) would distill from the toy demo's teacher; use "
+                          "model=hf model.student.hf_path=S model.teacher.hf_path=T (or set "
+                          "model.teacher.* on the command line)")
 
 
 _OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?([\w.]+?)(?:@[\w.]+)?=(.*)$")
@@ -161,11 +219,15 @@ def take_notes() -> list[str]:
 
 
 def print_notes() -> None:
-    """Print the kept lines on stdout (global rank 0) like every trb-nemo info line."""
+    """Print the kept lines (global rank 0): info lines on stdout like every trb-nemo info line,
+    ``warning:`` lines on stderr."""
+    import sys
+
     notes = take_notes()
     if global_rank() == 0:
         for line in notes:
-            print(f"trb-nemo: {line}", flush=True)
+            print(f"trb-nemo: {line}", flush=True,
+                  file=sys.stderr if line.startswith("warning:") else sys.stdout)
 
 
 def config_warnings(cfg: TrainConfig) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from trb_nemo.methods.schedules import SCHEDULES
-from trb_nemo.methods.table import METHODS
+from trb_nemo.methods.table import METHOD_NAMES, METHODS
 
 
 class ConfigError(ValueError):
@@ -389,7 +389,8 @@ class RolloutConfig:
     same mu. 0 decodes one token per step with both networks in lockstep."""
 
     def __post_init__(self):
-        _one_of(self.behavior, tuple(METHODS), "behavior")
+        _check(self.behavior in METHODS, "behavior",  # the internal stages are not offered
+               f"must be one of {'|'.join(METHOD_NAMES)}, got {self.behavior!r}")
         _positive(self.max_sequences_in_flight, "max_sequences_in_flight")
         _positive(self.prefill_chunk_tokens, "prefill_chunk_tokens")
         _check(0 <= self.draft_tokens <= MAX_DRAFT_TOKENS, "draft_tokens",
@@ -523,12 +524,23 @@ class DataConfig:
     seed: int = 0
     """Shuffling seed of the prompt order."""
 
+    fingerprint: str | None = None
+    """Set by the pre-flight, not by hand: a digest of the bytes of ``data.source`` and the
+    ``eval.source`` files, saved with each checkpoint's config, so a data file edited in place
+    under the same path is a changed setting on resume (stopped, or with
+    ``checkpoint.allow_config_change`` recorded) instead of other prompts and held-out problems
+    without a word. None for the toy task."""
+
     def __post_init__(self):
         _check(bool(self.source), "source", "must name toy_math or a .jsonl/.parquet file")
         _check(bool(self.prompt_key.strip("|")), "prompt_key", "must name a field")
         _check(self.answer_key is None or bool(self.answer_key.strip("|")), "answer_key",
                "must name a field, or be null for prompts without answers")
         _positive(self.max_prompt_length, "max_prompt_length")
+        _check(not (self.chat_template and self.source == "toy_math"), "chat_template",
+               "is true, but the toy task (data.source=toy_math) is written in the toy models' "
+               "character ids, with no chat template; set data.chat_template=false, or "
+               "data.source=FILE for prompts your tokenizer's chat template wraps")
 
 
 @dataclass
@@ -619,7 +631,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """What the user sees and what is written."""
 
-    run_name: str = "trb-toy"
+    run_name: str | None = None
+    """The run folder's name under ``output_dir``. None: ``<rollout.behavior>-<student
+    name>-from-<teacher name>`` (:func:`default_run_name`; the toy demo's is
+    ``trb-toy-student-from-toy-teacher``), so runs of other models or methods never share a
+    folder."""
     output_dir: str = "outputs"
     log_interval: int = 1
     tensorboard: bool = True
@@ -627,7 +643,12 @@ class LoggingConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
-        _check(bool(self.run_name), "run_name", "must not be empty")
+        _check(self.run_name is None or bool(self.run_name.strip()), "run_name",
+               "must not be empty (null: named after the method and the models)")
+        _check(self.run_name is None or ("/" not in self.run_name and self.run_name not in
+                                         (".", "..")), "run_name",
+               f"must be a folder name, not a path, got {self.run_name!r}; set "
+               "logging.output_dir for where runs go")
         _positive(self.log_interval, "log_interval")
 
 
@@ -733,6 +754,16 @@ def check_same_vocab(student: ModelSpec, teacher: ModelSpec) -> None:
            f"{student.vocab_size}: student and teacher must share one tokenizer")
 
 
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<rollout.behavior>-<student name>-from-<teacher name>``, made a folder name (the model
+    names are their folders' names for HF models)."""
+    import re
+
+    teacher = cfg.model.teacher.name if cfg.model.teacher is not None else "none"
+    name = f"{cfg.rollout.behavior}-{cfg.model.student.name}-from-{teacher}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
+
+
 @dataclass
 class TrainConfig:
     """``trb-nemo train``: the whole job. Cross-component rules are checked here."""
@@ -753,6 +784,8 @@ class TrainConfig:
     """Seed of everything not seeded above (Megatron's model-parallel RNG tracker included)."""
 
     def __post_init__(self):
+        if self.logging.run_name is None:
+            self.logging.run_name = default_run_name(self)
         for role in ("student", "teacher"):
             spec = getattr(self.model, role)
             if spec is not None and spec.hf_path is None and spec.checkpoint is None:

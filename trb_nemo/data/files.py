@@ -141,3 +141,19 @@ def count_rows(path: str) -> int | None:
         return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
     except Exception:  # noqa: BLE001 - the pre-flight says what is wrong with it
         return None
+
+
+def files_digest(paths: Sequence[str]) -> str | None:
+    """``sha256:<16 hex>`` of the bytes of ``paths`` in order (their names included), or None
+    for none. Reads every byte (the pre-flight reads the prompts anyway)."""
+    import hashlib
+
+    if not paths:
+        return None
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]

@@ -43,6 +43,7 @@ from trb_nemo.data.files import (
     field_of,
     fields_here,
     file_format,
+    files_digest,
     prompt_text,
     read_rows,
 )
@@ -309,3 +310,11 @@ def step_prompts(source, step: int, prompts_per_step: int, dp_rank: int, dp_size
     share = prompts_per_step // dp_size
     first = step * prompts_per_step + dp_rank * share
     return [source.train_prompt(first + i) for i in range(share)]
+
+
+def data_fingerprint(cfg: TrainConfig) -> str | None:
+    """:func:`~trb_nemo.data.files.files_digest` of the run's data files (``data.source`` and
+    the ``eval.source`` files; the toy task has none): ``data.fingerprint``."""
+    paths = [cfg.data.source] if cfg.data.source != "toy_math" else []
+    paths += [path for _, path in eval_entries(cfg) if path != "toy_math"]
+    return files_digest(paths)

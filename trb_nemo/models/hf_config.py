@@ -187,3 +187,27 @@ def tokenizer_vocab(folder: str) -> dict | None:
     vocab = dict(data.get("model", {}).get("vocab") or {})
     vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
     return vocab
+
+
+def check_hf_weights(folder: str, key: str) -> None:
+    """``folder`` holds the weights of an HF checkpoint: ``*.safetensors`` files, or an index
+    whose shards are all there; ConfigError(key) otherwise (read before any rank starts: no
+    weights are loaded here)."""
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(key, f"{str(index)!r} is not a safetensors index (no weight_map)"
+                              ) from None
+        missing = sorted(s for s in shards if not (root / s).is_file())
+        if missing:
+            raise ConfigError(key, f"{folder!r} misses {len(missing)} weight file(s) its index "
+                              f"names (e.g. {missing[0]}); finish the download")
+        return
+    if not any(root.glob("*.safetensors")):
+        found = sorted(p.name for p in root.glob("*.bin"))[:1]
+        hint = (f" (it has PyTorch {found[0]}: re-save with safe_serialization=True)" if found
+                else " (download the model's *.safetensors files into it)")
+        raise ConfigError(key, f"{folder!r} has no *.safetensors weights{hint}")

@@ -59,9 +59,11 @@ def resolve_spec(spec: ModelSpec, key: str) -> ModelSpec:
 def resolve_models(cfg: TrainConfig, absent: list[str] | None = None) -> TrainConfig:
     """``cfg`` with resolved student and teacher specs, checked against the run's layout.
 
-    With an ``absent`` list (``trb-nemo train --cfg job``): a network whose folder is not on
-    this machine is kept as configured, a line saying so appended to ``absent``, and the
-    cross-network checks that need it are skipped; files that are here must resolve."""
+    With an ``absent`` list (``trb-nemo train --cfg job``, ``plan``, ``launch slurm``): a network
+    whose folder is not on this machine is kept as configured and a line saying so appended to
+    ``absent``; when its preset carries the shapes inline (``max_sequence_length`` set, as the
+    recipes' do: the planner sizes the run with them), the layout is checked against them, else
+    the checks that need the folder are skipped. Files that are here must resolve."""
     specs = {"student": cfg.model.student, "teacher": cfg.model.teacher}
     resolved = {}
     for role, spec in specs.items():
@@ -74,6 +76,8 @@ def resolve_models(cfg: TrainConfig, absent: list[str] | None = None) -> TrainCo
         if absent is not None and missing:
             absent.append(f"model.{role}: {', '.join(missing)} is not on this machine; shown as "
                           "configured, not resolved")
+            if spec.max_sequence_length is not None:  # inline shapes: the ones the plan uses
+                cfg.check_model_fits(role, spec)
             continue
         resolved[role] = resolve_spec(spec, f"model.{role}")
         cfg.check_model_fits(role, resolved[role])

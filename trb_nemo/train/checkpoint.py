@@ -54,19 +54,12 @@ from trb_nemo.models.megatron_io import (
     verify_checkpoint,
 )
 from trb_nemo.parallel import comm
-from trb_nemo.train.run_dir import CONFIG_FILE, recorded_resume_choice
+from trb_nemo.train.run_dir import CONFIG_FILE, portable_yaml, recorded_resume_choice
 
 if TYPE_CHECKING:
     from trb_nemo.parallel.groups import ParallelGroups
     from trb_nemo.train.optimizer import StudentTraining
 
-def portable_yaml(text: str) -> str:
-    """``text`` with the project checkout's path written ``${project_root:}``, as conf/ writes
-    it: a checkpoint does not record where the checkout was, and a config does not compare
-    unequal to it only because the checkout moved."""
-    from trb_nemo.config.compose import project_root
-
-    return text.replace(f"{project_root()}/", "${project_root:}/")
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 

@@ -21,7 +21,7 @@ from trb_nemo.methods.table import method_of
 from trb_nemo.train.metrics_log import read_jsonl
 from trb_nemo.train.run_dir import RunFolder
 
-COMMON_CURVES = (("train/loss", "reverse-KL loss"), ("rollout/reward", "rollout reward"))
+COMMON_CURVES = (("rollout/reward", "rollout reward"),)
 
 
 SPECULATIVE_CURVES = (("rollout/draft_acceptance", "draft acceptance (speculative TRB)"),
@@ -29,10 +29,22 @@ SPECULATIVE_CURVES = (("rollout/draft_acceptance", "draft acceptance (speculativ
 """Shown when rollout.draft_tokens > 0."""
 
 
-def curves(behavior: str, speculative: bool = False) -> tuple[tuple[str, str], ...]:
+def loss_label(behavior: str, veto_direction: str = "forward") -> str:
+    """What ``train/loss`` is for ``behavior``'s target (:mod:`trb_nemo.methods.table`)."""
+    target = method_of(behavior).target
+    if target == "veto":
+        return f"Veto's {veto_direction}-KL loss"
+    if target == "sft":
+        return "cross-entropy loss (SFT on teacher samples)"
+    return "reverse-KL loss"
+
+
+def curves(behavior: str, speculative: bool = False,
+           veto_direction: str = "forward") -> tuple[tuple[str, str], ...]:
     """The (metric, label) pairs of the report for ``behavior``, pass@1 first."""
     return (("eval/pass@1", "pass@1"), *method_of(behavior).curves,
-            *(SPECULATIVE_CURVES if speculative else ()), *COMMON_CURVES)
+            *(SPECULATIVE_CURVES if speculative else ()),
+            ("train/loss", loss_label(behavior, veto_direction)), *COMMON_CURVES)
 
 
 def _warmup(cfg: TrainConfig) -> tuple[int, str]:
@@ -45,8 +57,12 @@ def _behavior_line(cfg: TrainConfig) -> str:
 
 
 def _loss_line(cfg: TrainConfig) -> str:
-    if method_of(cfg.rollout.behavior).target == "veto":
-        return "loss: Veto's KL to its target over the full vocabulary"
+    target = method_of(cfg.rollout.behavior).target
+    if target == "veto":
+        return (f"loss: Veto's {cfg.loss.veto_direction} KL to its target Q over the full "
+                "vocabulary")
+    if target == "sft":
+        return "loss: the cross-entropy of the teacher's sampled tokens"
     topk = f" (k = {cfg.loss.topk})" if cfg.loss.kind == "topk" else ""
     return f"loss `{cfg.loss.kind}`{topk}"
 
@@ -101,7 +117,7 @@ def write_report(run: RunFolder, cfg: TrainConfig) -> dict:
                "pass@1_best": max(passes) if passes else None,
                "best_step": steps[passes.index(max(passes))] if passes else None,
                "steps": max((r["step"] for r in rows), default=0)}
-    shown = curves(cfg.rollout.behavior, cfg.rollout.draft_tokens > 0)
+    shown = curves(cfg.rollout.behavior, cfg.rollout.draft_tokens > 0, cfg.loss.veto_direction)
     plotted = _plot(run.report.with_suffix(".png"), rows, warmup, shown, phase)
     train_rows = [r for r in rows if "train/loss" in r]
 

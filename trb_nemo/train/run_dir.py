@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
-from trb_nemo.models.folders import CHECKPOINTS, STEP_FOLDER
+from trb_nemo.models.folders import CHECKPOINTS, MODEL_META, STEP_FOLDER
 
 CONFIG_FILE = "config.yaml"
 CONFIG_CHANGES = "config_changes.jsonl"
@@ -113,21 +113,33 @@ class RunFolder:
         tree has one."""
         return recorded_resume_choice(self.checkpoints)
 
-    def save_config(self, text: str) -> None:
-        """Write ``config.yaml`` (call on one rank, after the pre-flight accepted the settings).
-        A previous config.yaml with other content is renamed ``config.before_step_<N>.yaml``, N
-        the step this run starts at (the recorded resume choice's, 0 when it starts over): the
-        settings that produced the steps before N."""
+    def started(self, text: str, resumed_from: Path | None) -> None:
+        """The run has started (its checkpoint, if any, loaded): record it on disk (global rank
+        0). Changed run-defining settings of a resume (which the pre-flight allowed) are
+        appended to ``config_changes.jsonl``, then ``config.yaml`` is written
+        (:meth:`save_config`). Nothing is written before this, so a start that fails or is
+        refused leaves the folder as it was."""
+        if resumed_from is not None:
+            diffs = saved_config_differences(resumed_from, text)
+            if diffs:
+                meta = read_meta_step(resumed_from)
+                self.record_config_change({"step": meta, "checkpoint": resumed_from.name,
+                                           "changes": {k: [a, b] for k, a, b in diffs}})
+        step = int(STEP_FOLDER.fullmatch(resumed_from.name).group(1)) if resumed_from else 0
+        self.save_config(text, step)
+
+    def save_config(self, text: str, start_step: int = 0) -> None:
+        """Write ``config.yaml`` (one rank). A previous config.yaml with other content is
+        renamed ``config.before_step_<N>.yaml``, N = ``start_step``, the step this run starts at:
+        the settings that produced the steps before N."""
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.config_file
         if path.is_file() and path.read_text() != text:
-            self.keep_previous_config()
+            self.keep_previous_config(start_step)
         path.write_text(text)
 
-    def keep_previous_config(self) -> Path:
+    def keep_previous_config(self, step: int) -> Path:
         """Rename ``config.yaml`` as :meth:`save_config` says; returns the new path."""
-        _, folder = self.recorded_resume_choice()
-        step = int(STEP_FOLDER.fullmatch(folder.name).group(1)) if folder is not None else 0
         target = self.path / f"config.before_step_{step:07d}.yaml"
         n = 1
         while target.exists():
@@ -135,6 +147,19 @@ class RunFolder:
             target = self.path / f"config.before_step_{step:07d}-{n}.yaml"
         self.config_file.rename(target)
         return target
+
+    def remove_if_unused(self) -> None:
+        """Remove what a start that never ran left of a folder it created: the lock file, an
+        empty checkpoint folder, then the run folder if empty (never anything else)."""
+        try:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+        except OSError:  # a file where a folder of the path should be: nothing was created
+            return
+        for folder in (self.checkpoints, self.path):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                pass
 
     def record_config_change(self, record: dict) -> None:
         """Append ``record`` (step, checkpoint, changes) to ``config_changes.jsonl``, unless the
@@ -219,3 +244,108 @@ class RunFolderLock:
         if self._fd is not None:
             os.close(self._fd)  # drops the flock; the file stays (removing it would race)
             self._fd = None
+
+
+# ------------------------------------------------------------- settings that define the run
+
+RUN_DEFINING = ("model.student.", "model.teacher", "model.fp8", "model.precision",
+                "model.init_seed", "data.", "loss.", "rollout.", "trb.", "optim.", "eval.", "seed")
+"""Dotted-key prefixes of the settings that decide what a run is: which networks (files and
+architecture) in which precision, which prompts and held-out problems, the loss, the behavior
+policy and its schedule (``trb.*``, ``rollout.*``), the optimization problem, the evaluation
+protocol behind the report's pass@1 (``eval.num_problems`` also sets the held-out split) and
+every seed. A resume must keep them, unless ``checkpoint.allow_config_change``."""
+MAY_CHANGE = ("model.student.name", "model.teacher.name", "optim.max_steps",
+              "optim.micro_batch_size", "eval.interval", "optim.offload_during_rollout")
+"""Exceptions: labels, the run's length, how a step is split into microbatches (the same sums),
+how often pass@1 is measured and where the optimizer state waits while the student decodes
+(bit-exact either way). Everything outside RUN_DEFINING may change too: the parallel
+layout (resume across layouts is supported), ``model.transformer_impl`` (same math, another
+kernel), logging, checkpointing, the launcher."""
+NOT_ARCHITECTURE = ("name", "hf_path", "checkpoint", "eos_token_id", "max_sequence_length")
+"""ModelSpec fields that are not the network's architecture (every other one is)."""
+_SHOWN = 6
+
+
+def fixed_by_checkpoint(key: str) -> bool:
+    """A setting no resume can change, ``allow_config_change`` or not: the student's
+    architecture (its checkpoint's tensors) and either network's vocabulary."""
+    if key in ("model.student.vocab_size", "model.teacher.vocab_size"):
+        return True
+    prefix = "model.student."
+    return key.startswith(prefix) and key[len(prefix):] not in NOT_ARCHITECTURE
+
+
+def _defines_run(key: str) -> bool:
+    return key.startswith(RUN_DEFINING) and key not in MAY_CHANGE
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every run-defining setting that differs. A key only one side
+    has (the schema gained or lost it between versions) is not compared."""
+    out = []
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in old:
+            continue
+        if isinstance(v, dict) and isinstance(old[k], dict):
+            out += config_differences(old[k], v, key + ".")
+        elif old[k] != v and _defines_run(key):
+            out.append((key, old[k], v))
+    return out
+
+
+def portable_yaml(text: str) -> str:
+    """``text`` with the project checkout's path written ``${project_root:}``, as conf/ writes
+    it: a checkpoint does not record where the checkout was, and a config does not compare
+    unequal to it only because the checkout moved."""
+    from trb_nemo.config.compose import project_root
+
+    return text.replace(f"{project_root()}/", "${project_root:}/")
+
+
+def _as_dict(yaml_text: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.create(yaml_text))
+
+
+def saved_config_differences(folder: Path, text: str) -> list[tuple[str, object, object]]:
+    """:func:`config_differences` between the config saved in checkpoint ``folder`` and the
+    composed config ``text`` (both portable); [] when the checkpoint has no saved config.
+    ConfigError(checkpoint.dir) when the saved one does not parse."""
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        return []
+    try:
+        old = _as_dict(saved.read_text())
+    except Exception as e:  # noqa: BLE001 - any parse failure means the same thing here
+        raise ConfigError("checkpoint.dir", f"{str(saved)!r} is unreadable ({type(e).__name__}); "
+                          "set checkpoint.resume=false to start over") from None
+    return config_differences(old, _as_dict(portable_yaml(text)))
+
+
+def _shown(value) -> str:
+    """A value as a message shows it: the checkout's path written out, not ``${project_root:}``,
+    and long values cut."""
+    from trb_nemo.config.compose import project_root
+
+    if isinstance(value, str):
+        value = value.replace("${project_root:}", str(project_root()))
+    text = repr(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def listed(diffs: list[tuple[str, object, object]]) -> str:
+    """``key: old -> new, ...`` of the first few differences."""
+    text = ", ".join(f"{k}: {_shown(a)} -> {_shown(b)}"
+                     + (" (a data file's contents changed)" if k == "data.fingerprint" else "")
+                     for k, a, b in diffs[:_SHOWN])
+    if len(diffs) > _SHOWN:
+        text += f" (and {len(diffs) - _SHOWN} more)"
+    return text
+
+
+def read_meta_step(folder: Path):
+    """The step a checkpoint folder's metadata records (None when it records none)."""
+    return json.loads((folder / MODEL_META).read_text()).get("step")

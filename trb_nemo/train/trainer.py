@@ -70,6 +70,9 @@ class Trainer:
         if latest is not None:
             resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
+        if comm.world_rank() == 0:  # the run has started: config.yaml (and allowed changes)
+            self.run.started(composed_yaml(cfg), self.resumed_from[0] if self.resumed_from
+                             else None)
         self.log = MetricsLog(self.run, cfg.logging, cfg.optim.max_steps, self.step_k)
         if self.resumed_from:
             folder, r = self.resumed_from
