@@ -36,3 +36,29 @@ def write_placeholder_weights(folder: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({"placeholder": torch.zeros(1)}, str(Path(folder) / "model.safetensors"))
+
+
+WORDS = "what is one two three four plus minus".split()
+
+
+def make_hf(folder: Path, *, vocab_size=160, hidden_size=48, layers=2, max_positions=384,
+            eos=5, generation_eos=None, pad=4, tokenizer=True, weights=True) -> str:
+    """A tiny Qwen3 HF folder: config.json, generation_config.json (when ``generation_eos``),
+    a word-level tokenizer ``transformers`` loads and (``weights``) a ``model.safetensors``
+    (a placeholder: the pre-flight checks the weights are there; no rank starts here)."""
+    import transformers
+
+    folder.mkdir(parents=True)
+    transformers.Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=max_positions, eos_token_id=eos, pad_token_id=pad,
+        tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"],
+    ).save_pretrained(folder)
+    if generation_eos is not None:
+        transformers.GenerationConfig(eos_token_id=generation_eos).save_pretrained(folder)
+    if tokenizer:
+        write_word_tokenizer(folder, WORDS)
+    if weights:
+        write_placeholder_weights(folder)
+    return str(folder)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_inputs import one_line_error, write_placeholder_weights, write_word_tokenizer
+from cli_inputs import make_hf, one_line_error
 
 from trb_nemo.cli import main
 from trb_nemo.commands.convert import _write_hf_folder, plan
@@ -26,32 +26,8 @@ from trb_nemo.config.schema import ModelSpec
 from trb_nemo.models.hf_config import hf_config_from_spec, spec_from_hf_config
 from trb_nemo.models.megatron_io import write_manifest
 
-WORDS = "what is one two three four plus minus".split()
 TOY_TASK = ["data.source=toy_math"]
 """Own models on the toy task: said explicitly (the default data.source is refused for them)."""
-
-
-def make_hf(folder: Path, *, vocab_size=160, hidden_size=48, layers=2, max_positions=384,
-            eos=5, generation_eos=None, pad=4, tokenizer=True, weights=True) -> str:
-    """A tiny Qwen3 HF folder: config.json, generation_config.json (when ``generation_eos``),
-    a word-level tokenizer ``transformers`` loads and (``weights``) a ``model.safetensors``
-    (a placeholder: the pre-flight checks the weights are there; no rank starts here)."""
-    import transformers
-
-    folder.mkdir(parents=True)
-    transformers.Qwen3Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=max_positions, eos_token_id=eos, pad_token_id=pad,
-        tie_word_embeddings=True, architectures=["Qwen3ForCausalLM"],
-    ).save_pretrained(folder)
-    if generation_eos is not None:
-        transformers.GenerationConfig(eos_token_id=generation_eos).save_pretrained(folder)
-    if tokenizer:
-        write_word_tokenizer(folder, WORDS)
-    if weights:
-        write_placeholder_weights(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
