@@ -255,8 +255,17 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (Megatron DistributedOptimizer)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs Transformer Engine or Apex norms; not on CPU)."""
-    timeout_minutes: int = 10
-    """Collective timeout; a rank stuck longer than this fails the job instead of hanging."""
+    timeout_minutes: float = 10
+    """Collective timeout (NCCL's watchdog on GPU): a rank stuck longer than this in one
+    collective fails the job instead of hanging. It must cover the longest *balanced* phase a
+    collective waits through (a training step's, a checkpoint save's); phases whose length
+    differs across data-parallel ranks (rollout, evaluation) end in a barrier of their own
+    (``uneven_phase_timeout_minutes``) before the next collective."""
+    uneven_phase_timeout_minutes: float = 720
+    """How long a rank that finished an uneven phase (rollout, evaluation, the SFT stage's
+    teacher decoding: data-parallel ranks decode different prompts for different lengths) waits
+    for the others, in a barrier on a gloo group of its own, before the job fails. Must cover the
+    longest evaluation; the default is 12 hours."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GiB. The pre-flight of ``trb-nemo train`` (on CUDA) and of
     ``trb-nemo launch slurm`` refuses a run whose planned per-GPU peak (``trb-nemo plan``) of
@@ -273,6 +282,7 @@ class ParallelConfig:
         _positive(self.pipeline_model_parallel_size, "pipeline_model_parallel_size")
         _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
         _positive(self.timeout_minutes, "timeout_minutes")
+        _positive(self.uneven_phase_timeout_minutes, "uneven_phase_timeout_minutes")
         _positive(self.gpu_memory_gb, "gpu_memory_gb")
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.num_local_ranks is not None:
@@ -645,9 +655,9 @@ class LoggingConfig:
     def __post_init__(self):
         _check(self.run_name is None or bool(self.run_name.strip()), "run_name",
                "must not be empty (null: named after the method and the models)")
-        _check(self.run_name is None or ("/" not in self.run_name and self.run_name not in
-                                         (".", "..")), "run_name",
-               f"must be a folder name, not a path, got {self.run_name!r}; set "
+        _check(self.run_name is None or not (self.run_name.startswith("/") or ".." in
+                                             self.run_name.split("/")), "run_name",
+               f"must name a folder inside logging.output_dir, got {self.run_name!r}; set "
                "logging.output_dir for where runs go")
         _positive(self.log_interval, "log_interval")
 

@@ -18,14 +18,14 @@ from trb_nemo.config.schema import TrainConfig
 from trb_nemo.data.prompts import EvalSet
 from trb_nemo.methods.policies import StudentPolicy
 from trb_nemo.models.vocab import SharedVocab
-from trb_nemo.parallel import comm
+from trb_nemo.parallel import comm, groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.engine import generate
-from trb_nemo.rollout.types import DecodeSettings
+from trb_nemo.rollout.types import DecodeSettings, Interrupt, StopRequested
 
 
 def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab, step: int,
-             pg: ParallelGroups) -> dict:
+             pg: ParallelGroups, interrupt: Interrupt | None = None) -> dict:
     """pass@1 of the student on ``sets`` (sampling at eval.temperature, seeded by ``step``):
 
     * ``eval/pass@1``: the mean over sets of each set's pass@1 (one set: its pass@1);
@@ -40,10 +40,22 @@ def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab,
     holding the same problems would be). Decoding runs the student in eval mode
     (:func:`generate`; its mode is restored afterwards); the teacher is not used. Collective
     over the data-parallel group (one all-reduce) and, inside decoding, the model-parallel
-    groups."""
+    groups. Data-parallel ranks decode different problems for different lengths: after each set
+    every rank waits for the others (:func:`~trb_nemo.parallel.groups.wait_after_uneven_phase`)
+    before the next collective. With ``interrupt`` (a stop signal), decoding asks it as it goes
+    and the ranks agree after each set (1 all-reduce of [1] over the world): when asked, every
+    rank raises :class:`~trb_nemo.rollout.types.StopRequested` within a set's decode."""
     counts = []
     for s in sets:
-        counts.append(_count_correct(student, s, cfg, vocab, step, pg))
+        stopped = False
+        try:
+            counts.append(_count_correct(student, s, cfg, vocab, step, pg, interrupt))
+        except StopRequested:
+            stopped = True
+        groups.wait_after_uneven_phase()
+        if interrupt is not None and interrupt.requested(None):
+            raise StopRequested()
+        assert not stopped, "decoding stopped, yet no rank was asked to"
     per_problem = comm.all_reduce(torch.cat(counts), group=pg.data)
     sizes = [len(s.prompts) for s in sets]
     samples = [cfg.eval.samples_of(s.name) for s in sets]
@@ -63,7 +75,7 @@ def evaluate(student, sets: list[EvalSet], cfg: TrainConfig, vocab: SharedVocab,
 
 
 def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, step: int,
-                   pg: ParallelGroups) -> torch.Tensor:
+                   pg: ParallelGroups, interrupt: Interrupt | None) -> torch.Tensor:
     """[problems] fp64: this DP rank's correct samples of its share of ``s`` (problem j of the
     rank is problem dp_rank + j dp_size of the set), zeros elsewhere."""
     mine = s.prompts[pg.dp_rank::pg.dp_size]
@@ -80,7 +92,8 @@ def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, st
                       max_in_flight=cfg.eval.max_sequences_in_flight
                       or cfg.rollout.max_sequences_in_flight,
                       prefill_tokens=cfg.rollout.prefill_chunk_tokens),
-                  vocab=vocab, generator=torch.Generator().manual_seed(seed), pg=pg)
+                  vocab=vocab, generator=torch.Generator().manual_seed(seed), pg=pg,
+                  interrupt=interrupt)
     for i in range(len(prompts)):
         if s.check(ro.response(i), mine[i // n].answer):
             per_problem[pg.dp_rank + (i // n) * pg.dp_size] += 1

@@ -24,6 +24,9 @@ import torch
 
 MODES = ("auto", "on", "off")
 _mode = "auto"
+_agreed = False
+"""The ranks agreed to run kernels compiled (:func:`agreed`): a compile failure after that is
+an error, not a per-process fallback (ranks that chunk rows differently hang)."""
 _fell_back = False
 """A kernel failed to compile in this process: every kernel runs eagerly from then on, and
 callers chunk rows for the eager path (:func:`is_fused` is the one answer to both), instead of
@@ -32,15 +35,41 @@ temporaries at a 152k vocabulary)."""
 
 
 def set_mode(mode: str) -> None:
-    """auto | on | off (module docstring); also forgets an earlier compile failure."""
-    global _mode, _fell_back
+    """auto | on | off (module docstring); also forgets an earlier compile failure and
+    agreement."""
+    global _mode, _fell_back, _agreed
     if mode not in MODES:
         raise ValueError(f"fused ops mode (TRB_NEMO_FUSED_OPS, parallel.fused_ops) must be one "
                          f"of {'|'.join(MODES)}, got {mode!r}")
-    _mode, _fell_back = mode, False
+    _mode, _fell_back, _agreed = mode, False, False
 
 
 set_mode(os.environ.get("TRB_NEMO_FUSED_OPS", "auto"))
+
+
+def agreed(value: bool) -> None:
+    """Record that every rank of the job agreed to run the kernels compiled
+    (:func:`trb_nemo.parallel.groups.agree_on_fused_kernels`)."""
+    global _agreed
+    _agreed = value
+
+
+def compiles(device: torch.device) -> bool:
+    """Whether a kernel compiles and runs here: a probe of the compiler, Dynamo and the device
+    (a small row reduction like the ops' own kernels). Seconds, once per process."""
+    @kernel
+    def probe(x_RV, c_R1):
+        return torch.exp(x_RV - x_RV.amax(-1, keepdim=True)).sum(-1, keepdim=True) + c_R1
+
+    x = torch.arange(24, dtype=torch.float32, device=device).reshape(3, 8) / 8
+    before = _fell_back
+    try:
+        out = probe(x, torch.zeros(3, 1, device=device))
+        ok = bool(torch.allclose(out.cpu(), torch.exp(x - x.amax(-1, keepdim=True)).sum(
+            -1, keepdim=True).cpu()))
+    except Exception:  # noqa: BLE001 - whatever fails, the kernels do not run compiled here
+        ok = False
+    return ok and not (_fell_back and not before)
 
 
 def is_fused(device: torch.device) -> bool:
@@ -77,10 +106,12 @@ def kernel(fn):
 
     Kernels take tensors only (per-row constants as [R, k] tensors, never Python floats, so one
     compiled graph serves every value; None for an optional input the eager caller leaves out)
-    and run without autograd. A kernel that cannot be
-    compiled here (no compiler, Dynamo refuses) warns once, and from then on every kernel of the
-    process runs eagerly (a compile failure is a property of the environment, the same on every
-    rank, so ranks keep chunking rows alike and making the same collectives).
+    and run without autograd. A kernel that cannot be compiled here (no compiler, Dynamo
+    refuses) warns once, and from then on every kernel of the process runs eagerly. In a job,
+    ranks must chunk rows alike (each chunk makes its own collectives), so the choice is made
+    once for the world at start-up (:func:`trb_nemo.parallel.groups.agree_on_fused_kernels`:
+    a probe compile on every rank, eager everywhere unless all succeed), and a compile failure
+    after that agreement raises instead of falling back on one rank only.
     """
     compiled = limit = None
 
@@ -100,6 +131,12 @@ def kernel(fn):
                 with limit:
                     return compiled(*tensors)
             except Exception as err:  # compiler or Dynamo failure: the eager kernel is exact too
+                if _agreed:  # the ranks chunk alike only while all run compiled: stop, not hang
+                    raise RuntimeError(
+                        f"trb_nemo.ops.fused: {fn.__name__} failed to compile on this rank after "
+                        "every rank agreed to compile; rerun the same command (it resumes) with "
+                        f"parallel.fused_ops=off: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from err
                 _fell_back = True
                 warnings.warn(f"trb_nemo.ops.fused: {fn.__name__} failed to compile, so the op "
                               f"kernels run eagerly from now on: {type(err).__name__}: "

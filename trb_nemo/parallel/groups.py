@@ -35,13 +35,15 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelGroups:
     Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (torchrun, srun or the local spawner). On a
     machine without CUDA it first applies the CPU support patches and uses gloo. Seeds Megatron's
     model-parallel RNG tracker from ``seed`` and then the default generators with ``seed``, and
-    sets how the vocab-parallel ops run (``parallel.fused_ops``).
+    sets how the vocab-parallel ops run (``parallel.fused_ops``), the same way on every rank
+    (:func:`agree_on_fused_kernels`). The device is ``LOCAL_RANK`` modulo the GPUs this process
+    sees (a cluster may bind one GPU per task).
     """
     env_from_slurm()
     if not torch.cuda.is_available():
         apply_cpu_support()
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend_for(parallel),
@@ -60,11 +62,50 @@ def initialize(parallel: ParallelConfig, seed: int) -> ParallelGroups:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     fused.set_mode(parallel.fused_ops)
+    agree_on_fused_kernels()
+    _uneven["group"] = dist.new_group(
+        backend="gloo", timeout=datetime.timedelta(minutes=parallel.uneven_phase_timeout_minutes))
     return ParallelGroups.from_megatron()
+
+
+_uneven: dict = {"group": None}
+"""The world as a gloo group with ``parallel.uneven_phase_timeout_minutes``: the barrier after a
+phase whose length differs across ranks (:func:`wait_after_uneven_phase`)."""
+
+
+def agree_on_fused_kernels() -> None:
+    """Collective over the world (1 all-reduce(MIN) of [1]), at start-up: where this process
+    would run the vocab-parallel kernels compiled, it compiles a probe kernel, and every rank
+    runs them compiled only if every rank could; otherwise all run them eagerly (one warning).
+    Ranks that chunk rows differently make different collectives and hang, so the choice must
+    be the world's, not each process's (:mod:`trb_nemo.ops.fused`)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    wanted = fused.is_fused(device)
+    ok = torch.tensor([1 if not wanted or fused.compiles(device) else 0], dtype=torch.int64)
+    agreed = int(comm.all_reduce(ok, op="min").item()) if comm.is_initialized() else int(ok)
+    if wanted and not agreed:
+        fused.set_mode("off")
+        if comm.world_rank() == 0:
+            import warnings
+
+            warnings.warn("trb_nemo: a rank could not compile the fused op kernels, so every "
+                          "rank runs them eagerly (parallel.fused_ops=off)", stacklevel=2)
+    fused.agreed(wanted and bool(agreed))
+
+
+def wait_after_uneven_phase() -> None:
+    """Every rank waits here for the others after a phase whose length differs across ranks
+    (rollout, evaluation), on a gloo group with ``parallel.uneven_phase_timeout_minutes``, so
+    the next collective (NCCL, ``parallel.timeout_minutes``) starts with every rank present
+    instead of timing out on the first one to finish. No-op without :func:`initialize`."""
+    if _uneven["group"] is not None:
+        comm.barrier(_uneven["group"])
 
 
 def destroy() -> None:
     """Tear down Megatron's groups and the default process group."""
+    _uneven["group"] = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -86,6 +127,8 @@ class ParallelGroups:
     tensor: dist.ProcessGroup
     pipeline: dist.ProcessGroup
     data: dist.ProcessGroup
+    model: dist.ProcessGroup
+    """TP x PP: the ranks that decode one set of sequences in lockstep."""
     tp_rank: int
     tp_size: int
     pp_rank: int
@@ -109,6 +152,7 @@ class ParallelGroups:
             tensor=parallel_state.get_tensor_model_parallel_group(),
             pipeline=parallel_state.get_pipeline_model_parallel_group(),
             data=parallel_state.get_data_parallel_group(),
+            model=parallel_state.get_model_parallel_group(),
             tp_rank=parallel_state.get_tensor_model_parallel_rank(),
             tp_size=parallel_state.get_tensor_model_parallel_world_size(),
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),

@@ -16,7 +16,14 @@ from trb_nemo.ops.vocab_parallel import logprobs_and_topk, logprobs_at
 from trb_nemo.parallel import groups
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.kv_cache import SequenceCache
-from trb_nemo.rollout.types import RECORDS, DecodeSettings, Rollout, TeacherStats
+from trb_nemo.rollout.types import (
+    RECORDS,
+    DecodeSettings,
+    Interrupt,
+    Rollout,
+    StopRequested,
+    TeacherStats,
+)
 
 PREFILL_PADDING = 1.25
 """A prefill sub-batch takes prompts (longest first) while its padded size rows x longest
@@ -38,10 +45,16 @@ class Decoder:
     """Prompt tokens the prefill leaves unfed (the speculative decoder feeds the last one with
     the first drafts)."""
 
+    INTERRUPT_EVERY = 64
+    """Scheduling steps between two asks of the interrupt (one all-reduce of [1] over the
+    model-parallel group: about every second or two of decoding on a GPU)."""
+
     def __init__(self, student, teacher, prompts: list[list[int]], policy,
                  settings: DecodeSettings, *, ids: list[int], vocab: SharedVocab,
-                 generator: torch.Generator, pg: ParallelGroups):
+                 generator: torch.Generator, pg: ParallelGroups,
+                 interrupt: Interrupt | None = None):
         self.t0 = time.perf_counter()
+        self.interrupt = interrupt
         self.prompts, self.policy, self.vocab, self.pg = prompts, policy, vocab, pg
         self.settings = settings
         max_new_tokens, topk_k = settings.max_new_tokens, settings.topk_k
@@ -86,18 +99,25 @@ class Decoder:
         # longest prompts first: admitted groups then pad little (the order changes no result)
         waiting = sorted(range(n), key=lambda i: -self.plen[i])
         live: list[int] = []  # sequence in slot s = live[s]
-        while live or waiting:
-            free = self.budget - len(live)
-            if free and waiting:
-                group, waiting = waiting[:free], waiting[free:]
-                self._admit(live, group)
-                live += group
-            ended = self._step(live)
-            live, src = self._compact(live, ended)
-            if live:
-                self._after_compact(src)
-        for c in self.caches:
-            c.release()
+        steps = 0
+        try:
+            while live or waiting:
+                free = self.budget - len(live)
+                if free and waiting:
+                    group, waiting = waiting[:free], waiting[free:]
+                    self._admit(live, group)
+                    live += group
+                ended = self._step(live)
+                live, src = self._compact(live, ended)
+                if live:
+                    self._after_compact(src)
+                steps += 1
+                if (self.interrupt is not None and steps % self.INTERRUPT_EVERY == 0
+                        and (live or waiting) and self.interrupt.requested(self.pg.model)):
+                    raise StopRequested()  # the model-parallel group agreed: all ranks stop here
+        finally:
+            for c in self.caches:
+                c.release()
 
     def _admit(self, live: list[int], group: list[int]) -> None:
         """Prefill ``group`` into the slots after ``live``'s; their last logits join the

@@ -44,7 +44,7 @@ from trb_nemo.parallel.cpu_support import device_mode_suspended
 from trb_nemo.parallel.groups import ParallelGroups
 from trb_nemo.rollout.decoder import Decoder
 from trb_nemo.rollout.speculative import SpeculativeDecoder
-from trb_nemo.rollout.types import DecodeSettings, Rollout
+from trb_nemo.rollout.types import DecodeSettings, Interrupt, Rollout
 
 
 @contextlib.contextmanager
@@ -72,7 +72,7 @@ def decode_mode(*models):
 
 def generate(student, teacher, prompts: list[list[int]], policy, settings: DecodeSettings, *,
              vocab: SharedVocab, generator: torch.Generator, pg: ParallelGroups,
-             sequence_ids: list[int] | None = None) -> Rollout:
+             sequence_ids: list[int] | None = None, interrupt: Interrupt | None = None) -> Rollout:
     """Decode ``prompts`` with ``policy`` (see the module docstring) as ``settings`` say, the
     networks in eval mode (:func:`decode_mode`; their modes are restored on return).
     ``sequence_ids`` (default 0..B-1) key each sequence's sampling noise together with one key
@@ -80,7 +80,10 @@ def generate(student, teacher, prompts: list[list[int]], policy, settings: Decod
     (None: 16 under FP8, whose TE GEMMs need it, else 1); the extra rows feed nothing.
     ``settings.draft_tokens > 0`` with a trust-region policy that runs the teacher decodes
     speculatively (:mod:`trb_nemo.rollout.speculative`: the same distribution, the teacher
-    verifying that many student drafts per forward); other policies ignore it."""
+    verifying that many student drafts per forward); other policies ignore it. ``interrupt``:
+    asked every :attr:`~trb_nemo.rollout.decoder.Decoder.INTERRUPT_EVERY` scheduling steps
+    (collective over the model-parallel group); when it says stop, :class:`~trb_nemo.rollout.types.StopRequested` is
+    raised on every rank of the group and the caches are released."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     ids = list(range(len(prompts))) if sequence_ids is None else list(sequence_ids)
@@ -98,7 +101,8 @@ def generate(student, teacher, prompts: list[list[int]], policy, settings: Decod
                        and isinstance(policy, TrustRegionPolicy))
         kind = SpeculativeDecoder if speculative else Decoder
         decoder = kind(student, teacher if policy.needs_teacher() else None, prompts, policy,
-                       settings, ids=ids, vocab=vocab, generator=generator, pg=pg)
+                       settings, ids=ids, vocab=vocab, generator=generator, pg=pg,
+                       interrupt=interrupt)
         with torch.inference_mode():
             decoder.run()
         return decoder.result()

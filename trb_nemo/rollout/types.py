@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -71,3 +72,20 @@ class DecodeSettings:
     """Every forward feeds a multiple of this many rows (None: 16 under FP8, else 1)."""
     draft_tokens: int = 0
     """Speculative TRB's drafts per round (``rollout.draft_tokens``; 0: no speculation)."""
+
+
+class Interrupt(Protocol):
+    """Asks whether to stop a long phase early (a stop signal arrived somewhere)."""
+
+    def requested(self, group) -> bool:
+        """Collective over ``group`` (None: the world): whether any member was asked to stop.
+        Every member calls it at the same point of the phase."""
+
+
+class StopRequested(Exception):
+    """A stop signal ended a phase (a rollout, an evaluation, a step) before it finished; the
+    caller saves and exits. ``signum``: the signal (0 when not known here)."""
+
+    def __init__(self, signum: int = 0):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

@@ -63,6 +63,12 @@ if TYPE_CHECKING:
 _OPT_META = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
+def latest_complete_step(root: str | Path) -> int | None:
+    """The step of the newest complete checkpoint under ``root`` (None: none)."""
+    found = complete_checkpoints(root)
+    return found[-1][0] if found else None
+
+
 def choose_resume(root: str | Path, checksums: bool = True,
                   warn: Callable[[str], None] | None = print) -> Path | None:
     """The newest complete checkpoint under ``root`` that is intact, or None when there is none

@@ -1,9 +1,12 @@
-"""SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (Slurm's pre-timeout warning) ask the trainer to stop
-after the current step.
+"""SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (Slurm's pre-timeout warning) ask the trainer to stop:
+after the current step, or inside a long phase (a rollout, an evaluation), so a stop saves within
+minutes even when a step or an evaluation lasts longer than Slurm's warning.
 
 The handler only sets a flag; the trainer asks :func:`stop_requested` once per step, which
 all-reduces the flag (MAX over the world, 1 collective of [1]) so every rank stops at the same
-step, saves the checkpoint together and exits cleanly.
+step, saves the checkpoint together and exits cleanly. Inside decoding the decoder asks
+:data:`INTERRUPT` every few dozen steps over its model-parallel group (ranks decoding in lockstep)
+and stops there; after the phase every rank meets the others and they agree over the world.
 
 One Ctrl-C may reach a rank twice (a terminal signals the whole foreground process group and a
 launcher such as torchrun forwards it as well): a signal within ``DUPLICATE_S`` of the same one
@@ -70,9 +73,20 @@ def _start_checkpoint_results_queue() -> None:
     filesystem_async._results_queue = manager.Queue()
 
 
-def stop_requested() -> int:
-    """The signal number some rank received (0 = none). Collective over the world."""
+def stop_requested(group=None) -> int:
+    """The signal number some rank of ``group`` (None: the world) received (0 = none).
+    Collective over ``group``."""
     flag = torch.tensor([_requested["signal"]], dtype=torch.int64)
     if comm.is_initialized():
-        flag = comm.all_reduce(flag, op="max")
+        flag = comm.all_reduce(flag, op="max", group=group)
     return int(flag.item())
+
+
+class _StopSignalInterrupt:
+    """The stop signals as a decoder's :class:`~trb_nemo.rollout.types.Interrupt`."""
+
+    def requested(self, group) -> bool:
+        return stop_requested(group) != 0
+
+
+INTERRUPT = _StopSignalInterrupt()

@@ -10,8 +10,12 @@
 
 ``Trainer.fit`` adds evaluation (pass@1 at step 0, every ``eval.interval`` steps and at the
 end), checkpoints (every ``checkpoint.interval`` steps, at the end, and when SIGTERM, SIGUSR1
-or a first SIGINT arrives, after which it exits cleanly), logging and the final report. Rerunning the same
-command resumes from the newest complete checkpoint.
+or a first SIGINT arrives, after which it exits cleanly), logging and the final report. A signal
+inside a rollout or an evaluation stops it within seconds (the decoder asks as it goes): the
+checkpoint is the state before that phase, which the resumed run redoes. Decoding phases end
+with every rank waiting for the others (:meth:`Trainer.uneven`), so a data-parallel rank that
+decoded short sequences never waits in an NCCL collective. Rerunning the same command resumes
+from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -34,10 +38,15 @@ from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.parallel import comm, groups
 from trb_nemo.rollout.engine import generate
 from trb_nemo.rollout.stats import summarize
-from trb_nemo.rollout.types import DecodeSettings, Rollout
+from trb_nemo.rollout.types import DecodeSettings, Rollout, StopRequested
 from trb_nemo.scoring.teacher import loss_batch
 from trb_nemo.train import stop_signal
-from trb_nemo.train.checkpoint import agreed_resume_folder, load_training, save_training
+from trb_nemo.train.checkpoint import (
+    agreed_resume_folder,
+    latest_complete_step,
+    load_training,
+    save_training,
+)
 from trb_nemo.train.metrics_log import MetricsLog
 from trb_nemo.train.offload import PhaseMemory
 from trb_nemo.train.optimizer import wrap_student
@@ -63,13 +72,15 @@ class Trainer:
         self.memory = PhaseMemory(self.training, self.teacher,
                                   cfg.model.offload_teacher_during_training)
         self.checkpoint_dir = self.run.checkpoints
-        self.step_k, self.resumed_from = 0, None
+        self.step_k, self.resumed_from, self.eval_pending = 0, None, False
         # the pre-flight's choice (the newest intact checkpoint), the same on every rank; rank 0
         # first removes unfinished saves and moves damaged newer checkpoints aside
         latest = agreed_resume_folder(self.checkpoint_dir, cfg.checkpoint.resume)
         if latest is not None:
             resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
+            # a stop inside the evaluation of that step: it runs again first
+            self.eval_pending = bool(resumed.progress.get("eval_pending", False))
         if comm.world_rank() == 0:  # the run has started: config.yaml (and allowed changes)
             self.run.started(composed_yaml(cfg), self.resumed_from[0] if self.resumed_from
                              else None)
@@ -86,7 +97,7 @@ class Trainer:
         prompts = self.prompts(k)
         policy = policy_for(k, self.cfg.rollout, self.cfg.trb)
         self.memory.before_decoding(policy.needs_teacher())
-        rollout = self.rollout(prompts, policy, k)
+        rollout = self.uneven(lambda: self.rollout(prompts, policy, k))
         target = method_of(self.cfg.rollout.behavior).target
         o = self.cfg.optim
         plan = plan_microbatches(rollout.loss_mask, o.micro_batch_size,
@@ -121,7 +132,8 @@ class Trainer:
                                        prefill_tokens=r.prefill_chunk_tokens,
                                        draft_tokens=r.draft_tokens),
                         vocab=self.vocab, generator=torch.Generator().manual_seed(seed),
-                        pg=self.pg, sequence_ids=range(first, first + len(prompts)))
+                        pg=self.pg, sequence_ids=range(first, first + len(prompts)),
+                        interrupt=stop_signal.INTERRUPT)
 
     def step_metrics(self, k, policy, rollout, prompts, train, teacher_passes, plan) -> dict:
         correct = [self.source.check(rollout.response(i), p.answer) for i, p in enumerate(prompts)
@@ -140,41 +152,74 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- loop
 
+    def stopped_by(self, signum: int) -> None:
+        """A signal stopped the run after a save: the stop marker (the Slurm job script
+        requeues itself on seeing it; a Ctrl-C means stop) and one line."""
+        if comm.world_rank() == 0 and signum != signal.SIGINT:
+            self.run.stop_marker.write_text(f"{self.step_k}\n")
+        self.log.print(f"trb-nemo: signal {signum}: saved step {self.step_k} to "
+                       f"{self.checkpoint_dir}; rerun the same command to resume")
+
+    def uneven(self, phase):
+        """Run ``phase``, whose length differs across data-parallel ranks (decoding); then every
+        rank waits for the others and they agree (1 all-reduce over the world) whether a stop
+        signal came: if so every rank raises :class:`StopRequested` (the step is redone on
+        resume), else returns the phase's result."""
+        try:
+            out = phase()
+        except StopRequested:  # this model-parallel group stopped decoding part way
+            out = None
+        groups.wait_after_uneven_phase()
+        signum = stop_signal.stop_requested()
+        if signum:
+            raise StopRequested(signum)
+        return out
+
     def evaluate(self) -> dict:
         self.memory.before_decoding(needs_teacher=False)
         return evaluate(self.student, self.source.eval_sets, self.cfg, self.vocab, self.step_k,
-                        self.pg)
+                        self.pg, interrupt=stop_signal.INTERRUPT)
+
+    def log_evaluation(self) -> None:
+        """Evaluate at ``step_k`` and log it; a save while it runs (a stop inside it) records
+        that it is pending, so the resumed run evaluates that step first."""
+        self.eval_pending = True
+        self.log.log(self.step_k, self.evaluate())
+        self.eval_pending = False
 
     def save(self) -> None:
         self.memory.before_saving()  # the optimizer state is saved: on the device
         save_training(self.checkpoint_dir, self.step_k, self.training, self.cfg.model.student,
-                      {"step": self.step_k}, self.cfg.checkpoint.keep_last, self.pg,
-                      config_yaml=composed_yaml(self.cfg))
+                      {"step": self.step_k, "eval_pending": self.eval_pending},
+                      self.cfg.checkpoint.keep_last, self.pg, config_yaml=composed_yaml(self.cfg))
 
     def fit(self) -> dict:
         cfg = self.cfg
-        if self.step_k == 0:
-            self.log.log(0, self.evaluate())
         stopped = 0
-        while self.step_k < cfg.optim.max_steps:
-            t0 = time.perf_counter()
-            metrics = self.step()
-            self.step_k += 1
-            metrics["time/step_seconds"] = time.perf_counter() - t0
-            self.log.log(self.step_k - 1, metrics, advance=True)
-            last = self.step_k == cfg.optim.max_steps
-            if last or (cfg.eval.interval and self.step_k % cfg.eval.interval == 0):
-                self.log.log(self.step_k, self.evaluate())
-            stopped = 0 if last else stop_signal.stop_requested()  # the last step: finish
-            if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
-                self.save()
-            if stopped:
-                if comm.world_rank() == 0 and stopped != signal.SIGINT:  # a Ctrl-C means stop
-                    # the Slurm job script requeues itself on seeing it
-                    self.run.stop_marker.write_text(f"{self.step_k}\n")
-                self.log.print(f"trb-nemo: signal {stopped}: saved step {self.step_k} to "
-                               f"{self.checkpoint_dir}; rerun the same command to resume")
-                break
+        try:
+            if self.step_k == 0 or self.eval_pending:
+                self.log_evaluation()
+            while self.step_k < cfg.optim.max_steps:
+                t0 = time.perf_counter()
+                metrics = self.step()
+                self.step_k += 1
+                metrics["time/step_seconds"] = time.perf_counter() - t0
+                self.log.log(self.step_k - 1, metrics, advance=True)
+                last = self.step_k == cfg.optim.max_steps
+                if last or (cfg.eval.interval and self.step_k % cfg.eval.interval == 0):
+                    self.log_evaluation()
+                stopped = 0 if last else stop_signal.stop_requested()  # the last step: finish
+                if last or stopped or (cfg.checkpoint.interval and self.step_k % cfg.checkpoint.interval == 0):
+                    self.save()
+                if stopped:
+                    self.stopped_by(stopped)
+                    break
+        except StopRequested as stop:  # inside a rollout or an evaluation: every rank is here
+            stopped = stop.signum or stop_signal.stop_requested() or signal.SIGTERM
+            saved = torch.tensor([int(latest_complete_step(self.checkpoint_dir) == self.step_k)])
+            if not int(comm.broadcast(saved, src=0).item()):  # rank 0's view of the folder
+                self.save()  # the state before the unfinished phase
+            self.stopped_by(stopped)
         self.memory.restore_all()
         self.log.close()
         summary = {"stopped_by_signal": stopped, "step": self.step_k}
