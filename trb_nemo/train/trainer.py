@@ -152,13 +152,15 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- loop
 
-    def stopped_by(self, signum: int) -> None:
-        """A signal stopped the run after a save: the stop marker (the Slurm job script
-        requeues itself on seeing it; a Ctrl-C means stop) and one line."""
+    def stopped_by(self, signum: int, saved: bool = True) -> None:
+        """A signal stopped the run after a save (or before its first step, with nothing to
+        save): the stop marker (the Slurm job script requeues itself on seeing it; a Ctrl-C
+        means stop) and one line."""
         if comm.world_rank() == 0 and signum != signal.SIGINT:
             self.run.stop_marker.write_text(f"{self.step_k}\n")
-        self.log.print(f"trb-nemo: signal {signum}: saved step {self.step_k} to "
-                       f"{self.checkpoint_dir}; rerun the same command to resume")
+        where = (f"saved step {self.step_k} to {self.checkpoint_dir}" if saved
+                 else "stopped before the first step, nothing to save")
+        self.log.print(f"trb-nemo: signal {signum}: {where}; rerun the same command to resume")
 
     def uneven(self, phase):
         """Run ``phase``, whose length differs across data-parallel ranks (decoding); then every
@@ -217,9 +219,10 @@ class Trainer:
         except StopRequested as stop:  # inside a rollout or an evaluation: every rank is here
             stopped = stop.signum or stop_signal.stop_requested() or signal.SIGTERM
             saved = torch.tensor([int(latest_complete_step(self.checkpoint_dir) == self.step_k)])
-            if not int(comm.broadcast(saved, src=0).item()):  # rank 0's view of the folder
+            saved = int(comm.broadcast(saved, src=0).item())  # rank 0's view of the folder
+            if self.step_k > 0 and not saved:  # at step 0 nothing is lost: the rerun starts over
                 self.save()  # the state before the unfinished phase
-            self.stopped_by(stopped)
+            self.stopped_by(stopped, saved=self.step_k > 0)
         self.memory.restore_all()
         self.log.close()
         summary = {"stopped_by_signal": stopped, "step": self.step_k}
