@@ -1,31 +1,53 @@
 #!/usr/bin/env bash
 # One command for a bare single-GPU Linux machine with CUDA PyTorch and no internet: install the
-# wheels of scripts/fetch_wheels.sh into a private folder (the image's torch is never touched),
-# then run the GPU tests, a 5-step toy `trb-nemo train` on the GPU (TP=1, 3 TRB warmup steps),
-# benchmarks/ops.py and benchmarks/rollout.py, each under its own timeout and all of them even
-# when one fails. The stages together stop within GPU_CHECK_BUDGET_S (default 450 s: a stage
-# gets its own cap or what is left of the budget, whichever is less), so the whole check takes
-# under 8 minutes on one H100/H200.
+# wheels of scripts/fetch_wheels.sh into a private folder for the interpreter given (the image's
+# torch is never touched), then run four stages, most important first, each under its own cap
+# and all of them even when one fails:
+#   1. gpu_tests      tests/gpu (every test_*.py there, new ones included), the files that use
+#                     Transformer Engine / FP8 first, then the kernel (Triton, fused) ones
+#   2. ops_bench      benchmarks/ops.py: the op kernels, eager and fused
+#   3. train          a 5-step toy `trb-nemo train` on the GPU (TP=1, 3 TRB warmup steps)
+#   4. rollout_bench  benchmarks/rollout.py with the toy models
+# The caps are shares of GPU_CHECK_BUDGET_S (default 450 s): 45%, 15%, 20% and 10% (202, 67, 90
+# and 45 s), 90% in all; the rest is the margin for a timed-out stage's 20 s grace and the
+# processes' start. A stage gets its cap or what is left of the budget, whichever is less, and is
+# skipped for time under 20 s. The whole check takes under 8 minutes on one H100/H200.
 #
-# Usage: scripts/gpu_check.sh [WHEELS] [OUT]        (make gpu-check WHEELS=... OUT=...)
-#   WHEELS  folder made by scripts/fetch_wheels.sh (default: wheels); when it is absent the
-#           image's own packages are used as they are
-#   OUT     gets gpu_check.log (everything), summary.json (per stage: status, rc, seconds,
-#           key numbers; the GPU, torch, Transformer Engine), site/ (the installed wheels) and
+# Usage: scripts/gpu_check.sh [--install-only] [WHEELS] [OUT]   (make gpu-check WHEELS=... OUT=...)
+#   WHEELS  folder made by scripts/fetch_wheels.sh (default: wheels): requirements.txt is
+#           installed, if-missing.txt only where the interpreter lacks the distribution (numpy,
+#           PyYAML, safetensors: an image's own copies stay); when it is absent the image's own
+#           packages are used as they are
+#   OUT     gets gpu_check.log (everything), summary.json (per stage in order: status (passed,
+#           failed, timed out, skipped for time, not run, interrupted), rc, seconds, cap, key
+#           numbers; the GPU, torch, Transformer Engine), site/ (the installed wheels) and
 #           train/ (the toy run) (default: gpu-check-out)
 #   PYTHON  the interpreter with CUDA torch (default: python3); Python 3.12 or 3.13
+#   --install-only (or GPU_CHECK_INSTALL_ONLY=1): skip the CUDA check, install the wheels, check
+#           the imports, write summary.json (every stage "not run") and stop: the install step
+#           alone, which runs on a CPU (tests/unit/test_gpu_check.py runs it in a torch-only venv)
 #
-# Exit codes: 0 every stage passed; 1 a stage failed or timed out; 2 nothing could run (no
-# CUDA device, no torch, wrong Python, a required package missing): one line on stderr.
-# Transformer Engine is optional: when the image has it the TE/FP8 tests run too.
+# Exit codes: 0 every stage passed; 1 a stage failed, timed out or was skipped for time; 2 nothing
+# could run (no CUDA device, no torch, wrong Python, a required package missing): one line on
+# stderr. Transformer Engine is optional: when the image has it the TE/FP8 tests run too;
+# transformers is optional too (only HF tokenizers import it, not the toy task).
 # Extra arguments (split on spaces): GPU_CHECK_TRAIN_ARGS (overrides of the toy run),
 # GPU_CHECK_OPS_ARGS (instead of --repeats 3), GPU_CHECK_ROLLOUT_ARGS.
-# Testing this script without a GPU: GPU_CHECK_INSTALL_ONLY=1 skips the CUDA check and stops
-# after installing the wheels and checking the imports; GPU_CHECK_SKIP_CUDA_CHECK=1 runs every
-# stage anyway (on a CPU with GPU_CHECK_TRAIN_ARGS=parallel.backend=gloo and small
-# GPU_CHECK_OPS_ARGS / GPU_CHECK_ROLLOUT_ARGS: the script's plumbing is what is tested).
+# Testing this script without a GPU: GPU_CHECK_SKIP_CUDA_CHECK=1 runs every stage anyway (on a
+# CPU with GPU_CHECK_TRAIN_ARGS=parallel.backend=gloo and small GPU_CHECK_OPS_ARGS /
+# GPU_CHECK_ROLLOUT_ARGS: the script's plumbing is what is tested).
 set -uo pipefail
 
+install_only=${GPU_CHECK_INSTALL_ONLY:-0}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --install-only) install_only=1; shift ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    -*) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
 here=$(pwd)
 repo=$(cd "$(dirname "$0")/.." && pwd)
 abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$here/$1" ;; esac; }
@@ -33,7 +55,6 @@ wheels=$(abs "${1:-wheels}")
 out=$(abs "${2:-gpu-check-out}")
 py=${PYTHON:-python3}
 case "$py" in */*) py=$(abs "$py") ;; esac
-install_only=${GPU_CHECK_INSTALL_ONLY:-0}
 skip_cuda=${GPU_CHECK_SKIP_CUDA_CHECK:-$install_only}
 
 fail2() { echo "gpu-check: $*" >&2; exit 2; }
@@ -57,13 +78,27 @@ site="$out/site"
 rm -rf "$site" "$out/train" "$out/summary.json"
 : > "$log"
 tmp=$(mktemp -d)
-stage_pid=
-# shellcheck disable=SC2329 # both run from the traps below
+# The stages, most important first, and their caps: shares (percent) of the budget, 90 in all
+budget=${GPU_CHECK_BUDGET_S:-450}
+case "$budget" in '' | *[!0-9]*) fail2 "GPU_CHECK_BUDGET_S=$budget is not a number of seconds" ;; esac
+stage_names=(gpu_tests ops_bench train rollout_bench)
+stage_shares=(45 15 20 10)
+declare -A cap
+for i in "${!stage_names[@]}"; do
+  cap[${stage_names[i]}]=$(( budget * stage_shares[i] / 100 ))
+  printf '%s\t%s\n' "${stage_names[i]}" "${cap[${stage_names[i]}]}" >> "$tmp/plan.tsv"
+done
+stage_pid='' stage_name='' stage_t0=0
+# shellcheck disable=SC2317,SC2329 # both run from the traps below
 cleanup() { rm -rf "$tmp"; }
-# shellcheck disable=SC2329
+# shellcheck disable=SC2317,SC2329
 on_signal() {
-  if [ -n "$stage_pid" ]; then kill -TERM "$stage_pid" 2>/dev/null; wait "$stage_pid" 2>/dev/null; fi
-  [ -f "$tmp/env.json" ] && summarize interrupted 2>/dev/null
+  if [ -n "$stage_pid" ]; then
+    kill -TERM "$stage_pid" 2>/dev/null; wait "$stage_pid" 2>/dev/null
+    printf '%s\t130\t%s\t%s\n' "$stage_name" "$(( (${EPOCHREALTIME//[.,]/} - stage_t0) / 1000000 ))" \
+      "${cap[$stage_name]}" >> "$tmp/stages.tsv"
+  fi
+  [ -f "$tmp/env.json" ] && summarize interrupted >> "$log" 2>&1
   echo "gpu-check: interrupted; partial log in $log" >&2
   exit 130
 }
@@ -75,26 +110,53 @@ say() { echo "gpu-check: $*"; echo "gpu-check: $*" >> "$log"; }
 say "$(date -u '+%Y-%m-%d %H:%M:%S UTC') repository $repo, python $(command -v "$py"), output $out"
 
 # ------------------------------------------------ the wheels, into a private target folder
+# requirements.txt always; if-missing.txt only where this interpreter has no such distribution
+# (checked before the wheels are on the path). --no-deps: nothing else, torch least of all.
 if [ -f "$wheels/requirements.txt" ]; then
-  say "installing $(grep -c . "$wheels/requirements.txt") packages from $wheels into $site"
+  grep -v '^[[:space:]]*\(#\|$\)' "$wheels/requirements.txt" > "$tmp/install.txt"
+  if [ -f "$wheels/if-missing.txt" ]; then
+    "$py" - "$wheels/if-missing.txt" > "$tmp/missing.txt" 2>> "$log" <<'EOF' ||
+import importlib.metadata as md, sys
+for line in open(sys.argv[1]):
+    req = line.split("#")[0].strip()
+    if req:
+        try:
+            md.version(req.split("==")[0])
+        except md.PackageNotFoundError:
+            print(req)
+EOF
+      { echo "gpu-check: reading $wheels/if-missing.txt failed; see $log" >&2; exit 2; }
+    cat "$tmp/missing.txt" >> "$tmp/install.txt"
+    lacks=$(sed 's/==.*//' "$tmp/missing.txt" | paste -sd ' ')
+    say "if-missing.txt: the image has $(( $(grep -c . "$wheels/if-missing.txt") - $(grep -c . "$tmp/missing.txt") )) of its $(grep -c . "$wheels/if-missing.txt") packages${lacks:+; it lacks $lacks}"
+  fi
+  say "installing $(grep -c . "$tmp/install.txt") packages from $wheels into $site"
   if "$py" -m pip --version >/dev/null 2>&1; then
     # --isolated: the image's pip configuration (index, constraints) plays no part
     "$py" -m pip --isolated install --disable-pip-version-check --no-index --no-deps \
-      --no-cache-dir --no-compile --find-links "$wheels" --target "$site" \
-      -r "$wheels/requirements.txt" >> "$log" 2>&1
-  else  # no pip in the image: a wheel is a zip file; unpack the ones for this Python
+      --only-binary=:all: --no-cache-dir --no-compile --find-links "$wheels" --target "$site" \
+      -r "$tmp/install.txt" >> "$log" 2>&1
+  else  # no pip in the image: a wheel is a zip file; unpack the ones for this Python and machine
     echo "no pip: unpacking the wheels" >> "$log"
-    "$py" - "$wheels" "$site" >> "$log" 2>&1 <<'EOF'
-import shutil, sys, zipfile
+    "$py" - "$wheels" "$site" "$tmp/install.txt" >> "$log" 2>&1 <<'EOF'
+import platform, re, shutil, sys, zipfile
 from pathlib import Path
-wheels, site = Path(sys.argv[1]), Path(sys.argv[2])
-want = {l.split("==")[0].strip().lower().replace("-", "_")
-        for l in (wheels / "requirements.txt").read_text().splitlines() if l.strip()}
-cp = "cp%d%d" % sys.version_info[:2]
+wheels, site, reqs = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+norm = lambda s: re.sub(r"[-_.]+", "_", s).lower()
+want = {norm(n): v for n, v in (r.split("==") for r in reqs.read_text().split())}
+here, machine = sys.version_info[:2], platform.machine()
+def fits(pytag, abi, plat):
+    if plat != "any" and not any(p.endswith("_" + machine) for p in plat.split(".")):
+        return False
+    if abi == "none":
+        return any(t in ("py3", "py%d%d" % here) for t in pytag.split("."))
+    cps = [tuple(map(int, (t[2], t[3:]))) for t in pytag.split(".") if re.fullmatch(r"cp3\d+", t)]
+    return any(c == here if abi != "abi3" else c <= here for c in cps)
+done = set()
 for w in sorted(wheels.glob("*.whl")):
     parts = w.name[:-4].split("-")
-    name, pytag, abi = parts[0].lower(), parts[-3], parts[-2]
-    if name not in want or not (pytag in ("py3", "py2.py3", cp) or abi == "abi3"):
+    name, version = norm(parts[0]), parts[1]
+    if want.get(name) != version or name in done or not fits(*parts[-3:]):
         continue
     with zipfile.ZipFile(w) as z:
         z.extractall(site)
@@ -103,7 +165,11 @@ for w in sorted(wheels.glob("*.whl")):
             if (data / sub).is_dir():
                 shutil.copytree(data / sub, site, dirs_exist_ok=True)
         shutil.rmtree(data)
+    done.add(name)
     print("unpacked", w.name)
+if set(want) - done:
+    sys.exit(f"no wheel for Python {platform.python_version()} on {machine}: "
+             + ", ".join(f"{n}=={want[n]}" for n in sorted(set(want) - done)))
 EOF
   fi || { echo "gpu-check: installing the wheels from $wheels failed; see $log" >&2; exit 2; }
 else
@@ -121,11 +187,12 @@ warnings.simplefilter("ignore")
 REQUIRED = {"torch": "torch", "triton": "triton", "numpy": "numpy",
             "megatron.core": "megatron-core", "hydra": "hydra-core", "omegaconf": "omegaconf",
             "antlr4": "antlr4-python3-runtime", "yaml": "PyYAML", "safetensors": "safetensors",
-            "tqdm": "tqdm", "psutil": "psutil", "transformers": "transformers",
-            "sympy": "sympy", "math_verify": "math-verify", "pytest": "pytest",
-            "trb_nemo.cli": "trb-nemo"}
+            "tqdm": "tqdm", "psutil": "psutil", "sympy": "sympy",
+            "math_verify": "math-verify", "pytest": "pytest", "trb_nemo.cli": "trb-nemo"}
+# transformers: only HF tokenizers (own models) and `benchmarks/rollout.py --parts d` need it
 OPTIONAL = {"pytest_timeout": "pytest-timeout", "tensorboard": "tensorboard",
-            "matplotlib": "matplotlib", "transformer_engine": "transformer-engine"}
+            "matplotlib": "matplotlib", "transformer_engine": "transformer-engine",
+            "transformers": "transformers"}
 imports, missing = {}, []
 for mod, dist in {**REQUIRED, **OPTIONAL}.items():
     try:
@@ -163,20 +230,26 @@ envq() { "$py" -c 'import json, sys; print(eval(sys.argv[2], {}, json.load(open(
 missing=$(envq '", ".join(missing_required)')
 say "python $(envq python), torch $(envq torch) (CUDA $(envq cuda_runtime)), GPU: $(envq gpu), Transformer Engine: $(envq 'transformer_engine or "no (TE/FP8 tests skip)"')"
 
-summarize() {  # summarize STATUS: write summary.json from the stages run so far
+summarize() {  # summarize STATUS: write summary.json (every stage, in order), print one line each
   "$py" - "$tmp" "$out" "$1" "$t_start" "${EPOCHREALTIME//[.,]/}" <<'EOF'
 import json, re, statistics, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 tmp, out, status, t0, t1 = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 env = json.loads((tmp / "env.json").read_text())
+read = lambda f: (tmp / f).read_text().splitlines() if (tmp / f).exists() else []
+ran = {row.split("\t")[0]: row.split("\t")[1:] for row in read("stages.tsv")}
 stages = {}
-rows = (tmp / "stages.tsv").read_text().splitlines() if (tmp / "stages.tsv").exists() else []
-for row in rows:
-    name, rc, seconds, limit = row.split("\t")
+for name, cap in (row.split("\t") for row in read("plan.tsv")):
+    if name not in ran:
+        stages[name] = {"status": "not run", "rc": None, "seconds": 0.0, "cap_s": int(cap),
+                        "timeout_s": None}
+        continue
+    rc, seconds, limit = ran[name]
     rc = None if rc == "-" else int(rc)
-    st = {"status": "skipped (time budget spent)" if rc is None else "passed" if rc == 0
-          else "timed out" if rc in (124, 137) else "failed",
-          "rc": rc, "seconds": round(float(seconds), 1), "timeout_s": int(limit)}
+    st = {"status": "skipped for time" if rc is None else "passed" if rc == 0
+          else "timed out" if rc in (124, 137) else "interrupted" if rc == 130 else "failed",
+          "rc": rc, "seconds": round(float(seconds), 1), "cap_s": int(cap),
+          "timeout_s": int(limit)}
     text = (tmp / f"{name}.out").read_text(errors="replace") if (tmp / f"{name}.out").exists() else ""
     try:
         if name == "gpu_tests" and (tmp / "pytest.xml").exists():
@@ -209,6 +282,14 @@ for row in rows:
         st["parse_error"] = f"{type(e).__name__}: {e}"
     stages[name] = st
 ok = status == "ran" and bool(stages) and all(s["status"] == "passed" for s in stages.values())
+for i, (name, st) in enumerate(stages.items(), 1):
+    line = f"gpu-check: {i}. {name:<14}{st['status']:<17}"
+    if st["status"] != "not run":
+        line += f"{st['seconds']:6.1f} s of {st['timeout_s']} s"
+    line += f" (cap {st['cap_s']} s)"
+    if "passed" in st:
+        line += f"  tests: {st['passed']} passed, {st['failed']} failed, {st['errors']} errors, {st['skipped']} skipped"
+    print(line)
 summary = {"ok": ok, "status": status, "seconds": round((t1 - t0) / 1e6, 1),
            "machine": {k: env[k] for k in ("gpu", "gpu_count", "torch", "cuda_runtime", "python",
                                            "transformer_engine")},
@@ -218,43 +299,47 @@ EOF
 }
 
 if [ -n "$missing" ]; then
-  summarize "missing: $missing"
+  summarize "missing: $missing" >> "$log"
   echo "gpu-check: '$py' lacks $missing (with $wheels added); see $log" | tee -a "$log" >&2
   exit 2
 fi
 if [ "$install_only" = 1 ]; then
-  summarize "install only"
-  say "install only (GPU_CHECK_INSTALL_ONLY=1): the imports work; summary in $out/summary.json"
+  summarize "install only" >> "$log"
+  say "install only: the imports work; summary in $out/summary.json"
   exit 0
 fi
 
 # ------------------------------------------------ the stages
-budget=${GPU_CHECK_BUDGET_S:-450}
 deadline=$(( $(date +%s) + budget ))
 : > "$tmp/stages.tsv"
 n_failed=0
+caps_sum=0
+for n in "${stage_names[@]}"; do caps_sum=$(( caps_sum + cap[$n] )); done
+say "budget ${budget} s; caps: $(for n in "${stage_names[@]}"; do printf '%s %s s, ' "$n" "${cap[$n]}"; done)${caps_sum} s in all"
 
-run_stage() {  # run_stage NAME CAP_S CMD...: CMD under min(CAP_S, time left), output to the log
-  local name=$1 cap=$2 limit rc t0 t1 start secs
-  shift 2
+run_stage() {  # run_stage NAME CMD...: CMD under min(its cap, time left), output to the log
+  # (STAGE_SIGNAL: what the cap sends first, TERM unless set; KILL follows 20 s later)
+  local name=$1 limit rc t1 start secs
+  shift
   limit=$(( deadline - $(date +%s) ))
-  [ "$cap" -lt "$limit" ] && limit=$cap
+  [ "${cap[$name]}" -lt "$limit" ] && limit=${cap[$name]}
   if [ "$limit" -lt 20 ]; then
-    printf '%s\t-\t0\t0\n' "$name" >> "$tmp/stages.tsv"
-    say "$name: SKIPPED, the time budget ($budget s) is spent"
+    printf '%s\t-\t0\t%s\n' "$name" "$limit" >> "$tmp/stages.tsv"
+    say "$name: SKIPPED, ${limit} s left of its cap or the time budget ($budget s)"
     n_failed=$((n_failed + 1))
     return
   fi
   say "$name: $* (timeout ${limit}s)"
   start=$(stat -c %s "$log")
-  t0=${EPOCHREALTIME//[.,]/}
-  timeout --kill-after=20 "$limit" "$@" >> "$log" 2>&1 < /dev/null &
+  stage_name=$name
+  stage_t0=${EPOCHREALTIME//[.,]/}
+  timeout --signal="${STAGE_SIGNAL:-TERM}" --kill-after=20 "$limit" "$@" >> "$log" 2>&1 < /dev/null &
   stage_pid=$!
   wait "$stage_pid"
   rc=$?
   stage_pid=
   t1=${EPOCHREALTIME//[.,]/}
-  secs=$(( (t1 - t0) / 1000000 )).$(( (t1 - t0) / 100000 % 10 ))
+  secs=$(( (t1 - stage_t0) / 1000000 )).$(( (t1 - stage_t0) / 100000 % 10 ))
   tail -c +"$((start + 1))" "$log" > "$tmp/$name.out"
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$secs" "$limit" >> "$tmp/stages.tsv"
   case $rc in
@@ -265,38 +350,49 @@ run_stage() {  # run_stage NAME CAP_S CMD...: CMD under min(CAP_S, time left), o
 }
 
 cd "$repo" || exit 2
-# 1. tests/gpu (the TE/FP8 ones skip without Transformer Engine). The image's pytest plugins
-# stay out (they may not fit this pytest); pytest-timeout is loaded by name.
+# 1. tests/gpu: every test file there (new ones too; the TE/FP8 ones skip without Transformer
+# Engine), in this order: those that use Transformer Engine or FP8, then the kernel (Triton,
+# fused) ones, then the rest. Explicit files keep that order (pytest sorts a folder's files). On
+# its cap pytest gets SIGINT: it stops, reports the tests run so far and writes the XML.
+# The image's pytest plugins stay out (they may not fit this pytest); pytest-timeout is loaded
+# by name.
+te_files=() kernel_files=() other_files=()
+while IFS= read -r f; do
+  if grep -qiE 'transformer_engine|fp8' "$f"; then te_files+=("$f")
+  elif grep -qiE 'triton|fused' "$f"; then kernel_files+=("$f")
+  else other_files+=("$f")
+  fi
+done < <(find tests/gpu -type f \( -name 'test_*.py' -o -name '*_test.py' \) | LC_ALL=C sort)
+gpu_files=("${te_files[@]}" "${kernel_files[@]}" "${other_files[@]}")
+[ "${#gpu_files[@]}" -gt 0 ] || gpu_files=(tests/gpu)
 pytest_args=(-q -p no:cacheprovider -m "not slow" --junitxml="$tmp/pytest.xml")
 "$py" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(-p pytest_timeout)
-tests_cap=150
-[ "$(envq 'transformer_engine is not None')" = True ] && tests_cap=240
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run_stage gpu_tests "$tests_cap" \
-  "$py" -m pytest tests/gpu "${pytest_args[@]}"
+STAGE_SIGNAL=INT PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 run_stage gpu_tests \
+  "$py" -m pytest "${gpu_files[@]}" "${pytest_args[@]}"
 
-# 2. the toy run on the GPU: 5 steps, TRB warmup over the first 3, one rank, TP=1, NCCL
+# 2. op kernels, eager and Triton-fused, against log_softmax / cross-entropy (2 vocabularies)
+# shellcheck disable=SC2086 # GPU_CHECK_*_ARGS: extra arguments, split on spaces
+run_stage ops_bench "$py" benchmarks/ops.py ${GPU_CHECK_OPS_ARGS:---repeats 3}
+
+# 3. the toy run on the GPU: 5 steps, TRB warmup over the first 3, one rank, TP=1, NCCL
 train_args=(parallel=gpu_tp1 optim.max_steps=5 trb.warmup_steps=3 eval.interval=0
             eval.num_problems=16 eval.num_samples=1 checkpoint.interval=0
             "logging.output_dir='$out/train'" logging.run_name=gpu-check logging.progress_bar=false)
 [ "$(envq '"version" in imports["tensorboard"]')" = True ] || train_args+=(logging.tensorboard=false)
-[ "$(envq '"version" in imports["matplotlib"]')" = True ] ||
-  say "warning: no matplotlib: the toy run's final report (report.png) will fail"
-# shellcheck disable=SC2086 # GPU_CHECK_TRAIN_ARGS: extra overrides, split on spaces
-run_stage train 150 "$py" -m trb_nemo.cli train "${train_args[@]}" ${GPU_CHECK_TRAIN_ARGS:-}
-
-# 3. op kernels, eager and Triton-fused, against log_softmax / cross-entropy (2 vocabularies)
 # shellcheck disable=SC2086
-run_stage ops_bench 120 "$py" benchmarks/ops.py ${GPU_CHECK_OPS_ARGS:---repeats 3}
+run_stage train "$py" -m trb_nemo.cli train "${train_args[@]}" ${GPU_CHECK_TRAIN_ARGS:-}
 
 # 4. the rollout engine against the one it replaced (long-tail and uniform lengths, student-only
 # and TRB warmup) with the toy models on the GPU
 # shellcheck disable=SC2086
-run_stage rollout_bench 90 "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:---parts ab --repeats 2}
+run_stage rollout_bench "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:---parts ab --repeats 2}
 
-if [ "$skip_cuda" = 1 ]; then summarize "ran without the CUDA check (GPU_CHECK_SKIP_CUDA_CHECK=1)"; else summarize ran; fi
+if [ "$skip_cuda" = 1 ]; then status="ran without the CUDA check (GPU_CHECK_SKIP_CUDA_CHECK=1)"; else status=ran; fi
+summarize "$status" | tee -a "$log"
+n=${#stage_names[@]}
 if [ "$n_failed" -eq 0 ]; then
-  say "all 4 stages passed in $(( (${EPOCHREALTIME//[.,]/} - t_start) / 1000000 )) s; summary: $out/summary.json, log: $log"
+  say "all $n stages passed in $(( (${EPOCHREALTIME//[.,]/} - t_start) / 1000000 )) s; summary: $out/summary.json, log: $log"
   exit 0
 fi
-say "$n_failed of 4 stages did not pass; summary: $out/summary.json, log: $log"
+say "$n_failed of $n stages did not pass; summary: $out/summary.json, log: $log"
 exit 1
