@@ -82,6 +82,7 @@ def _dry_run(capsys, monkeypatch, tmp_path, *overrides):
 LAYOUTS = {
     "srun_gpu": [*GPU, "launcher.nodes=2"],
     "torchrun_container": [*GPU, "launcher.launch_mode=torchrun", "launcher.cpus_per_task=96",
+                           "launcher.signal_seconds_before_end=0",
                            "launcher.container_image=nvcr.io/org/trb:1",
                            "launcher.env_passthrough=[HF_TOKEN]"],
     "chained_cpu": [*CPU, "launcher.stages=chained", "parallel=cpu_tp2"],
@@ -231,7 +232,8 @@ def test_script_runs_under_set_u_without_slurm_variables(tmp_path):
 
 
 def test_threads_default_and_override(tmp_path):
-    [torch_st] = _stages(*GPU, "launcher.launch_mode=torchrun", tmp_path=tmp_path)
+    [torch_st] = _stages(*GPU, "launcher.launch_mode=torchrun",
+                         "launcher.signal_seconds_before_end=0", tmp_path=tmp_path)
     text = _render(torch_st, tmp_path)
     assert "CPUS_PER_TASK=$(( ${SLURM_CPUS_ON_NODE:-1} / 1 ))" in text
     assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CPUS_PER_TASK / 8 ))}" in text

@@ -142,6 +142,10 @@ def rank_main(cfg: TrainConfig, step: int) -> dict:
     try:
         sets = build_eval_sets(cfg)
         student = build_student(cfg.model, cfg.parallel, pg)
+        if step > 0:  # a training checkpoint: its delayed-scaling FP8 scales are calibrated
+            from trb_nemo.models.gpt import mark_fp8_scales_ready
+
+            mark_fp8_scales_ready(student)
         return evaluate(student, sets, cfg, SharedVocab.of(cfg.model), step, pg)
     finally:
         groups.destroy()

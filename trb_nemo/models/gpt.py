@@ -176,3 +176,25 @@ def build_gpt(spec: ModelSpec, model_cfg: ModelConfig, parallel: ParallelConfig,
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def uses_transformer_engine(model) -> bool:
+    """Whether any module of ``model`` is a Transformer Engine module (TE's FP8 weight caches and
+    fp8_meta are then built by its first forward)."""
+    return any(c.__module__.startswith("transformer_engine")
+               for m in model.modules() for c in type(m).__mro__)
+
+
+def fp8_scales_ready(model) -> bool:
+    """Whether ``model`` may decode in FP8 under delayed scaling. Transformer Engine updates
+    delayed-scaling scales only when an FP8 region exits with grad enabled (a training step),
+    so before the first one (the step-0 evaluation and rollout of a run that starts from HF or
+    converted weights) the scales are 1 and small weights fall into E4M3's subnormals: such a
+    model decodes in bf16 until :func:`mark_fp8_scales_ready` (after its first training step,
+    or after loading a training checkpoint, whose TE extra state holds the scales)."""
+    return bool(getattr(model, "_trb_fp8_scales_ready", False))
+
+
+def mark_fp8_scales_ready(model) -> None:
+    """``model``'s delayed-scaling FP8 scales are calibrated (:func:`fp8_scales_ready`)."""
+    model._trb_fp8_scales_ready = True

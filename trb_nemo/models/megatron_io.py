@@ -56,6 +56,9 @@ def save_checkpoint(folder: str | Path, sharded_state_dict: dict, meta: dict,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
         tmp.mkdir(parents=True)
     comm.barrier()
+    # every rank, after the barrier: another node may not see rank 0's new folder yet (NFS
+    # attribute caching); creating it again there is harmless and makes it visible
+    tmp.mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(sharded_state_dict, str(tmp))
     own = sorted(tmp.glob(f"__{rank}_*.distcp"))  # torch DCP names a rank's shards __<rank>_<i>
     if rank_state is not None:

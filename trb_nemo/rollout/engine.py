@@ -39,6 +39,7 @@ import contextlib
 import torch
 
 from trb_nemo.methods.policies import TrustRegionPolicy
+from trb_nemo.models.gpt import uses_transformer_engine
 from trb_nemo.models.vocab import SharedVocab
 from trb_nemo.parallel.cpu_support import device_mode_suspended
 from trb_nemo.parallel.groups import ParallelGroups
@@ -103,6 +104,11 @@ def generate(student, teacher, prompts: list[list[int]], policy, settings: Decod
         decoder = kind(student, teacher if policy.needs_teacher() else None, prompts, policy,
                        settings, ids=ids, vocab=vocab, generator=generator, pg=pg,
                        interrupt=interrupt)
-        with torch.inference_mode():
+        # inference mode (no autograd bookkeeping per op, as Megatron's own engines decode),
+        # except for Transformer Engine networks: their first forward builds TE's FP8 weight
+        # caches and fp8_meta, which a training step must be able to save for backward
+        # (inference tensors cannot be); no_grad builds them as ordinary tensors
+        te = any(uses_transformer_engine(m) for m in used)
+        with torch.no_grad() if te else torch.inference_mode():
             decoder.run()
         return decoder.result()

@@ -28,6 +28,7 @@ from megatron.core.enums import Fp8Recipe
 from megatron.core.fp8_utils import get_fp8_context
 
 from trb_nemo.models.cached_attention import CacheStep, active, column_linear
+from trb_nemo.models.gpt import fp8_scales_ready
 from trb_nemo.parallel import comm
 from trb_nemo.parallel.groups import ParallelGroups
 
@@ -49,9 +50,11 @@ def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
         hidden = hidden_LBh
     cfg = model.config
     # FP8 as TransformerBlock applies it: one context around the stage under delayed scaling,
-    # else one per layer (which may keep the first/last layers in bf16)
+    # else one per layer (which may keep the first/last layers in bf16); delayed scaling only
+    # once its scales are calibrated (bf16 before: models.gpt.fp8_scales_ready)
     delayed = cfg.fp8 is not None and cfg.fp8_recipe == Fp8Recipe.delayed
-    with get_fp8_context(cfg) if delayed else contextlib.nullcontext():
+    fp8_delayed = delayed and fp8_scales_ready(model)
+    with get_fp8_context(cfg) if fp8_delayed else contextlib.nullcontext():
         for layer in model.decoder.layers:
             per_layer = (get_fp8_context(cfg, layer.layer_number - 1)
                          if cfg.fp8 is not None and not delayed else contextlib.nullcontext())

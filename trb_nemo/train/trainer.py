@@ -32,6 +32,7 @@ from trb_nemo.data.prompts import build_source, step_prompts
 from trb_nemo.eval.pass_at_1 import evaluate
 from trb_nemo.methods.schedules import veto_b_at
 from trb_nemo.methods.table import method_of, policy_for
+from trb_nemo.models.gpt import mark_fp8_scales_ready
 from trb_nemo.models.networks import build_student, build_teacher
 from trb_nemo.models.pipeline import plan_microbatches
 from trb_nemo.models.vocab import SharedVocab
@@ -79,6 +80,7 @@ class Trainer:
         if latest is not None:
             resumed = load_training(latest, self.training, pg)
             self.step_k, self.resumed_from = resumed.step, (latest, resumed)
+            mark_fp8_scales_ready(self.student)  # TE's extra state held them
             # a stop inside the evaluation of that step: it runs again first
             self.eval_pending = bool(resumed.progress.get("eval_pending", False))
         if comm.world_rank() == 0:  # the run has started: config.yaml (and allowed changes)
@@ -110,6 +112,7 @@ class Trainer:
         # a streamed teacher runs inside the training step: it stays on the device
         self.memory.before_training(keep_teacher=batch.teacher_stream is not None)
         metrics = train_step(self.training, batch, k, self.cfg.loss, self.vocab, plan, self.pg)
+        mark_fp8_scales_ready(self.student)  # a grad-enabled FP8 forward updated them
         return self.step_metrics(k, policy, rollout, prompts, metrics, batch.teacher_passes, plan)
 
     def prompts(self, k: int) -> list:
