@@ -22,6 +22,7 @@ def test_triton_kernels_match_the_reference(dtype):
     zt = (zs.float() + torch.randn(ROWS, VOCAB, generator=g) * 2).to(dtype)
     eps = torch.logspace(-5, 0, ROWS)
     beta, kl = trust_region.solve_beta_and_kl(zs.cuda(), zt.cuda(), eps.cuda(), vocab_size=TRUE_VOCAB)
+    assert fused.is_fused(torch.device("cuda"))  # still compiled after the solve
     zs64, zt64 = zs.double(), zt.double()
     want = ref.bisect_beta(zs64, zt64, eps.double(), TRUE_VOCAB)
     assert (beta.cpu().double() - want).abs().max() <= 1e-4
@@ -32,6 +33,7 @@ def test_triton_kernels_match_the_reference(dtype):
     x = zs.cuda().requires_grad_(True)
     value = losses.reverse_kl(x, zt.cuda(), vocab_size=TRUE_VOCAB)
     value.sum().backward()
+    assert fused.is_fused(torch.device("cuda"))  # and after the loss's forward and backward
     y = zs64.clone().requires_grad_(True)
     want_value = ref.reverse_kl_full(y, zt64, TRUE_VOCAB)
     want_value.sum().backward()

@@ -55,9 +55,11 @@ def test_triton_kernels_at_the_real_vocabulary(rows, dtype):
     zs, zt = _logits(rows, dtype, seed=rows)
     eps = torch.logspace(-4, 0, rows, device="cuda")
     beta, kl = trust_region.solve_beta_and_kl(zs, zt, eps, vocab_size=QWEN_VOCAB)
+    assert fused.is_fused(torch.device("cuda"))  # still compiled: no silent eager fallback
     x = zs.detach().requires_grad_(True)
     value = losses.reverse_kl(x, zt, vocab_size=QWEN_VOCAB)
     value.sum().backward()
+    assert fused.is_fused(torch.device("cuda"))
     assert torch.isfinite(x.grad).all() and bool((x.grad[:, QWEN_VOCAB:] == 0).all())
     first_big_row = math.ceil(2**31 / PADDED)
     checked = [slice(0, rows)] if rows * PADDED < 2**31 else [
