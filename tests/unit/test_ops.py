@@ -379,3 +379,19 @@ def test_solve_beta_and_kl_equals_the_two_calls():
     beta, kl = trust_region.solve_beta_and_kl(zs, zt, eps)
     assert torch.equal(beta, trust_region.solve_beta(zs, zt, eps))
     assert torch.equal(kl, trust_region.kl_to_student(zs, zt, beta))
+
+
+def test_row_chunks_are_sized_by_the_device():
+    """Cache-sized chunks on a CPU; on a GPU as large as CUDA_ROW_CHUNK_BYTES (a chunk costs
+    kernel launches there): a 32-row decode step at V/TP = 76032 is one chunk, not six rows."""
+    from trb_nemo.ops import shards
+
+    v = 76032
+    cpu = list(shards.row_chunks(32, v))
+    gpu = list(shards.row_chunks(32, v, device=torch.device("cuda")))
+    assert len(gpu) == 1 and gpu[0] == slice(0, 32)
+    assert cpu[0].stop - cpu[0].start == shards.ROW_CHUNK_BYTES // (4 * v) == 6
+    rows = list(shards.row_chunks(8192, v, device=torch.device("cuda")))
+    per = rows[0].stop - rows[0].start
+    assert per == shards.CUDA_ROW_CHUNK_BYTES // (4 * v) and 4 * v * per <= 256 * 2**20
+    assert sum(c.stop - c.start for c in rows) == 8192

@@ -144,7 +144,7 @@ def _gradient(row_kernel, zs_RV, s_merge, zt_RV, t_merge, n, rows_R4, grad_R1):
     merge's backward rewrites both in place.
     """
     rows, width = zs_RV.shape
-    chunks = list(row_chunks(rows, n, is_fused(zs_RV.device)))
+    chunks = list(row_chunks(rows, n, is_fused(zs_RV.device), zs_RV.device))
     if is_fused(zs_RV.device) or (n == width and len(chunks) == 1):
         pad = None if n == width else torch.full((1,), n, device=zs_RV.device)
         grad = row_kernel(zs_RV, zt_RV, rows_R4, grad_R1, pad)
@@ -224,7 +224,7 @@ class _SupportReverseKL(torch.autograd.Function):
         local_ids = ids_RK - shard_start(v_local, ctx.group)
         mine = (local_ids >= 0) & (local_ids < v_local)
         grad = torch.empty_like(zs_RV)
-        for c in row_chunks(zs_RV.shape[0], v_local):
+        for c in row_chunks(zs_RV.shape[0], v_local, device=zs_RV.device):
             if ctx.spread:
                 zs = fp32_rows(zs_RV, c, ctx.valid, ctx.merge)
                 g = -torch.exp(zs - lse_s[c].unsqueeze(-1)) * spread_R[c].unsqueeze(-1)
@@ -440,7 +440,7 @@ class _CrossEntropy(torch.autograd.Function):
         local = ids_R - shard_start(v_local, ctx.group)
         mine = (local >= 0) & (local < v_local)
         grad = torch.empty_like(zs_RV)
-        for c in row_chunks(zs_RV.shape[0], v_local):
+        for c in row_chunks(zs_RV.shape[0], v_local, device=zs_RV.device):
             p = torch.exp(fp32_rows(zs_RV, c, ctx.valid, ctx.merge) - lse[c].unsqueeze(-1))
             p.scatter_add_(-1, local[c].clamp(0, v_local - 1).unsqueeze(-1),
                            -mine[c].to(p.dtype).unsqueeze(-1))

@@ -104,7 +104,7 @@ def sample(
     start = shard_start(v_local, vocab_group)
     cols_V = torch.arange(start, start + v_local, device=logprobs.device)
     best = []
-    for c in row_chunks(x_RV.shape[0], v_local):
+    for c in row_chunks(x_RV.shape[0], v_local, device=x_RV.device):
         u = _uniform(keys_R[c], counter[c], cols_V)
         score = as_fp32_masked(x_RV[c], valid).double() - u.log_().neg_().log_()  # + Gumbel
         val, idx = score.max(dim=-1)

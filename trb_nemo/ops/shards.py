@@ -15,8 +15,12 @@ NEG_INF = float("-inf")
 
 
 ROW_CHUNK_BYTES = 2 * 2**20
-"""Target size of one fp32 [rows_chunk, V] temporary (cache-sized: elementwise passes over
-smaller chunks ran 4x faster on CPU than over 64 MiB ones); rows are processed in chunks."""
+"""Target size of one fp32 [rows_chunk, V] temporary on a CPU (cache-sized: elementwise passes
+over smaller chunks ran 4x faster on CPU than over 64 MiB ones); rows are processed in chunks."""
+CUDA_ROW_CHUNK_BYTES = 256 * 2**20
+"""The same on a GPU: each chunk costs ~20 kernel launches, so chunks are as large as memory
+allows (2 MiB would give 6-row chunks at V/TP = 76k: ~110k launches per training microbatch);
+256 MiB keeps one temporary under 1% of an H100 and a 32-row decode step in one chunk."""
 
 
 def group_size(group) -> int:
@@ -32,10 +36,19 @@ def shard_start(v_local: int, group) -> int:
     return group_rank(group) * v_local
 
 
-def row_chunks(num_rows: int, v_local: int, fused: bool = False):
-    """Slices of rows so that one fp32 [rows_chunk, V] temporary is about ROW_CHUNK_BYTES;
-    one slice of every row when the kernels are ``fused`` (they hold no [R, V] temporary)."""
-    step = num_rows if fused else max(1, ROW_CHUNK_BYTES // (4 * max(v_local, 1)))
+def chunk_bytes(device: torch.device | None) -> int:
+    """Target bytes of one fp32 row-chunk temporary on ``device`` (None: a CPU)."""
+    return CUDA_ROW_CHUNK_BYTES if device is not None and device.type == "cuda" \
+        else ROW_CHUNK_BYTES
+
+
+def row_chunks(num_rows: int, v_local: int, fused: bool = False,
+               device: torch.device | None = None):
+    """Slices of rows so that one fp32 [rows_chunk, V] temporary is about
+    :func:`chunk_bytes` of ``device``; one slice of every row when the kernels are ``fused``
+    (they hold no [R, V] temporary). The rule depends on the device type only, so every rank of
+    a group chunks alike (each chunk makes its own collectives)."""
+    step = num_rows if fused else max(1, chunk_bytes(device) // (4 * max(v_local, 1)))
     step = max(step, 1)
     for start in range(0, num_rows, step):
         yield slice(start, min(start + step, num_rows))

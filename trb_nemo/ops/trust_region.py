@@ -489,7 +489,8 @@ def _solve(student_logits, teacher_logits, eps, group, vocab_size, tolerance, ma
     # rounding of the KL terms' sums over the vocabulary (the same on every rank)
     padded_vocab = student_logits.shape[-1] * group_size(group)
     # chunks from the padded width: every rank must make the same collectives
-    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device)):
+    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device),
+                        zs_RV.device):
         st = _prepare(zs_RV[c], zt_RV[c], group)
         beta[c], kl[c] = _solve_chunk(st, zs_RV[c], zt_RV[c], eps_R[c], group, tolerance,
                                       max_iterations, padded_vocab)
@@ -631,7 +632,8 @@ def kl_to_student(
                                          vocab_size, vocab_group)
     out = torch.zeros(zs_RV.shape[0], dtype=torch.float32, device=zs_RV.device)
     padded_vocab = student_logits.shape[-1] * group_size(vocab_group)
-    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device)):
+    for c in row_chunks(zs_RV.shape[0], student_logits.shape[-1], is_fused(zs_RV.device),
+                        zs_RV.device):
         st = _prepare(zs_RV[c], zt_RV[c], vocab_group)
         out[c] = _kl_of(beta_R[c], st, zs_RV[c], zt_RV[c], vocab_group, padded_vocab)
     return out.reshape(lead)

@@ -116,7 +116,8 @@ def gather_pair_sums(row_kernel, zs_RV, zt_RV, num_sums: int, group, read=None) 
             return zs_RV[c], zt_RV[c]
     if width > 0 and rows > 0:
         local = torch.cat([row_kernel(*read(c))
-                           for c in row_chunks(rows, width, is_fused(zs_RV.device))])
+                           for c in row_chunks(rows, width, is_fused(zs_RV.device),
+                                               zs_RV.device)])
     else:
         local = torch.cat([torch.full((rows, 2), NEG_INF, device=zs_RV.device),
                            torch.zeros((rows, num_sums), device=zs_RV.device)], dim=-1)
@@ -156,7 +157,7 @@ def rows_lse(z_RV: torch.Tensor, valid_V: torch.Tensor | None, group,
     if z_RV.shape[0] == 0:
         return z_RV.new_zeros((0,), dtype=torch.float32)
     stats = torch.cat([local_lse_stats(fp32_rows(z_RV, c, valid_V, merge))
-                       for c in row_chunks(z_RV.shape[0], z_RV.shape[-1])])
+                       for c in row_chunks(z_RV.shape[0], z_RV.shape[-1], device=z_RV.device)])
     return combine_lse(all_gather_rows(stats, group))
 
 
@@ -189,7 +190,7 @@ def topk(values: torch.Tensor, k: int, *, vocab_group=None, vocab_size: int | No
     z_RV = values.reshape(-1, v_local)
     valid = valid_columns(v_local, vocab_size, vocab_group, values.device)
     parts = [_local_topk(fp32_rows(z_RV, c, valid, merge), k, vocab_group)
-             for c in row_chunks(z_RV.shape[0], v_local)]
+             for c in row_chunks(z_RV.shape[0], v_local, device=z_RV.device)]
     local = (torch.cat(parts) if parts else
              z_RV.new_zeros((0, 2 * min(k, v_local)), dtype=torch.float64))
     gathered_PRK2 = all_gather_rows(local, vocab_group)
