@@ -4,9 +4,17 @@ For each term the planner counts, its bytes are compared with the bytes of the l
 the same phase on real Megatron-Core models (CPU, gloo): weights (parameter storages), the DDP
 gradient buffers, the optimizer's state after a real step (Adam moments; fp32 main weights),
 the KV caches the decoder allocates at the budget, the activations a training forward saves
-for backward (every tensor autograd packs, by storage, parameters excluded) and the logits.
-Within 15% each, and for each phase's sum of counted terms. Configs: the toy at TP=2 and a
-Qwen3-0.6B-shaped student (2 layers, the full 151936 vocabulary) at TP=1.
+for backward (every tensor autograd packs, by storage, parameters excluded), the logits, the
+evaluation's records (what pass@1's decoding of a set returns: tokens, records, top-1 ids, the
+loss mask) and the decode path's attention temporaries (the peak of each SDPA call, by torch's
+memory profiler, in the math kernel CUDA runs for a masked grouped-query attention: the
+prefill of the budget's prompts and a decode step over the longest keys, the larger one).
+Within 15% each, and for the training phase's sum of counted terms. Configs: the toy at TP=2
+and a Qwen3-0.6B-shaped student (2 layers, the full 151936 vocabulary) at TP=1.
+
+Not measured here, because CPU has none of them: Transformer Engine's FP8 weight caches (TE
+needs a GPU), the CUDA context, NCCL's communicators and the allocator's slack (the runtime
+reserve); the unit tests check their arithmetic (tests/unit/test_memory_plan_rules.py).
 
 Run: .venv/bin/python -m pytest tests/dist/test_memory_plan.py
 """
@@ -20,6 +28,7 @@ from harness import spawn_bare
 
 from trb_nemo.config.schema import (
     DataConfig,
+    EvalConfig,
     LossConfig,
     ModelConfig,
     ModelSpec,
@@ -60,6 +69,7 @@ def config(student, teacher, tp: int, seq: int, micro: int, prompts: int) -> Tra
                               max_sequences_in_flight=prompts),
         data=DataConfig(max_prompt_length=prompt),
         loss=LossConfig(topk=4),
+        eval=EvalConfig(num_problems=2, num_samples=3),
     )
 
 
@@ -72,13 +82,65 @@ def _storage_bytes(tensors, exclude=frozenset()) -> int:
     return sum(seen.values())
 
 
+def _peak_bytes(prof) -> int:
+    """The most bytes allocated at once during a profiled block (its allocations only)."""
+    from torch.profiler._memory_profiler import Action
+
+    now = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type == "cpu" and action in (Action.CREATE, Action.DESTROY):
+            now += size if action == Action.CREATE else -size
+            peak = max(peak, now)
+    return peak
+
+
+class SdpaPeaks:
+    """Within the block, each SDPA call of the decode path runs in the math kernel under torch's
+    memory profiler; ``peaks`` the peak bytes of each call made while ``on``."""
+
+    def __init__(self):
+        self.peaks, self.on = [], False
+
+    def __enter__(self):
+        import types
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        import trb_nemo.models.cached_attention as cached
+
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def measured(*args, **kwargs):
+            if not self.on:
+                return real(*args, **kwargs)
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            with torch.profiler.profile(activities=activities, profile_memory=True,
+                                        record_shapes=True, with_stack=True) as prof:
+                with sdpa_kernel(SDPBackend.MATH):
+                    result = real(*args, **kwargs)
+            self.peaks.append(_peak_bytes(prof))
+            return result
+
+        self.module, self.original = cached, cached.F
+        cached.F = types.SimpleNamespace(scaled_dot_product_attention=measured)
+        return self
+
+    def __exit__(self, *exc):
+        self.module.F = self.original
+
+
 def measure(cfg: TrainConfig) -> dict:
     """Bytes of the live tensors of each counted term on this rank."""
     import torch.distributed as dist
 
+    from trb_nemo.methods.policies import StudentPolicy
+    from trb_nemo.methods.table import policy_for
     from trb_nemo.models.networks import build_student, build_teacher
+    from trb_nemo.models.vocab import SharedVocab
     from trb_nemo.parallel import groups
+    from trb_nemo.rollout.engine import generate
     from trb_nemo.rollout.kv_cache import SequenceCache
+    from trb_nemo.rollout.types import DecodeSettings
     from trb_nemo.train.optimizer import wrap_student
 
     pg = groups.initialize(cfg.parallel, seed=3)
@@ -100,6 +162,42 @@ def measure(cfg: TrainConfig) -> dict:
     out["KV caches"] = sum(c.bytes() for c in caches)
     for c in caches:
         c.release()
+
+    # attention temporaries: each network the rollout runs at step 0, its cache at the budget:
+    # the prefill of one prompt per slot, then (teacher-forced, not measured) up to the last
+    # position, and one decode step over all seq keys
+    prompt = cfg.data.max_prompt_length
+    lockstep = policy_for(0, cfg.rollout, cfg.trb).needs_teacher()
+    gen = torch.Generator().manual_seed(0)
+    vocab_size = cfg.model.student.vocab_size
+    with torch.no_grad(), SdpaPeaks() as sdpa:
+        for m in [student, teacher] if lockstep else [student]:
+            m.eval()
+            cache = SequenceCache(m, slots, seq, pg)
+            tokens = torch.randint(3, vocab_size, (slots, seq), generator=gen)
+            for s in range(slots):
+                cache.start(s)
+            sdpa.on = True
+            cache.feed(0, tokens[:, :prompt], [prompt] * slots)
+            sdpa.on = False
+            cache.feed(0, tokens[:, prompt:seq - 1], [seq - 1 - prompt] * slots)
+            sdpa.on = True
+            cache.feed(0, tokens[:, seq - 1:], [1] * slots)
+            sdpa.on = False
+            cache.release()
+    out["attention temporaries"] = max(sdpa.peaks)
+
+    # evaluation: the outputs of pass@1's decoding of a set (its settings), this rank's share
+    ev = cfg.eval
+    n = -(-ev.num_problems // pg.dp_size) * ev.num_samples
+    prompts = [torch.randint(3, vocab_size, (prompt,), generator=gen).tolist() for _ in range(n)]
+    ro = generate(student, None, prompts, StudentPolicy(ev.temperature), DecodeSettings(
+        max_new_tokens=ev.max_new_tokens or cfg.rollout.max_new_tokens, topk_k=1,
+        max_in_flight=ev.max_sequences_in_flight or cfg.rollout.max_sequences_in_flight,
+        prefill_tokens=cfg.rollout.prefill_chunk_tokens),
+        vocab=SharedVocab.of(cfg.model), generator=torch.Generator().manual_seed(1), pg=pg)
+    out["evaluation records"] = _storage_bytes([ro.tokens, *ro.records.values(), ro.topk_ids,
+                                                ro.loss_mask])
     student.train()
 
     # training: one microbatch at the full length; what autograd saves, and the logits
@@ -142,6 +240,8 @@ def planned(cfg: TrainConfig, world: int) -> dict:
            ("student weights", "teacher weights", "student grads (fp32)",
             "optimizer (main weights, Adam)", "activations")}
     out["KV caches"] = phases["rollout"].term("KV caches")
+    out["attention temporaries"] = phases["rollout"].term("attention temporaries")
+    out["evaluation records"] = phases["evaluation"].term("evaluation records")
     out["logits"] = phases["training"].term("logits, their gradient and the loss buffer") // 3
     return out
 
@@ -165,7 +265,8 @@ def test_planner_matches_measured_bytes(case):
             assert abs(plan[name] - got) <= TOLERANCE * got, (
                 f"{case} {name}: planned {plan[name]} vs measured {got} bytes "
                 f"({plan[name] / got:.3f}x)")
-        training = [n for n in plan if n not in ("KV caches",)]
+        decoding = ("KV caches", "attention temporaries", "evaluation records")
+        training = [n for n in plan if n not in decoding]
         total_plan = sum(plan[n] for n in training)
         total_measured = sum(measured[n] for n in training)
         assert abs(total_plan - total_measured) <= TOLERANCE * total_measured

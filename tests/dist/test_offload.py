@@ -5,11 +5,16 @@
   (0 bytes) and a use of them is one clear error, with and without the distributed optimizer
   (DP=2 over 2 gloo ranks), bf16 weights (separate fp32 main params) and fp32 (the main params
   are the weights, which stay);
+* a second offload of a set reuses its one host buffer (same data pointer, no new allocation)
+  and round-trips exactly again;
 * two Trainer steps (a TRB warmup step, then an OPD step; pass@1 before and after, a checkpoint
   save at the end) with both options on equal the same steps without them: metrics, weights
-  and Adam state exactly.
+  and Adam state exactly; over the run the optimizer state's host buffer is allocated twice
+  (before and after its first step creates Adam's moments), the teacher's once.
 
 Both run in one spawn of 2 ranks (the imports and Megatron's first-call costs are paid once).
+:func:`test_host_buffer_is_allocated_once_and_reused` checks the buffer on plain tensors, no
+spawn.
 
 Run: .venv/bin/python -m pytest tests/dist/test_offload.py
 """
@@ -112,6 +117,18 @@ def round_trips(pg) -> dict:
         memory.restore_all()
         after = _snapshot({**main, **adam, **grads, **weights, **teacher_w})
         assert not _differing(after, before), (name, _differing(after, before))
+
+        # the next step's offloads: the same host buffers, no new allocation, exact again
+        sets = (training.state_memory, memory.teacher_memory)
+        ptrs = [m.buffer.tensor.data_ptr() for m in sets]
+        memory.before_decoding(needs_teacher=False)
+        memory.before_scoring()
+        memory.before_training()
+        assert [m.buffer.tensor.data_ptr() for m in sets] == ptrs, name
+        assert [m.allocations for m in sets] == [1, 1], name
+        memory.restore_all()
+        after = _snapshot({**main, **adam, **grads, **weights, **teacher_w})
+        assert not _differing(after, before), (name, _differing(after, before))
     return parked
 
 
@@ -169,9 +186,11 @@ def two_steps(out: str, on: bool):
                **{f"teacher.{k}": v for k, v in trainer.teacher.named_parameters()},
                **{f"adam{i}.{j}.{key}": v for i, o in enumerate(inner)
                   for j, s in enumerate(o.state.values()) for key, v in s.items()}}
-    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").open()]
+    rows = [json.loads(line) for line in trainer.run.metrics.open()]
     rows = [{k: v for k, v in r.items() if not any(t in k for t in TIMING_KEYS)} for r in rows]
-    return rows, _snapshot(tensors), trainer.seen
+    allocations = (trainer.training.state_memory.allocations,
+                   trainer.memory.teacher_memory.allocations)
+    return rows, _snapshot(tensors), trainer.seen, allocations
 
 
 def rank_body(out: str, second_port: int):
@@ -201,7 +220,8 @@ def test_round_trips_are_exact_and_release_storage(ranks):
 
 
 def test_two_steps_with_offload_equal_two_without(ranks):
-    for _, (rows_off, bits_off, seen_off), (rows_on, bits_on, seen_on) in ranks:
+    for _, (rows_off, bits_off, seen_off, allocs_off), (rows_on, bits_on, seen_on,
+                                                         allocs_on) in ranks:
         assert rows_on == rows_off
         assert bits_on.keys() == bits_off.keys() and any("adam" in k for k in bits_on)
         assert not _differing(bits_on, bits_off), _differing(bits_on, bits_off)
@@ -217,3 +237,51 @@ def test_two_steps_with_offload_equal_two_without(ranks):
                            ("after-step", True, False), ("rollout1", False, False),
                            ("after-step", True, False), ("evaluated", False, False),
                            ("saved", True, False)]
+        # 4 offloads of the optimizer state: one buffer before the first optimizer step, one
+        # after (Adam's moments are new), reused otherwise; 2 of the teacher: one buffer
+        assert allocs_on == (2, 1) and allocs_off == (0, 0)
+
+
+def test_host_buffer_is_allocated_once_and_reused():
+    """Plain CPU tensors (a shared storage, a view, a kept tensor, an empty one): every offload
+    parks them in one buffer, each storage at an aligned offset; the second offload reuses the
+    buffer (same data pointer, no allocation) and both round trips are bit-exact; a set that
+    grows gets one larger buffer."""
+    from trb_nemo.train.offload import HOST_ALIGNMENT, HostOffload
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=gen)
+    b = torch.randint(-5, 5, (3, 7), generator=gen, dtype=torch.int64)
+    view = a[10:20]  # the same storage as a
+    kept = torch.randn(5, generator=gen)
+    tensors = [a, b, view, kept, torch.empty(0)]
+    before = _snapshot({"a": a, "b": b, "view": view, "kept": kept})
+    mem = HostOffload("test tensors", "test.key")
+    ptrs = []
+    for _ in range(2):
+        mem.offload(tensors, keep=[kept])
+        assert mem.offloaded and mem.allocations == 1
+        assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes() == 0
+        assert kept.untyped_storage().nbytes() == 20
+        assert mem.parked_bytes == 4000 + 8 * 21
+        assert mem.buffer.nbytes == 4096 + 512 and not mem.buffer.pinned  # aligned, CPU
+        assert all((host.data_ptr() - mem.buffer.tensor.data_ptr()) % HOST_ALIGNMENT == 0
+                   for _, host in mem._parked)
+        ptrs.append(mem.buffer.tensor.data_ptr())
+        mem.offload(tensors)  # idempotent
+        mem.restore()
+        assert not _differing(_snapshot({"a": a, "b": b, "view": view, "kept": kept}), before)
+        assert mem.parked_bytes == 0 and mem.buffer is not None  # kept for the next offload
+    assert ptrs[0] == ptrs[1]
+
+    grown = torch.randn(2000, generator=gen)  # a set that outgrew its buffer: one more
+    mem.offload([*tensors, grown])
+    assert mem.allocations == 2 and mem.buffer.nbytes >= 4000 + 8000
+    mem.restore()
+    mem.offload(tensors)  # smaller again: the larger buffer serves
+    assert mem.allocations == 2
+    mem.restore()
+    assert not _differing(_snapshot({"a": a, "b": b, "view": view, "kept": kept}), before)
+    off = HostOffload("test tensors", "test.key", enabled=False)
+    off.offload(tensors)
+    assert off.buffer is None and a.untyped_storage().nbytes() == 4000

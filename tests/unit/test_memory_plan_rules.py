@@ -2,17 +2,37 @@
 
 Its bytes against measured tensors: tests/dist/test_memory_plan.py."""
 
+import sys
+import types
+
 import pytest
 
 from trb_nemo.config.compose import load_config
 from trb_nemo.config.schema import ConfigError
 from trb_nemo.models.resolve import resolve_models
-from trb_nemo.plan.memory import check_fits, plan_memory
+from trb_nemo.plan.memory import (
+    GIB,
+    H100_GIB,
+    RESERVE_FLOOR,
+    Layout,
+    Phase,
+    Term,
+    check_fits,
+    gpu_capacity,
+    nccl_communicators,
+    plan_memory,
+)
+
+S_EVAL = 1024 + 8192
+"""The recipe's evaluation positions: prompt + eval.max_new_tokens."""
+
+
+def config(*overrides):
+    return resolve_models(load_config(["recipe=paper_qwen3_1.7b", *overrides]), absent=[])
 
 
 def phases(*overrides, world=8):
-    cfg = resolve_models(load_config(["recipe=paper_qwen3_1.7b", *overrides]), absent=[])
-    return {p.name: p for p in plan_memory(cfg, world)}
+    return {p.name: p for p in plan_memory(config(*overrides), world)}
 
 
 def test_recomputation_and_microbatch_scale_the_activations():
@@ -68,3 +88,141 @@ def test_over_the_limit_names_the_phase_and_a_fix():
     check_fits(list(phases().values()), 80)
     with pytest.raises(ConfigError, match="parallel.gpu_memory_gb"):
         check_fits(list(phases().values()), 40)
+
+
+def test_evaluation_records_are_those_of_the_largest_set_on_this_rank(tmp_path, monkeypatch):
+    # no eval file here: the recipe's sets at their sizes; olympiad is the largest at DP=4
+    # (ceil(675 / 4) = 169 problems x 64 samples; amc 21 x 512, math500 125 x 64, aime 8 x 512):
+    # tokens 8 + records 5 x 4 + top-1 ids 8 + loss mask 1 = 37 bytes per position
+    records = phases()["evaluation"].term("evaluation records")
+    assert records == 169 * 64 * S_EVAL * 37 and 3.3 * GIB < records < 3.6 * GIB
+    assert all(phases()[p].term("evaluation records") == 0 for p in ("rollout", "training"))
+    # DP=8: amc's 11 x 512 = 5632 sequences beat olympiad's 85 x 64 = 5440
+    assert phases(world=16)["evaluation"].term("evaluation records") == 11 * 512 * S_EVAL * 37
+    # eval.num_problems bounds every set: 3 problems per rank x 512 samples (amc, aime)
+    capped = phases("eval.num_problems=10")["evaluation"]
+    assert capped.term("evaluation records") == 3 * 512 * S_EVAL * 37
+    # a file that is here is counted by its rows, with its own samples
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.jsonl").write_text("".join(f'{{"problem": "{i}", "answer": "1"}}\n'
+                                                 for i in range(41)))
+    mine = phases("eval.source=[mine:mine.jsonl]", "eval.samples_per_set={mine: 16}")
+    assert mine["evaluation"].term("evaluation records") == 11 * 16 * S_EVAL * 37
+    # ...and the evaluation's KV cache holds only as many sequences as the set has (176 > 64)
+    unknown = phases("eval.source=[other:absent.jsonl]")["evaluation"]
+    assert unknown.term("evaluation records") == 0  # not here, not a recipe set: not counted
+
+
+def test_fp8_weight_caches_are_2_bytes_per_fp8_linear_parameter_in_every_phase():
+    # the student's linear weights per layer (q, k, v, o, gate, up, down) over TP=2, 28 layers
+    per_layer = 2048 * 2048 * 2 + 2048 * 1024 * 2 + 2048 * 6144 * 3
+    student = 2 * 28 * per_layer // 2
+    base = phases()  # model.fp8=hybrid through Transformer Engine
+    assert {p.name: p.term("student FP8 weight caches") for p in base.values()} == {
+        name: student for name in base}
+    assert all(p.term("teacher FP8 weight caches") == 0 for p in base.values())  # bf16 teacher
+    bf16 = phases("model.fp8=null")
+    for name, phase in bf16.items():
+        assert phase.term("student FP8 weight caches") == 0
+        assert base[name].total - phase.total == student
+    # the teacher in FP8: its caches stay on the GPU while its weights are offloaded
+    teacher = phases("model.fp8_recipe=tensorwise", "model.teacher_precision=fp8",
+                     "model.offload_teacher_during_training=true")
+    t_layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 4096 * 12288 * 3
+    assert teacher["training"].term("teacher weights") == 0
+    assert all(p.term("teacher FP8 weight caches") == 2 * 36 * t_layer // 2
+               for p in teacher.values())
+    # the first and last layers kept in bf16 have no FP8 copy
+    ends = phases("model.fp8_recipe=tensorwise", "model.fp8_first_last_layers_bf16=true")
+    assert ends["training"].term("student FP8 weight caches") == student * 26 // 28
+
+
+def _sdpa_math(a, g, d, queries, keys, scores):
+    """The math kernel's peak in a bf16 model with grouped-query heads (g < a), in bytes: fp32
+    q, k, v, the scaled queries, k and v repeated to a heads, the float mask, then the larger
+    of the first matmul (scaled keys, scores), the softmax (3.25 score-sized buffers) and the
+    second matmul (probabilities, the output in fp32 and bf16); tests/dist/test_memory_plan.py
+    measures it."""
+    held = a * d * queries * 2 + 2 * g * d * keys + 2 * a * d * keys + scores
+    peak = max(a * d * keys + a * scores, 3.25 * a * scores, a * scores + 1.5 * a * d * queries)
+    return int(4 * (held + peak))
+
+
+def test_attention_temporaries_of_the_decode_step_and_the_prefill_chunk():
+    base = phases()
+    # the rollout runs the teacher in lockstep (TRB warmup): 16 query and 4 key-value heads
+    # per TP rank, 32 rows x 8192 keys; fp32 keys and values repeated to 16 heads dominate
+    rollout = base["rollout"].term("attention temporaries")
+    assert rollout == _sdpa_math(16, 4, 128, 32, 32 * 8192, 32 * 8192)
+    assert 6.5 * GIB < rollout < 7.5 * GIB
+    # evaluation: the student (8 and 4 heads) at 64 rows x 9216 keys, about 9 GiB
+    evaluation = base["evaluation"].term("attention temporaries")
+    assert evaluation == _sdpa_math(8, 4, 128, 64, 64 * S_EVAL, 64 * S_EVAL)
+    half = phases("eval.max_sequences_in_flight=32")["evaluation"]
+    assert half.term("attention temporaries") == pytest.approx(evaluation / 2, rel=1e-3)
+    # a student-only rollout: the student's, at the rollout's 32 x 8192
+    student = phases("rollout.behavior=student")["rollout"].term("attention temporaries")
+    assert student == _sdpa_math(8, 4, 128, 32, 32 * 8192, 32 * 8192)
+    # short responses: the prefill chunk (8192 positions of 1024-token prompts) is the peak
+    short = phases("rollout.max_new_tokens=16")["rollout"].term("attention temporaries")
+    assert short == _sdpa_math(16, 4, 128, 8192, 8192, 8192 * 1024)
+    assert all(base[p].term("attention temporaries") == 0 for p in ("scoring", "training"))
+
+
+def test_reserve_grows_with_the_nccl_communicators_of_the_layout():
+    # TP=2 DP=4: TP, DP, DP with CP, MP, TP x CP, TP x DP (twice), the optimizer instance, world
+    assert nccl_communicators(Layout(2, 1, 4, 2, True, True)) == 9
+    # TP=4 PP=2: no DP groups; PP, the embedding group and one send/recv neighbour more
+    assert nccl_communicators(Layout(4, 2, 1, 2, True, True)) == 10
+    assert nccl_communicators(Layout(2, 4, 1, 2, True, True)) == 11  # a middle stage: 2
+    assert nccl_communicators(Layout(1, 1, 1, 2, True, True)) == 0
+    reserve = "CUDA context, NCCL, allocator slack"
+    assert phases()["rollout"].term(reserve) == 2 * GIB + 9 * GIB // 2
+    one = phases("parallel.tensor_model_parallel_size=1", world=1)  # one GPU: the floor
+    assert all(p.term(reserve) == RESERVE_FLOOR for p in one.values())
+    gloo = phases("parallel=cpu_tp2", world=2)
+    assert all(p.term(reserve) == 0 for p in gloo.values())
+
+
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 8), (4, 2, 8), (2, 4, 8), (1, 1, 8), (8, 1, 8)])
+def test_communicator_count_matches_the_groups_megatron_creates(tp, pp, world, monkeypatch):
+    """Megatron-Core's own initialize_model_parallel, its new_group calls recorded: on the
+    busiest rank (first stage), the NCCL groups of more than one rank that are not expert or
+    gloo groups, plus torch's world group and the send/recv neighbours, are what the planner
+    counts."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or object())
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: world)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 0)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             pipeline_model_parallel_size=pp)
+    monkeypatch.setattr(parallel_state, "_global_process_group_list", None)
+    parallel_state.destroy_model_parallel()
+    mine = [kw for kw in made if 0 in kw["ranks"] and len(kw["ranks"]) > 1
+            and kw.get("backend") != "gloo" and "EXPERT" not in (kw.get("group_desc") or "")]
+    expected = len(mine) + (world > 1) + min(2, pp - 1)
+    assert nccl_communicators(Layout(tp, pp, world // (tp * pp), 2, True, True)) == expected
+
+
+def test_capacity_is_the_override_else_the_visible_gpu_else_an_h100(monkeypatch):
+    assert gpu_capacity(80) == (80.0, "parallel.gpu_memory_gb")
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not loaded (the plan command)
+    assert gpu_capacity(None)[0] == H100_GIB == 79.2
+    props = types.SimpleNamespace(total_memory=int(139.8 * GIB), name="NVIDIA H200")
+    cuda = types.SimpleNamespace(is_available=lambda: True, current_device=lambda: 0,
+                                 get_device_properties=lambda i: props)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    limit, source = gpu_capacity(None)
+    assert limit == pytest.approx(139.8) and "NVIDIA H200" in source
+    assert config().parallel.gpu_memory_gb is None
+    # the default limit without a GPU: 79.2 GiB, so 79.5 GiB no longer fits (it did under 80)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    check_fits(plan_memory(config(), 8), None)  # the recipe does
+    tight = [Phase("training", (Term("activations", int(79.5 * GIB)),))]
+    check_fits(tight, 80)
+    with pytest.raises(ConfigError, match="over 79.2 GiB"):
+        check_fits(tight, None)

@@ -266,10 +266,14 @@ class ParallelConfig:
     teacher decoding: data-parallel ranks decode different prompts for different lengths) waits
     for the others, in a barrier on a gloo group of its own, before the job fails. Must cover the
     longest evaluation; the default is 12 hours."""
-    gpu_memory_gb: float = 80.0
-    """Memory of one GPU in GiB. The pre-flight of ``trb-nemo train`` (on CUDA) and of
-    ``trb-nemo launch slurm`` refuses a run whose planned per-GPU peak (``trb-nemo plan``) of
-    any phase is over it, naming the phase and the overrides most likely to fix it."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GiB (2**30 bytes) that every phase's planned per-GPU peak
+    (``trb-nemo plan``) must fit: the pre-flight of ``trb-nemo train`` (on CUDA) and of
+    ``trb-nemo launch slurm`` refuses a run over it, naming the phase and the overrides most
+    likely to fix it. None: the total memory of the GPU the process sees (what
+    ``torch.cuda.mem_get_info()`` reports as total; an H100 "80GB" has 79.2 GiB, not 80), or,
+    with no GPU visible (a login node), 79.2 GiB, an H100's. Set it to plan for another card
+    (e.g. 139 for an H200 "141GB") or to keep headroom on a shared one."""
     fused_ops: str = "auto"
     """Row kernels of the vocab-parallel ops (trust region, reverse KL) compiled by
     torch.compile into one fused pass each: ``auto`` (on CUDA), ``on`` (CPU too; needs a C++
@@ -283,7 +287,8 @@ class ParallelConfig:
         _one_of(self.backend, ("auto", "nccl", "gloo"), "backend")
         _positive(self.timeout_minutes, "timeout_minutes")
         _positive(self.uneven_phase_timeout_minutes, "uneven_phase_timeout_minutes")
-        _positive(self.gpu_memory_gb, "gpu_memory_gb")
+        if self.gpu_memory_gb is not None:
+            _positive(self.gpu_memory_gb, "gpu_memory_gb")
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.num_local_ranks is not None:
             _check(self.num_local_ranks > 0 and self.num_local_ranks % model_parallel == 0,
@@ -689,7 +694,10 @@ class LauncherConfig:
     passed from the submitting environment; their values are never written anywhere."""
     signal_seconds_before_end: int = 300
     """Slurm sends the warning signal this long before the time limit: the trainer checkpoints,
-    the job requeues itself and resumes. 0 disables."""
+    the job requeues itself and resumes. 0 disables. It must cover what follows the signal: the
+    rest of a training step (a rollout or an evaluation stops within seconds; scoring and the
+    update do not) and a save; the paper's recipes set 900. Not with ``launch_mode=torchrun``
+    (torchrun has no handler for it: it would die, and take its ranks down mid-save)."""
     stages: str = "one_job"
     """``one_job``: TRB warmup and pure OPD in one job; ``chained``: a warmup job of
     trb.warmup_steps steps, then an OPD job (``--dependency=afterok``) resuming its checkpoint."""
@@ -711,12 +719,17 @@ class LauncherConfig:
     ``cuda:LOCAL_RANK``, so NCCL keeps peer-to-peer (NVLink) paths between the ranks; None =
     leave it to the cluster. Per-task bindings (``closest``, ``single:1``, ``map_gpu:...``) hide
     the other GPUs from each rank and are refused."""
-    env: dict[str, str] = field(default_factory=lambda: {"NCCL_DEBUG": "WARN",
-                                                         "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    env: dict[str, str] = field(default_factory=lambda: {
+        "NCCL_DEBUG": "WARN", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     """Variables exported by the job script before srun (``export K=V``, values single-quoted:
     written literally, never expanded); add one with ``++launcher.env.NCCL_SOCKET_IFNAME=ib0``.
     ``OMP_NUM_THREADS`` set here replaces its default (one thread per CPU of a rank). Not for
-    secrets: see env_passthrough."""
+    secrets: see env_passthrough. ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (as for
+    the ranks ``trb-nemo train`` starts itself) lets the CUDA caching allocator grow segments
+    instead of fragmenting while each step allocates and frees tens of GB of KV cache; give
+    your own with ``launcher.env.PYTORCH_CUDA_ALLOC_CONF=...`` or drop it with
+    ``~launcher.env.PYTORCH_CUDA_ALLOC_CONF``."""
 
     def __post_init__(self):
         _positive(self.nodes, "nodes")
@@ -727,6 +740,10 @@ class LauncherConfig:
         _one_of(self.stages, ("one_job", "chained"), "stages")
         _check(bool(self.job_name), "job_name", "must not be empty")
         _non_negative(self.signal_seconds_before_end, "signal_seconds_before_end")
+        _check(not (self.launch_mode == "torchrun" and self.signal_seconds_before_end > 0),
+               "signal_seconds_before_end", "the warning signal would reach torchrun, which has "
+               "no handler for it and dies with its ranks mid-save; use launcher.launch_mode=srun "
+               "(every rank gets the signal) or set launcher.signal_seconds_before_end=0")
         for name in self.env_passthrough:
             _check(name.isascii() and name.isidentifier(), "env_passthrough",
                    f"must list variable names, got {name!r}")

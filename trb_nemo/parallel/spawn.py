@@ -24,6 +24,7 @@ run :func:`_helper_init` and stays small.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import multiprocessing
@@ -36,6 +37,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+ALLOC_CONF_DEFAULT = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+"""The ranks' CUDA caching allocator maps memory in growable segments unless the user set
+``PYTORCH_CUDA_ALLOC_CONF`` (or torch's newer ``PYTORCH_ALLOC_CONF``): every step allocates and
+frees tens of GB of KV cache and offloads storages, which fixed-size segments fragment
+(the Slurm job script exports the same default, ``launcher.env``)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 """The signals that ask a job to stop: the launcher forwards them, helper processes ignore them."""
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -174,9 +180,11 @@ def run_local_ranks(
 
     Each process gets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT,
     plus ``env`` (default ``OMP_NUM_THREADS=1``), so ``init_process_group(init_method="env://")``
-    works inside ``fn``. ``fn`` must be importable (module level). SIGTERM, SIGINT and SIGUSR1
-    sent to the caller are forwarded to every rank's pid (graceful stop and checkpoint); the
-    first SIGINT also writes ``interrupt_note`` to stderr, a second one kills every rank at once.
+    works inside ``fn``; and :data:`ALLOC_CONF_DEFAULT` in its environment from its start (before
+    torch loads) unless this process's environment sets it. ``fn`` must be importable (module
+    level). SIGTERM, SIGINT and SIGUSR1 sent to the caller are forwarded to every rank's pid
+    (graceful stop and checkpoint); the first SIGINT also writes ``interrupt_note`` to stderr, a
+    second one kills every rank at once.
     Each rank dies with the caller's process, even by SIGKILL (Linux).
 
     Raises:
@@ -203,8 +211,9 @@ def run_local_ranks(
             previous[sig] = signal.signal(sig, forward)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        for p in procs:
-            p.start()
+        with _environment_default(*ALLOC_CONF_DEFAULT, unless=("PYTORCH_ALLOC_CONF",)):
+            for p in procs:
+                p.start()  # a spawned process inherits this process's environment
         outputs = _poll_results(procs, results, deadline, timeout_s)
         for p in procs:
             p.join(timeout=30)
@@ -216,6 +225,20 @@ def run_local_ranks(
                 p.join(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _environment_default(name: str, value: str, unless: Sequence[str] = ()):
+    """``name=value`` in this process's environment within the block (restored after) unless it
+    or one of ``unless`` is set already."""
+    if name in os.environ or any(k in os.environ for k in unless):
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def _poll_results(procs, results, deadline: float | None,

@@ -39,31 +39,73 @@ keys/values drop out). Norm statistics are fp32, the rest in the compute dtype. 
 recomputation drops the attention core's terms (the softmax and the repeated keys/values),
 ``full`` keeps only the input of each recomputed layer (plus one layer's activations while it
 is recomputed).
+
+Terms of the decoding phases and of the machine (their arithmetic in the functions' docstrings):
+
+* ``evaluation records`` (:func:`evaluation_record_bytes`): pass@1 decodes each set in one call
+  whose outputs stay on the GPU for all n sequences of the set at once (tokens, records, top-k
+  ids, the loss mask): n x S x 37 bytes for the largest set, n = this rank's problems x samples.
+* ``student/teacher FP8 weight caches`` (:func:`fp8_cache_bytes`): under ``model.fp8``
+  Transformer Engine keeps an FP8 copy of each linear weight and its transpose, 2 bytes per
+  parameter, from the first forward on and in every phase (offloading a network moves its
+  parameters, not these caches).
+* ``attention temporaries`` (:func:`attention_temporary_bytes`): the decode path's attention
+  (torch's SDPA with a boolean mask and grouped-query heads: the math kernel, fp32) over one
+  layer at the decoding budget's longest keys or over a prefill chunk.
+* ``CUDA context, NCCL, allocator slack`` (:func:`runtime_reserve`): a base plus an amount per
+  NCCL communicator of the layout (:func:`nccl_communicators`), at least 4 GiB.
+
+The limit is the GPU's capacity (:func:`gpu_capacity`): ``parallel.gpu_memory_gb`` when set,
+else the total memory of the GPU this process sees (CUDA), else an H100's 79.2 GiB.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 
-from trb_nemo.config.schema import ConfigError, ModelSpec, TrainConfig
+from trb_nemo.config.schema import ConfigError, ModelConfig, ModelSpec, TrainConfig
 from trb_nemo.methods.table import method_of, needs_full_teacher_logits, policy_for
 from trb_nemo.models.shapes import _L, hf_shapes, padded_vocab_size
 
 GIB = 1024**3
-RUNTIME_RESERVE = 4 * GIB
-"""Per GPU and phase, on CUDA: the CUDA context, NCCL's buffers and the caching allocator's
-fragmentation (not counted by the terms; measured runs on H100 lose 2-5 GiB to them)."""
+H100_GIB = 79.2
+"""The planning figure without a visible GPU (a login node): the total memory CUDA reports for
+an H100 "80GB" (``torch.cuda.mem_get_info()``'s total, about 85.0e9 bytes), not 80 GiB."""
+RESERVE_FLOOR = 4 * GIB
+"""The runtime reserve is never planned below this (one GPU, no communicator)."""
+RESERVE_BASE = 2 * GIB
+"""Per GPU, on CUDA, whatever the layout: the CUDA context with the kernels torch, cuBLAS and
+Transformer Engine load (0.5-1 GiB on H100), their workspaces and the caching allocator's
+slack (with ``expandable_segments``, which the launchers set)."""
+RESERVE_PER_COMMUNICATOR = GIB // 2
+"""Per NCCL communicator: its channels' buffers (NCCL_BUFFSIZE 4 MiB per channel and peer, up to
+32 channels on NVLink) and, on NVSwitch systems, NVLS buffers: 0.3-0.7 GiB each as measured on
+8-GPU nodes (NVIDIA/nccl#864, #964). ``NCCL_NVLS_ENABLE=0`` or fewer channels need less."""
 ADAM_BYTES = 12
 """fp32 main weight + two fp32 Adam moments per parameter (bf16 training; fp32 training keeps
 no separate main weight: 8)."""
+FP8_CACHE_BYTES = 2
+"""Transformer Engine's cached FP8 copy of a linear weight (1 byte per parameter) and its
+transpose (1 byte; Hopper's FP8 GEMMs need both layouts for forward and backward)."""
+EVAL_TOPK = 1
+"""The top-k ids pass@1's decoding records (``topk_k`` in :mod:`trb_nemo.eval.pass_at_1`)."""
+RECORD_FIELDS = 5
+"""fp32 records per position (``len(RECORDS)`` of :mod:`trb_nemo.rollout.types`)."""
+PAPER_SET_PROBLEMS = {"gsm8k": 1319, "math500": 500, "olympiad": 675, "amc": 83, "aime24": 30,
+                      "aime25": 30}
+"""Problems of the recipes' evaluation sets (as the verl-style Parquet files ship), for a plan
+made where a set's file is not (a login node before the data are copied)."""
 
 
 @dataclass(frozen=True)
 class Term:
     name: str
     bytes: int
+    detail: str = ""
+    """How the bytes were counted (printed beside the term by :func:`format_plan`)."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +232,185 @@ def kv_cache_bytes(spec: ModelSpec, layout: Layout, sequences: int, positions: i
     return 2 * layers * sequences * (positions + 1) * g * d * layout.dtype_bytes
 
 
+def attention_temporary_bytes(spec: ModelSpec, layout: Layout, queries: int, keys: int,
+                              scores: int) -> int:
+    """Peak bytes of one layer's attention in the decode path
+    (:class:`~trb_nemo.models.cached_attention.CachedSelfAttention`, local and Transformer
+    Engine spec alike): torch's ``scaled_dot_product_attention`` with a boolean mask, which for
+    grouped-query heads on CUDA is the math kernel (without grouped-query heads CUDA runs the
+    memory-efficient kernel, which holds far less: an upper bound there;
+    tests/dist/test_memory_plan.py measures the math kernel on CPU). ``queries`` = rows x fed
+    positions (BL), ``keys`` = rows x keys read (BK), ``scores`` = B L K; ``a``/``g`` the
+    query/key-value heads per TP rank, ``d`` the head size. In fp32 elements, the kernel holds
+    throughout
+
+    * with a 16-bit model, q, k and v cast to fp32: a d BL + 2 g d BK;
+    * the scaled queries a d BL; k and v repeated to ``a`` heads (g < a) 2 a d BK;
+    * the mask as a float additive mask B L K;
+
+    and, at its largest of three moments,
+
+    * the first matmul: the scaled keys a d BK (twice when g = a: the keys are a strided view of
+      the cache, which the batched matmul copies) and the scores a B L K;
+    * the softmax: the scores, the probabilities, the safe softmax's copy of them and its
+      boolean mask: 3.25 a B L K;
+    * the second matmul: the probabilities, the values' copy when g = a (a d BK), the output
+      a d BL (and its cast back to the model's dtype).
+
+    At decode (L = 1 per row, or the speculative drafts) the keys and values dominate: the
+    teacher of the 1.7B recipe at 32 rows x 8192 keys holds about 7 GiB per layer, the
+    student's evaluation at 64 x 9216 about 9 GiB. A kernel that reads the cache in the model's
+    dtype without repeating it (flash-attention with a KV cache, the decoding-speed issue) keeps
+    only its output and per-row statistics: this term then shrinks to almost nothing."""
+    a, g, d = _heads(spec, layout.tp)
+    e = layout.dtype_bytes
+    upcast = e != 4
+    strided = g == a  # no repeat_interleave: the matmuls copy the cache's strided views
+    held = (upcast * (a * d * queries + 2 * g * d * keys) + a * d * queries
+            + (0 if strided else 2 * a * d * keys) + scores)
+    first = a * d * keys * (2 if strided else 1) + a * scores
+    softmax = 3 * a * scores + a * scores / 4
+    second = a * scores + (a * d * keys if strided else 0) + a * d * queries * (1 + e / 4 * upcast)
+    return int(4 * (held + max(first, softmax, second)))
+
+
+def decode_attention_bytes(spec: ModelSpec, layout: Layout, slots: int, keys: int,
+                           queries_per_row: int, prefill_tokens: int,
+                           prompt: int) -> tuple[int, int]:
+    """:func:`attention_temporary_bytes` (at a decode step, at the largest prefill chunk). A
+    decode step: ``slots`` rows of ``queries_per_row`` positions each over ``keys`` keys. A
+    prefill chunk: at most ``prefill_tokens`` (``rollout.prefill_chunk_tokens``) positions of
+    prompts of at most ``prompt`` tokens (``data.max_prompt_length``), each row reading at most
+    ``prompt`` keys: BL = min(T, slots P), BK = min(slots P, max(T, P)), BLK = BL P."""
+    decode = attention_temporary_bytes(spec, layout, slots * queries_per_row, slots * keys,
+                                       slots * queries_per_row * keys)
+    fed = min(prefill_tokens, slots * prompt)
+    prefill = attention_temporary_bytes(spec, layout, fed,
+                                        min(slots * prompt, max(prefill_tokens, prompt)),
+                                        fed * prompt)
+    return decode, prefill
+
+
+def fp8_linear_parameters(spec: ModelSpec, layout: Layout, model: ModelConfig) -> int:
+    """Parameters of the linear layers this rank runs in FP8 on the pipeline stage with the most
+    of them: each layer's 2-D weights (QKV, the attention projection, fc1, fc2) over TP, for
+    the layers not kept in bf16 (``model.fp8_first_last_layers_bf16``). The embedding and the
+    output layer do not run in FP8."""
+    tp, pp, n = layout.tp, layout.pp, spec.num_layers
+    prefix = _L.format(0)
+    per_layer = sum(math.prod(shape) // tp
+                    for name, shape in hf_shapes(dataclasses.replace(spec, num_layers=1)).items()
+                    if name.startswith(prefix) and len(shape) == 2)
+    first, last = ((model.fp8_layers_at_start_in_bf16, model.fp8_layers_at_end_in_bf16)
+                   if model.fp8_first_last_layers_bf16 else (0, 0))
+    per_stage = -(-n // pp)
+    fp8_layers = max(sum(1 for j in range(i * per_stage, min(n, (i + 1) * per_stage))
+                         if first <= j < n - last) for i in range(pp))
+    return fp8_layers * per_layer
+
+
+def fp8_cache_bytes(spec: ModelSpec | None, layout: Layout, model: ModelConfig) -> int:
+    """Transformer Engine's FP8 weight caches of one network on this rank: FP8_CACHE_BYTES (the
+    FP8 copy and its transpose) x :func:`fp8_linear_parameters`; 0 without FP8 (``model`` is
+    the network's own config: the teacher's is ``model.for_teacher()``, FP8 only with
+    ``teacher_precision=fp8``). TE builds them at the network's first forward under FP8 and
+    keeps them as module attributes, not parameters or buffers: they stay on the GPU in every
+    phase, also while :mod:`trb_nemo.train.offload` has the weights in host memory."""
+    if spec is None or model.fp8 is None or model.transformer_impl != "transformer_engine":
+        return 0
+    return FP8_CACHE_BYTES * fp8_linear_parameters(spec, layout, model)
+
+
+def evaluation_record_bytes(sequences: int, positions: int) -> int:
+    """What pass@1's decoding of one set keeps on the GPU until the set is scored
+    (:class:`~trb_nemo.rollout.decoder.Decoder`, :func:`~trb_nemo.eval.pass_at_1.evaluate`),
+    for all ``sequences`` n of the set on this rank at once, over S = ``positions`` (the
+    longest prompt + the new tokens): tokens [n, S] int64 (8 B), records [n, S, 5] fp32 (20 B),
+    top-k ids [n, S, K] int64 with K = EVAL_TOPK (8 B) and the loss mask [n, S] bool (1 B):
+    n S 37 bytes. The paper's sets at DP = 4 (n = 8000-10816, S = 9216): 2.5-3.4 GiB."""
+    return sequences * positions * (8 + 4 * RECORD_FIELDS + 8 * EVAL_TOPK + 1)
+
+
+def evaluation_set_problems(cfg: TrainConfig) -> list[tuple[str, int | None, str]]:
+    """(name, problems, how they were counted) of each evaluation set (as
+    :func:`~trb_nemo.data.prompts.build_eval_sets` reads them, counting rows only): a file's
+    rows (at most ``eval.num_problems`` when it is > 0); a file not on this machine is planned at
+    ``eval.num_problems`` when > 0, else at :data:`PAPER_SET_PROBLEMS` of its name, else not
+    at all (None)."""
+    from trb_nemo.data.files import count_rows
+    from trb_nemo.data.prompts import eval_entries, held_out
+
+    e = cfg.eval
+    if e.source is None:  # the held-out part of data.source
+        n = None if cfg.data.source == "toy_math" else count_rows(cfg.data.source)
+        if n is None:
+            return [("held-out", e.num_problems, "" if cfg.data.source == "toy_math" else
+                     "data.source not here: at most eval.num_problems")]
+        return [("held-out", held_out(n, e.num_problems), "")]
+    out: list[tuple[str, int | None, str]] = []
+    for name, path in eval_entries(cfg):
+        n = e.num_problems if path == "toy_math" else count_rows(path)
+        if n is not None:
+            out.append((name, min(n, e.num_problems) if e.num_problems else n, ""))
+        elif e.num_problems:
+            out.append((name, e.num_problems, "file not here: at most eval.num_problems"))
+        elif name in PAPER_SET_PROBLEMS:
+            out.append((name, PAPER_SET_PROBLEMS[name], "file not here: the recipe's set size"))
+        else:
+            out.append((name, None, "file not here: not counted"))
+    return out
+
+
+def nccl_communicators(layout: Layout) -> int:
+    """NCCL communicators one rank may hold: one per NCCL process group of more than one rank
+    it belongs to. Megatron-Core 0.19's ``initialize_model_parallel`` (no context or expert
+    parallelism in use) puts each rank in TP, PP, DP, DP with CP (the same ranks as DP, a group
+    of its own: the gradient reduce), MP (TP x PP), TP x CP (= TP), TP x DP and TP x DP with
+    CP, the distributed optimizer's instance (the world) and, under PP, the embedding group
+    (first and last stage); to which torch adds its default group (the world) and, under PP,
+    one 2-rank communicator per neighbour stage for the decoder's send/recv (1 on an end stage,
+    2 in the middle). Not counted: groups of one rank, Megatron's expert groups (torch creates a
+    communicator at a group's first collective, and a dense model runs none there) and the
+    gloo side groups (Megatron's ``*_GLOO``, the barrier after uneven phases). Groups that
+    never run a collective cost nothing either, so the count is an upper bound.
+
+    >>> nccl_communicators(Layout(2, 1, 4, 2, True, True))  # the 1.7B recipe: TP=2 DP=4
+    9
+    """
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    world = tp * pp * dp
+    groups = [tp, pp, dp, dp, tp * pp, tp, tp * dp, tp * dp, world, 2 if pp > 1 else 1, world]
+    return sum(size > 1 for size in groups) + min(2, pp - 1)
+
+
+def runtime_reserve(cfg: TrainConfig, layout: Layout) -> Term:
+    """What the terms do not count, per GPU and phase, on CUDA (none on gloo):
+    max(RESERVE_FLOOR, RESERVE_BASE + RESERVE_PER_COMMUNICATOR x :func:`nccl_communicators`);
+    2 GiB + 9 x 0.5 GiB = 6.5 GiB for the 1.7B recipe (TP=2 DP=4)."""
+    if cfg.parallel.backend == "gloo":
+        return Term("CUDA context, NCCL, allocator slack", 0)
+    n = nccl_communicators(layout)
+    return Term("CUDA context, NCCL, allocator slack",
+                max(RESERVE_FLOOR, RESERVE_BASE + n * RESERVE_PER_COMMUNICATOR),
+                f"{RESERVE_BASE / GIB:g} GiB + {n} NCCL communicators x "
+                f"{RESERVE_PER_COMMUNICATOR / GIB:g} GiB, at least {RESERVE_FLOOR / GIB:g} GiB")
+
+
+def gpu_capacity(limit_gb: float | None) -> tuple[float, str]:
+    """(GiB a phase must fit, where the figure comes from): ``limit_gb``
+    (``parallel.gpu_memory_gb``) when set; else, where torch is already imported and sees a
+    GPU, that GPU's total memory (the total of ``torch.cuda.mem_get_info()``, read from the
+    device's properties, which creates no CUDA context: the pre-flight runs in every rank
+    before it picks its device); else :data:`H100_GIB`."""
+    if limit_gb is not None:
+        return float(limit_gb), "parallel.gpu_memory_gb"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return props.total_memory / GIB, f"{props.name}; parallel.gpu_memory_gb overrides"
+    return H100_GIB, "no GPU visible: an H100 80GB; parallel.gpu_memory_gb overrides"
+
+
 @dataclass(frozen=True)
 class _Inputs:
     """What the phases of one plan share: the config, the layout, the step's shapes and the
@@ -206,6 +427,8 @@ class _Inputs:
     grads: Term
     optimizer: Term
     teacher_weights: Term
+    fp8_caches: tuple[Term, ...]
+    """Transformer Engine's FP8 weight caches of the student and the teacher: every phase."""
     prefill: Term
     full_logits: bool
     """The loss needs the teacher's full logits (loss.kind=full, Veto)."""
@@ -250,10 +473,32 @@ def _inputs(cfg: TrainConfig, world_size: int) -> _Inputs:
         optimizer=Term("optimizer (main weights, Adam)", optimizer_bytes),
         teacher_weights=Term("teacher weights", stage_parameters(teacher, layout) * e
                              if teacher is not None else 0),
+        fp8_caches=(_fp8_term("student", student, layout, cfg.model),
+                    _fp8_term("teacher", teacher, layout, cfg.model.for_teacher())),
         prefill=Term("prefill working set",
                      _working_set(student, layout, ro.prefill_chunk_tokens)),
         full_logits=full_logits,
         streamed=full_logits and layout.pp == 1 and teacher is not None)
+
+
+def _fp8_term(which: str, spec: ModelSpec | None, layout: Layout, model: ModelConfig) -> Term:
+    n = fp8_cache_bytes(spec, layout, model)
+    return Term(f"{which} FP8 weight caches", n,
+                f"{FP8_CACHE_BYTES} B x {n // FP8_CACHE_BYTES:,} FP8 linear parameters" if n else "")
+
+
+def _attention_term(nets: list[ModelSpec], layout: Layout, slots: int, keys: int,
+                    queries_per_row: int, cfg: TrainConfig) -> Term:
+    """:func:`decode_attention_bytes` of the network and the step that need most (the networks
+    run one after the other, a layer at a time)."""
+    decode, prefill = (max(x) for x in zip(*(
+        decode_attention_bytes(spec, layout, slots, keys, queries_per_row,
+                               cfg.rollout.prefill_chunk_tokens, cfg.data.max_prompt_length)
+        for spec in nets), strict=True))
+    what = (f"decode step, {slots} rows x {keys} keys" if decode >= prefill else
+            f"prefill chunk of {min(cfg.rollout.prefill_chunk_tokens, slots * cfg.data.max_prompt_length)} positions")
+    return Term("attention temporaries", max(decode, prefill),
+                f"one layer's SDPA math kernel, fp32: {what}")
 
 
 def _rollout_phase(p: _Inputs) -> list[Term]:
@@ -274,8 +519,11 @@ def _rollout_phase(p: _Inputs) -> list[Term]:
         terms += [p.grads, p.optimizer]
     # the returned rollout: tokens, records (5 fp32), top-k ids (int64) and teacher log-probs
     records = Term("rollout records", p.sequences * seq * (8 + 5 * 4 + k * (8 + 4)))
-    return terms + [p.teacher_weights, Term("KV caches", caches),
-                    Term("decode logits", decode_logits), p.prefill, records]
+    nets = [student, teacher] if lockstep else [student]
+    attention = _attention_term(nets, layout, slots, seq + ro.draft_tokens, 1 + ro.draft_tokens,
+                                cfg)
+    return terms + [p.teacher_weights, *p.fp8_caches, Term("KV caches", caches),
+                    Term("decode logits", decode_logits), p.prefill, attention, records]
 
 
 def _scoring_phase(p: _Inputs) -> list[Term] | None:
@@ -288,7 +536,7 @@ def _scoring_phase(p: _Inputs) -> list[Term] | None:
     t_shard = padded_vocab_size(teacher.vocab_size, layout.tp) // layout.tp
     working = _working_set(teacher, layout, b * seq)
     state = () if cfg.optim.offload_during_rollout else (p.grads, p.optimizer)  # on the host
-    return [p.student_weights, *state, p.teacher_weights,
+    return [p.student_weights, *state, p.teacher_weights, *p.fp8_caches,
             Term("teacher activations (one microbatch)", working),
             Term("teacher logits and the loss buffer", 2 * b * seq * t_shard * layout.dtype_bytes),
             p.targets]
@@ -304,7 +552,7 @@ def _training_phase(p: _Inputs) -> list[Term]:
     terms = [p.student_weights, p.grads, p.optimizer]
     if p.streamed or not cfg.model.offload_teacher_during_training:
         terms.append(p.teacher_weights)
-    terms += [Term("activations", acts),
+    terms += [*p.fp8_caches, Term("activations", acts),
               Term("logits, their gradient and the loss buffer", 3 * logits)]
     if p.streamed:  # PP = 1: each microbatch's teacher logits computed inside the step
         working = _working_set(cfg.model.teacher, layout, b * seq)
@@ -316,14 +564,17 @@ def _training_phase(p: _Inputs) -> list[Term]:
 
 
 def _evaluation_phase(p: _Inputs) -> list[Term]:
-    """The student decodes alone at the evaluation budget."""
+    """The student decodes alone at the evaluation budget; the largest set's outputs stay on the
+    GPU until it is scored (:func:`evaluation_record_bytes`)."""
     cfg, layout = p.cfg, p.layout
     ev, ro = cfg.eval, cfg.rollout
     eval_slots = ev.max_sequences_in_flight or ro.max_sequences_in_flight
-    if ev.num_problems:  # else every problem of the files: the budget bounds it
-        eval_rows = -(-ev.num_problems // layout.dp) * max(
-            [ev.num_samples, *ev.samples_per_set.values()])
-        eval_slots = min(eval_slots, eval_rows)
+    counted = evaluation_set_problems(cfg)
+    sets = [(name, -(-problems // layout.dp) * ev.samples_of(name), note)
+            for name, problems, note in counted if problems is not None]
+    largest = max(sets, key=lambda s: s[1], default=None)
+    if largest is not None and len(sets) == len(counted):  # else the budget bounds the cache
+        eval_slots = min(eval_slots, largest[1])
     eval_seq = cfg.data.max_prompt_length + (ev.max_new_tokens or ro.max_new_tokens)
     terms = [p.student_weights]
     if not cfg.optim.offload_during_rollout:
@@ -331,16 +582,22 @@ def _evaluation_phase(p: _Inputs) -> list[Term]:
     if not cfg.model.offload_teacher_during_training:  # else still on the host from training
         terms.append(p.teacher_weights)
     kv = kv_cache_bytes(cfg.model.student, layout, eval_slots, eval_seq)
-    return terms + [Term("KV cache", kv),
-                    Term("decode logits", eval_slots * p.vocab_shard * 4 * 2), p.prefill]
+    terms += [*p.fp8_caches, Term("KV cache", kv),
+              Term("decode logits", eval_slots * p.vocab_shard * 4 * 2), p.prefill,
+              _attention_term([cfg.model.student], layout, eval_slots, eval_seq, 1, cfg)]
+    if largest is not None:
+        name, n, note = largest
+        terms.append(Term("evaluation records", evaluation_record_bytes(n, eval_seq),
+                          f"largest set {name}: {n:,} sequences x {eval_seq} positions"
+                          + (f" ({note})" if note else "")))
+    return terms
 
 
 def plan_memory(cfg: TrainConfig, world_size: int) -> list[Phase]:
     """The phases of ``cfg`` on ``world_size`` ranks (module docstring); ``cfg``'s models
     resolved (inline shapes, config.json or checkpoint metadata)."""
     p = _inputs(cfg, world_size)
-    reserve = [Term("CUDA context, NCCL, allocator slack",
-                    RUNTIME_RESERVE if cfg.parallel.backend != "gloo" else 0)]
+    reserve = [runtime_reserve(cfg, p.layout)]
     scoring = _scoring_phase(p)
     phases = [("rollout", _rollout_phase(p))]
     if scoring is not None:
@@ -364,23 +621,26 @@ FIXES = {
 """What most often brings a phase under the limit, per phase (named in the refusal)."""
 
 
-def format_plan(phases: list[Phase], limit_gb: float, layout: Layout) -> str:
-    """The table ``trb-nemo plan`` prints."""
+def format_plan(phases: list[Phase], limit_gb: float | None, layout: Layout) -> str:
+    """The table ``trb-nemo plan`` prints; ``limit_gb`` None: :func:`gpu_capacity`."""
+    limit_gb, source = gpu_capacity(limit_gb)
     lines = [f"per-GPU memory plan: TP={layout.tp} PP={layout.pp} DP={layout.dp}, "
-             f"{'bf16' if layout.dtype_bytes == 2 else 'fp32'}, limit {limit_gb:g} GiB "
-             "(parallel.gpu_memory_gb)"]
+             f"{'bf16' if layout.dtype_bytes == 2 else 'fp32'}, limit {limit_gb:.4g} GiB "
+             f"({source})"]
     for phase in phases:
         ok = "ok" if phase.total <= limit_gb * GIB else "OVER"
         lines.append(f"{phase.name:<10} {phase.total / GIB:8.2f} GiB  {ok:<4}  dominant: "
                      f"{phase.dominant.name} ({phase.dominant.bytes / GIB:.2f} GiB)")
         for t in phase.terms:
-            lines.append(f"    {t.name:<46} {t.bytes / GIB:8.3f} GiB")
+            lines.append(f"    {t.name:<46} {t.bytes / GIB:8.3f} GiB"
+                         + (f"  ({t.detail})" if t.detail else ""))
     return "\n".join(lines)
 
 
-def check_fits(phases: list[Phase], limit_gb: float) -> None:
-    """ConfigError naming every phase over ``limit_gb`` (the largest first) and the overrides
-    most likely to fix the largest."""
+def check_fits(phases: list[Phase], limit_gb: float | None) -> None:
+    """ConfigError naming every phase over ``limit_gb`` (None: :func:`gpu_capacity`; the
+    largest first) and the overrides most likely to fix the largest."""
+    limit_gb = gpu_capacity(limit_gb)[0]
     over = sorted((p for p in phases if p.total > limit_gb * GIB), key=lambda p: -p.total)
     if not over:
         return
@@ -388,7 +648,7 @@ def check_fits(phases: list[Phase], limit_gb: float) -> None:
     also = "".join(f"; {p.name} {p.total / GIB:.1f} GiB" for p in over[1:])
     raise ConfigError("parallel.gpu_memory_gb", f"the {worst.name} phase needs "
                       f"{worst.total / GIB:.1f} GiB per GPU (mostly {worst.dominant.name}: "
-                      f"{worst.dominant.bytes / GIB:.1f} GiB), over {limit_gb:g} GiB{also}; "
+                      f"{worst.dominant.bytes / GIB:.1f} GiB), over {limit_gb:.4g} GiB{also}; "
                       f"{FIXES[_fix_of(worst)]} (see `trb-nemo plan`)")
 
 

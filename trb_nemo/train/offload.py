@@ -8,9 +8,15 @@ student's optimizer state and gradient buffers are idle while it decodes
 stages of :meth:`~trb_nemo.train.trainer.Trainer.step`).
 
 The mechanism works on storages: each distinct storage behind the given tensors is copied byte
-for byte to host memory (pinned on CUDA) and resized to 0 bytes, which frees it (on CUDA the
-caching allocator's blocks are handed back with ``empty_cache``); restoring resizes it and
-copies the bytes back. Every tensor that views the storage (a parameter's ``main_grad`` in the
+for byte to host memory and resized to 0 bytes, which frees it (on CUDA the caching allocator's
+blocks are handed back with ``empty_cache``); restoring resizes it and copies the bytes back.
+The host memory of a set is one flat buffer (:class:`HostBuffer`), each storage at its own
+aligned offset, allocated at the set's first offload and reused at every later one (again only
+if the set outgrew it: the student's Adam moments appear at its first optimizer step). On CUDA
+the buffer is page-locked with ``cudaHostRegister`` at exactly its size, so the copies are
+asynchronous DMA; pinned tensors from torch's caching host allocator would each be rounded up to
+a power of two and never returned to the system (15-25 GB locked per rank for the teacher and
+the optimizer state). Every tensor that views the storage (a parameter's ``main_grad`` in the
 DDP gradient buffer, the distributed optimizer's shards, tied weights) stays the same Python
 object with the same shape, and holds the same bits again after the restore: the round trip is
 exact. While a storage is offloaded its tensors must not be read (torch does not check: on CPU
@@ -29,15 +35,61 @@ told not to). One storage-level mechanism covers the optimizer, the gradients an
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
+
+HOST_ALIGNMENT = 512
+"""Byte alignment of each storage's place in a :class:`HostBuffer` (DMA-friendly; the waste is
+under 512 bytes per storage)."""
 
 
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     """A uint8 tensor over the whole storage (no copy)."""
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(
         storage, 0, (storage.nbytes(),), (1,))
+
+
+def _offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Each size's offset in a buffer holding them in order, every offset a multiple of
+    HOST_ALIGNMENT, and the buffer's size."""
+    offsets, end = [], 0
+    for n in sizes:
+        offsets.append(end)
+        end += -(-n // HOST_ALIGNMENT) * HOST_ALIGNMENT
+    return offsets, end
+
+
+class HostBuffer:
+    """One flat uint8 host tensor of ``nbytes``, page-locked when ``pin`` (CUDA) with
+    ``cudaHostRegister`` of exactly its size (unregistered when this object goes), plain host
+    memory otherwise. Falls back to pageable memory, with one warning, where the system refuses
+    to lock that much (``ulimit -l``): the copies then run synchronously, still exact."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+        self.pinned = False
+        if pin and nbytes:
+            cudart = torch.cuda.cudart()
+            err = cudart.cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)  # 0: default flags
+            self.pinned = err == cudart.cudaError.success
+            if not self.pinned:
+                warnings.warn(f"trb_nemo: cannot page-lock {nbytes / 2**30:.1f} GiB of host "
+                              f"memory for offloading ({err}); using pageable memory (slower "
+                              "copies; raise the locked-memory limit, ulimit -l)", stacklevel=3)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel()
+
+    def __del__(self):
+        if getattr(self, "pinned", False):  # before the memory itself is freed
+            self.pinned = False
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
+                pass
 
 
 class HostOffload:
@@ -47,10 +99,12 @@ class HostOffload:
     that is not behind one of ``keep`` and is not empty; ``restore()`` brings them back. Both are
     idempotent and no-ops when disabled. No collectives; on CUDA one stream synchronization
     each (the copies are issued non-blocking on the current stream and waited for before a
-    storage is freed or used). Host copies are pinned on CUDA; the pinned blocks are reused
-    from torch's host caching allocator from one step to the next. On a CPU-only machine the
-    host is the same memory: the storages are still copied, released and restored, so the
-    mechanism runs (and is tested) there as on a GPU.
+    storage is freed or used). The host side is one :class:`HostBuffer` per set (``buffer``),
+    allocated at the first offload, sized to the set's bytes with each storage aligned, kept
+    while the set is resident and reused by the next offload (``allocations`` counts how many
+    were made: a new one only when the set outgrew the last). Pinned on CUDA; on a CPU-only
+    machine the host is the same memory: the buffer is plain, and the storages are still
+    copied, released and restored, so the mechanism runs (and is tested) there as on a GPU.
     """
 
     def __init__(self, what: str, key: str, enabled: bool = True):
@@ -61,6 +115,18 @@ class HostOffload:
         self.enabled = enabled
         self._parked: list[tuple[torch.UntypedStorage, torch.Tensor]] = []
         self.offloaded = False
+        self.buffer: HostBuffer | None = None
+        """The set's host memory (None before the first offload)."""
+        self.allocations = 0
+
+    def _buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
+        """The host buffer, of at least ``nbytes``: the one allocated before when it is large
+        enough (and pinned as asked), else a new one (the old one freed first)."""
+        if self.buffer is None or self.buffer.nbytes < nbytes:
+            self.buffer = None  # freed (and unregistered) before the next one is made
+            self.buffer = HostBuffer(nbytes, pin)
+            self.allocations += 1
+        return self.buffer.tensor
 
     @torch.no_grad()
     def offload(self, tensors: Iterable[torch.Tensor], keep: Iterable[torch.Tensor] = ()) -> None:
@@ -72,14 +138,15 @@ class HostOffload:
             s = t.untyped_storage()
             if s.nbytes() > 0 and s.data_ptr() not in kept:
                 storages.setdefault(s.data_ptr(), s)
-        cuda = False
-        for s in storages.values():
+        parked = list(storages.values())
+        cuda = any(s.device.type == "cuda" for s in parked)
+        offsets, total = _offsets([s.nbytes() for s in parked])
+        host = self._buffer(total, pin=cuda)
+        for s, at in zip(parked, offsets, strict=True):
             src = _bytes_of(s)
-            cuda |= src.is_cuda
-            host = torch.empty(src.numel(), dtype=torch.uint8, device="cpu",
-                               pin_memory=src.is_cuda)
-            host.copy_(src, non_blocking=src.is_cuda)
-            self._parked.append((s, host))
+            dst = host[at: at + src.numel()]
+            dst.copy_(src, non_blocking=src.is_cuda)
+            self._parked.append((s, dst))
         if cuda:
             torch.cuda.current_stream().synchronize()  # the bytes are on the host before the free
         for s, _ in self._parked:
@@ -99,7 +166,7 @@ class HostOffload:
             cuda |= dst.is_cuda
             dst.copy_(host, non_blocking=dst.is_cuda)
         if cuda:
-            torch.cuda.current_stream().synchronize()  # in place before use; host copies freed
+            torch.cuda.current_stream().synchronize()  # in place before the buffer is reused
         self._parked = []
         self.offloaded = False
 
