@@ -40,7 +40,8 @@ def test_dry_run_renders_directives_and_srun_line(tmp_path):
     out = _launch("launcher.nodes=4", "launcher.gpus_per_node=8", "launcher.partition=batch",
                   "launcher.account=proj", "launcher.container_image=nvcr.io/org/trb:1",
                   "launcher.container_mounts=[/data:/data]", "launcher.env_passthrough=[HF_TOKEN]",
-                  "model=qwen3_8b_to_1.7b", "parallel=gpu_tp2", f"logging.output_dir={tmp_path}",
+                  "model=qwen3_8b_to_1.7b", "parallel=gpu_tp2", "data.source=toy_math",
+                  f"logging.output_dir={tmp_path}",
                   dry_run=True,
                   env={"HF_TOKEN": secret})
     assert out.returncode == 0, out.stderr

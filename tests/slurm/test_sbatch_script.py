@@ -22,7 +22,7 @@ from trb_nemo.cli import main
 from trb_nemo.commands import slurm
 from trb_nemo.train.run_dir import STOP_MARKER
 
-GPU = ["model=qwen3_8b_to_1.7b", "parallel=gpu_tp2"]
+GPU = ["model=qwen3_8b_to_1.7b", "parallel=gpu_tp2", "data.source=toy_math"]
 CPU = ["launcher.gpus_per_node=0", "launcher.tasks_per_node=1", "launcher.nodes=2"]
 
 # srun: a stub that runs `bash -c` steps (the workdir check) and, for the trainer, records its
@@ -256,7 +256,7 @@ def test_dry_run_writes_every_file_it_names(capsys, monkeypatch, tmp_path):
     named = {Path(p) for p in re.findall(r"(/[^\s'\")]+)", out)
              if p.startswith(str(tmp_path)) and "%" not in p}  # %x-%j: logs Slurm will name
     written = {Path(p) for p in re.findall(r"^#   (\S+)$", out, flags=re.M)}
-    run_dir = tmp_path / "out" / "trb-toy"
+    run_dir = tmp_path / "out" / "trb-qwen3-1.7b-base-from-qwen3-8b"  # the default run name
     assert written == {run_dir / "slurm" / "run.sbatch", run_dir / "slurm" / "run.config.yaml"}
     assert written <= named and all(p.exists() for p in named), sorted(named)
     script = (run_dir / "slurm" / "run.sbatch").read_text()
@@ -268,7 +268,7 @@ def test_dry_run_shows_afterok_chaining_that_submit_runs(capsys, monkeypatch, tm
     rc, out, err = _dry_run(capsys, monkeypatch, tmp_path, *CPU, "launcher.stages=chained",
                             "parallel=cpu_tp2", "launcher.env_passthrough=[HF_TOKEN]")
     assert rc == 0, err
-    slurm_dir = tmp_path / "out" / "trb-toy" / "slurm"
+    slurm_dir = tmp_path / "out" / "trb-toy-student-from-toy-teacher" / "slurm"
     block = out[out.index("# To submit"):]
     assert f"WARMUP_JOB_ID=$(sbatch --parsable {slurm_dir}/warmup.sbatch)" in block
     assert (f'OPD_JOB_ID=$(sbatch --parsable "--dependency=afterok:$WARMUP_JOB_ID" '

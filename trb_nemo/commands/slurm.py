@@ -281,7 +281,7 @@ ARGS=(
 
 # The warning signal (USR1) goes to every rank: finish the step, checkpoint, exit.
 PID=""
-# shellcheck disable=SC2329  # invoked by the trap
+# shellcheck disable=SC2317,SC2329  # invoked by the trap (SC2317 before shellcheck 0.10)
 forward() {{
     echo "trb-nemo: warning signal, asking the ranks to checkpoint"
     if [ -n "$PID" ]; then kill -USR1 "$PID" 2>/dev/null || true; fi
