@@ -60,7 +60,8 @@ def test_one_command_runs_sft_then_opd_from_its_weights(tmp_path):
     done = subprocess.run([str(exe), "train", *SMALL, f"logging.output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    stage, opd = tmp_path / "trb-toy-sft", tmp_path / "trb-toy"
+    opd = tmp_path / "sft_warmup-toy-student-from-toy-teacher"  # the default run name
+    stage = opd.with_name(opd.name + "-sft")
     stage_rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in stage_rows if "train/loss" in r]
     assert [r["step"] for r in updates] == [0, 1, 2]  # S updates
