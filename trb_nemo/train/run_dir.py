@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trb_nemo.config.schema import ConfigError, TrainConfig
-from trb_nemo.models.folders import CHECKPOINTS, MODEL_META, STEP_FOLDER
+from trb_nemo.models.folders import CHECKPOINTS, STEP_FOLDER
 
 CONFIG_FILE = "config.yaml"
 CONFIG_CHANGES = "config_changes.jsonl"
@@ -108,24 +108,18 @@ class RunFolder:
         os.environ[RESUME_ENV] = json.dumps({"dir": str(self.checkpoints.resolve()),
                                              "folder": folder.name if folder else None})
 
-    def recorded_resume_choice(self) -> tuple[bool, Path | None]:
-        """(found, folder): the pre-flight's choice for this checkpoint folder, if this process
-        tree has one."""
-        return recorded_resume_choice(self.checkpoints)
-
     def started(self, text: str, resumed_from: Path | None) -> None:
         """The run has started (its checkpoint, if any, loaded): record it on disk (global rank
         0). Changed run-defining settings of a resume (which the pre-flight allowed) are
         appended to ``config_changes.jsonl``, then ``config.yaml`` is written
         (:meth:`save_config`). Nothing is written before this, so a start that fails or is
         refused leaves the folder as it was."""
+        step = int(STEP_FOLDER.fullmatch(resumed_from.name).group(1)) if resumed_from else 0
         if resumed_from is not None:
             diffs = saved_config_differences(resumed_from, text)
             if diffs:
-                meta = read_meta_step(resumed_from)
-                self.record_config_change({"step": meta, "checkpoint": resumed_from.name,
+                self.record_config_change({"step": step, "checkpoint": resumed_from.name,
                                            "changes": {k: [a, b] for k, a, b in diffs}})
-        step = int(STEP_FOLDER.fullmatch(resumed_from.name).group(1)) if resumed_from else 0
         self.save_config(text, step)
 
     def save_config(self, text: str, start_step: int = 0) -> None:
@@ -344,8 +338,3 @@ def listed(diffs: list[tuple[str, object, object]]) -> str:
     if len(diffs) > _SHOWN:
         text += f" (and {len(diffs) - _SHOWN} more)"
     return text
-
-
-def read_meta_step(folder: Path):
-    """The step a checkpoint folder's metadata records (None when it records none)."""
-    return json.loads((folder / MODEL_META).read_text()).get("step")
