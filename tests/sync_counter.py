@@ -17,6 +17,8 @@ the op that would be one on a GPU:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,7 +41,9 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
-        if name in _SYNC_OPS:
+        if not self.counter.counting:
+            pass
+        elif name in _SYNC_OPS:
             self.counter.events.append(name)
         elif name in _INDEXING and _bool_index(args):
             self.counter.events.append(f"{name}[bool mask]")
@@ -61,7 +65,9 @@ class _Function(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.tolist:
+        if not self.counter.counting:
+            pass
+        elif func is torch.Tensor.tolist:
             self.counter.events.append("tolist")
         elif func in (torch.tensor, torch.as_tensor) and args and _python_data(args[0]):
             self.counter.events.append(f"{func.__name__}(python data)")
@@ -74,7 +80,16 @@ class SyncCounter:
 
     def __init__(self):
         self.events: list[str] = []
+        self.counting = True
         self._modes = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        was, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = was
 
     def __len__(self) -> int:
         return len(self.events)

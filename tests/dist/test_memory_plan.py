@@ -6,9 +6,10 @@ gradient buffers, the optimizer's state after a real step (Adam moments; fp32 ma
 the KV caches the decoder allocates at the budget, the activations a training forward saves
 for backward (every tensor autograd packs, by storage, parameters excluded), the logits, the
 evaluation's records (what pass@1's decoding of a set returns: tokens, records, top-1 ids, the
-loss mask) and the decode path's attention temporaries (the peak of each SDPA call, by torch's
-memory profiler, in the math kernel CUDA runs for a masked grouped-query attention: the
-prefill of the budget's prompts and a decode step over the longest keys, the larger one).
+loss mask) and the decode path's attention temporaries (the peak of each attention call, by
+torch's memory profiler: grouped-query heads folded into the query length, the fused SDPA
+kernel with the causal mask, the output's layout): the prefill of the budget's prompts and a decode step
+over the longest keys, the larger one).
 Within 15% each, and for the training phase's sum of counted terms. Configs: the toy at TP=2
 and a Qwen3-0.6B-shaped student (2 layers, the full 151936 vocabulary) at TP=1.
 
@@ -94,21 +95,19 @@ def _peak_bytes(prof) -> int:
     return peak
 
 
-class SdpaPeaks:
-    """Within the block, each SDPA call of the decode path runs in the math kernel under torch's
-    memory profiler; ``peaks`` the peak bytes of each call made while ``on``."""
+class AttentionPeaks:
+    """Within the block, each attention call of the decode path
+    (``trb_nemo.models.cached_attention.attend``: the folding of the query heads, the mask, the
+    kernel, the output's layout) runs under torch's memory profiler; ``peaks`` the peak bytes of
+    each call made while ``on``."""
 
     def __init__(self):
         self.peaks, self.on = [], False
 
     def __enter__(self):
-        import types
-
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         import trb_nemo.models.cached_attention as cached
 
-        real = torch.nn.functional.scaled_dot_product_attention
+        real = cached.attend
 
         def measured(*args, **kwargs):
             if not self.on:
@@ -116,17 +115,16 @@ class SdpaPeaks:
             activities = [torch.profiler.ProfilerActivity.CPU]
             with torch.profiler.profile(activities=activities, profile_memory=True,
                                         record_shapes=True, with_stack=True) as prof:
-                with sdpa_kernel(SDPBackend.MATH):
-                    result = real(*args, **kwargs)
+                result = real(*args, **kwargs)
             self.peaks.append(_peak_bytes(prof))
             return result
 
-        self.module, self.original = cached, cached.F
-        cached.F = types.SimpleNamespace(scaled_dot_product_attention=measured)
+        self.module, self.original = cached, real
+        cached.attend = measured
         return self
 
     def __exit__(self, *exc):
-        self.module.F = self.original
+        self.module.attend = self.original
 
 
 def measure(cfg: TrainConfig) -> dict:
@@ -170,7 +168,7 @@ def measure(cfg: TrainConfig) -> dict:
     lockstep = policy_for(0, cfg.rollout, cfg.trb).needs_teacher()
     gen = torch.Generator().manual_seed(0)
     vocab_size = cfg.model.student.vocab_size
-    with torch.no_grad(), SdpaPeaks() as sdpa:
+    with torch.no_grad(), AttentionPeaks() as sdpa:
         for m in [student, teacher] if lockstep else [student]:
             m.eval()
             cache = SequenceCache(m, slots, seq, pg)

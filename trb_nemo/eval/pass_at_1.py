@@ -89,7 +89,8 @@ def _count_correct(student, s: EvalSet, cfg: TrainConfig, vocab: SharedVocab, st
                       topk_k=1,
                       max_in_flight=cfg.eval.max_sequences_in_flight
                       or cfg.rollout.max_sequences_in_flight,
-                      prefill_tokens=cfg.rollout.prefill_chunk_tokens),
+                      prefill_tokens=cfg.rollout.prefill_chunk_tokens,
+                      cuda_graphs=cfg.rollout.cuda_graphs),
                   vocab=vocab, generator=torch.Generator().manual_seed(seed), pg=pg,
                   interrupt=interrupt)
     for i in range(len(prompts)):

@@ -50,8 +50,10 @@ Terms of the decoding phases and of the machine (their arithmetic in the functio
   parameter, from the first forward on and in every phase (offloading a network moves its
   parameters, not these caches).
 * ``attention temporaries`` (:func:`attention_temporary_bytes`): the decode path's attention
-  (torch's SDPA with a boolean mask and grouped-query heads: the math kernel, fp32) over one
-  layer at the decoding budget's longest keys or over a prefill chunk.
+  (grouped-query heads folded into the query length, a fused SDPA kernel with the causal mask)
+  over one layer at the decoding budget's longest keys or over a prefill chunk.
+* ``CUDA graphs`` (:func:`cuda_graph_bytes`, ``rollout.cuda_graphs`` on a GPU): the captured
+  decode steps' memory pool and static logits buffers.
 * ``CUDA context, NCCL, allocator slack`` (:func:`runtime_reserve`): a base plus an amount per
   NCCL communicator of the layout (:func:`nccl_communicators`), at least 4 GiB.
 
@@ -232,46 +234,31 @@ def kv_cache_bytes(spec: ModelSpec, layout: Layout, sequences: int, positions: i
     return 2 * layers * sequences * (positions + 1) * g * d * layout.dtype_bytes
 
 
-def attention_temporary_bytes(spec: ModelSpec, layout: Layout, queries: int, keys: int,
+def attention_temporary_bytes(spec: ModelSpec, layout: Layout, queries: int,
                               scores: int) -> int:
     """Peak bytes of one layer's attention in the decode path
-    (:class:`~trb_nemo.models.cached_attention.CachedSelfAttention`, local and Transformer
-    Engine spec alike): torch's ``scaled_dot_product_attention`` with a boolean mask, which for
-    grouped-query heads on CUDA is the math kernel (without grouped-query heads CUDA runs the
-    memory-efficient kernel, which holds far less: an upper bound there;
-    tests/dist/test_memory_plan.py measures the math kernel on CPU). ``queries`` = rows x fed
-    positions (BL), ``keys`` = rows x keys read (BK), ``scores`` = B L K; ``a``/``g`` the
-    query/key-value heads per TP rank, ``d`` the head size. In fp32 elements, the kernel holds
-    throughout
+    (:func:`~trb_nemo.models.cached_attention.attend`, local and Transformer Engine spec alike):
+    the grouped-query heads folded into the query length and a fused SDPA kernel (flash or
+    memory-efficient on CUDA, flash on CPU) with the causal mask, so nothing of size keys x
+    heads is copied (the keys and values are views of the cache) and no scores are
+    materialized. ``queries`` = rows x fed positions (BL), ``scores`` = B L K; ``a``/``g`` the
+    query/key-value heads per TP rank, ``d`` the head size, ``e`` the model's bytes per element,
+    ``r = a / g``. Held during the call:
 
-    * with a 16-bit model, q, k and v cast to fp32: a d BL + 2 g d BK;
-    * the scaled queries a d BL; k and v repeated to ``a`` heads (g < a) 2 a d BK;
-    * the mask as a float additive mask B L K;
+    * the folded queries (a copy of the permuted view): a d BL e;
+    * the boolean mask expanded to each KV group's r query heads: r B L K bytes;
+    * the kernels' additive form of it in the queries' dtype (the CPU kernel makes it twice):
+      2 r B L K e;
+    * the output a d BL e, its copy in Megatron's [L, B, heads] layout (a d BL e again) and the
+      per-row log-sum-exp, fp32: 4 a BL.
 
-    and, at its largest of three moments,
-
-    * the first matmul: the scaled keys a d BK (twice when g = a: the keys are a strided view of
-      the cache, which the batched matmul copies) and the scores a B L K;
-    * the softmax: the scores, the probabilities, the safe softmax's copy of them and its
-      boolean mask: 3.25 a B L K;
-    * the second matmul: the probabilities, the values' copy when g = a (a d BK), the output
-      a d BL (and its cast back to the model's dtype).
-
-    At decode (L = 1 per row, or the speculative drafts) the keys and values dominate: the
-    teacher of the 1.7B recipe at 32 rows x 8192 keys holds about 7 GiB per layer, the
-    student's evaluation at 64 x 9216 about 9 GiB. A kernel that reads the cache in the model's
-    dtype without repeating it (flash-attention with a KV cache, the decoding-speed issue) keeps
-    only its output and per-row statistics: this term then shrinks to almost nothing."""
+    A decode step of rows of equal length needs no mask (flash-attn's KV-cache kernel never
+    does): then this is the queries and the output only, a bound from above otherwise
+    (tests/dist/test_memory_plan.py measures the CPU kernel)."""
     a, g, d = _heads(spec, layout.tp)
     e = layout.dtype_bytes
-    upcast = e != 4
-    strided = g == a  # no repeat_interleave: the matmuls copy the cache's strided views
-    held = (upcast * (a * d * queries + 2 * g * d * keys) + a * d * queries
-            + (0 if strided else 2 * a * d * keys) + scores)
-    first = a * d * keys * (2 if strided else 1) + a * scores
-    softmax = 3 * a * scores + a * scores / 4
-    second = a * scores + (a * d * keys if strided else 0) + a * d * queries * (1 + e / 4 * upcast)
-    return int(4 * (held + max(first, softmax, second)))
+    r = a // g
+    return int(3 * a * d * queries * e + r * scores * (1 + 2 * e) + 4 * a * queries)
 
 
 def decode_attention_bytes(spec: ModelSpec, layout: Layout, slots: int, keys: int,
@@ -282,13 +269,24 @@ def decode_attention_bytes(spec: ModelSpec, layout: Layout, slots: int, keys: in
     prefill chunk: at most ``prefill_tokens`` (``rollout.prefill_chunk_tokens``) positions of
     prompts of at most ``prompt`` tokens (``data.max_prompt_length``), each row reading at most
     ``prompt`` keys: BL = min(T, slots P), BK = min(slots P, max(T, P)), BLK = BL P."""
-    decode = attention_temporary_bytes(spec, layout, slots * queries_per_row, slots * keys,
+    decode = attention_temporary_bytes(spec, layout, slots * queries_per_row,
                                        slots * queries_per_row * keys)
     fed = min(prefill_tokens, slots * prompt)
-    prefill = attention_temporary_bytes(spec, layout, fed,
-                                        min(slots * prompt, max(prefill_tokens, prompt)),
-                                        fed * prompt)
+    prefill = attention_temporary_bytes(spec, layout, fed, fed * prompt)
     return decode, prefill
+
+
+def cuda_graph_bytes(nets: list[ModelSpec], layout: Layout, slots: int,
+                     queries_per_row: int, vocab_shard: int) -> int:
+    """Memory the captured decode steps hold while decoding (:mod:`trb_nemo.rollout.graphs`):
+    all graphs of a network share one pool, sized by its largest step (``slots`` rows of
+    ``queries_per_row`` positions): one layer's working set (:func:`_working_set`; the
+    attention temporaries are their own term) and the output layer's logits, [rows, V / TP]
+    in the compute dtype; plus the static buffer the step copies the logits into (the same
+    size again). Freed with the caches at the end of the decoding."""
+    tokens = slots * queries_per_row
+    return sum(_working_set(spec, layout, tokens) + 2 * tokens * vocab_shard * layout.dtype_bytes
+               for spec in nets)
 
 
 def fp8_linear_parameters(spec: ModelSpec, layout: Layout, model: ModelConfig) -> int:
@@ -522,8 +520,10 @@ def _rollout_phase(p: _Inputs) -> list[Term]:
     nets = [student, teacher] if lockstep else [student]
     attention = _attention_term(nets, layout, slots, seq + ro.draft_tokens, 1 + ro.draft_tokens,
                                 cfg)
+    graphs = ([Term("CUDA graphs", cuda_graph_bytes(nets, layout, slots, 1 + ro.draft_tokens,
+                                                     p.vocab_shard))] if ro.cuda_graphs else [])
     return terms + [p.teacher_weights, *p.fp8_caches, Term("KV caches", caches),
-                    Term("decode logits", decode_logits), p.prefill, attention, records]
+                    Term("decode logits", decode_logits), p.prefill, attention, *graphs, records]
 
 
 def _scoring_phase(p: _Inputs) -> list[Term] | None:
@@ -585,6 +585,9 @@ def _evaluation_phase(p: _Inputs) -> list[Term]:
     terms += [*p.fp8_caches, Term("KV cache", kv),
               Term("decode logits", eval_slots * p.vocab_shard * 4 * 2), p.prefill,
               _attention_term([cfg.model.student], layout, eval_slots, eval_seq, 1, cfg)]
+    if ro.cuda_graphs:
+        terms.append(Term("CUDA graphs", cuda_graph_bytes([cfg.model.student], layout,
+                                                          eval_slots, 1, p.vocab_shard)))
     if largest is not None:
         name, n, note = largest
         terms.append(Term("evaluation records", evaluation_record_bytes(n, eval_seq),

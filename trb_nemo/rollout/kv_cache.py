@@ -3,20 +3,29 @@
 The cache holds ``slots`` sequences of up to ``max_len`` positions: per layer of this stage,
 keys and values ``[slots, max_len + 1, kv_heads / TP, head_dim]`` in the model's dtype (the
 last position is scratch: padding tokens write there, so no write needs a boolean mask and
-its device sync), so its
-memory is fixed by the budget (``rollout.max_sequences_in_flight`` x the longest context),
-never by the number of prompts. Slot ``s`` holds ``lengths[s]`` positions (host ints: the
-scheduler knows them without asking the device).
+its device sync), so its memory is fixed by the budget (``rollout.max_sequences_in_flight`` x
+the longest context), never by the number of prompts. Slot ``s`` holds ``lengths[s]``
+positions, kept twice: as host ints (the scheduler plans without asking the device) and on the
+device (``lengths_S``, what the forwards read), both updated by every feed, step, move and
+truncation with the same host-known counts.
 
-:meth:`feed` runs the network on the next tokens of a contiguous range of slots (a prefill of
-several prompts of any lengths, right-padded, or one decode token per slot) through
-:class:`~trb_nemo.models.cached_attention.CachedSelfAttention` and returns the vocab-parallel
-logits of each row's last fed token only: ``[B, V_pad / TP]``, never gathered over TP and never
-materialized at other positions (:func:`stage_forward`). Under pipeline
-parallelism stage s receives the hidden states ``[L, B, h]`` from stage s-1 and sends its own
-on (1 p2p each way through :mod:`trb_nemo.parallel.comm`); only the last stage returns logits.
-:meth:`move` copies a sequence to another slot (the scheduler keeps live sequences in slots
-``[0, n)``, so attention reads a view of the cache, no gather).
+Two forwards, both through
+:class:`~trb_nemo.models.cached_attention.CachedSelfAttention`, returning the vocab-parallel
+logits of the fed tokens only (never gathered over TP, never at other positions:
+:func:`stage_forward`):
+
+* :meth:`feed` (prefill, tests): the next tokens of a contiguous range of slots, any counts
+  per row (right-padded), positions built on the host. Eager.
+* :meth:`step` (decoding): ``L`` tokens for each of the first ``live`` slots, the rows padded up
+  to a bucket of :func:`row_buckets`; the tokens go into a static buffer, positions come from
+  ``lengths_S``, the logits land in a static buffer, so nothing is built from host data and
+  nothing is read back (0 host syncs), and the same buffers serve every step of a bucket. That
+  body is what a CUDA graph captures (:mod:`trb_nemo.rollout.graphs`); elsewhere it runs eagerly.
+
+Under pipeline parallelism stage s receives the hidden states ``[L, B, h]`` from stage s-1 and
+sends its own on (1 p2p each way through :mod:`trb_nemo.parallel.comm`, outside any graph);
+only the last stage returns logits. :meth:`move` copies a sequence to another slot (the
+scheduler keeps live sequences in slots ``[0, n)``, so attention reads views of the cache).
 """
 
 from __future__ import annotations
@@ -27,10 +36,17 @@ import torch
 from megatron.core.enums import Fp8Recipe
 from megatron.core.fp8_utils import get_fp8_context
 
-from trb_nemo.models.cached_attention import CacheStep, active, column_linear
+from trb_nemo.models.cached_attention import (
+    CacheStep,
+    active,
+    column_linear,
+    flash_kv_kernel,
+    segments,
+)
 from trb_nemo.models.gpt import fp8_scales_ready
 from trb_nemo.parallel import comm
 from trb_nemo.parallel.groups import ParallelGroups
+from trb_nemo.rollout.graphs import StepGraphs
 
 
 def stage_forward(model, tokens_BL: torch.Tensor, pos_BL: torch.Tensor,
@@ -98,12 +114,40 @@ def check_decodable(model) -> None:
         raise ValueError(f"the rollout engine's decode path does not support {', '.join(bad)}")
 
 
+def row_buckets(max_rows: int, multiple: int = 1) -> list[int]:
+    """The row counts a decode step runs at, ascending: 1, 2, 4, 8, then every multiple of 8
+    (the buckets of vLLM's CUDA graphs), each rounded up to a multiple of ``multiple`` (16
+    under FP8), without repeats, ending at ``max_rows`` rounded up to that multiple (the
+    cache's slots: no slot beyond the budget). Live sequences are padded up to the next bucket,
+    so a budget of 64 makes at most 11 step shapes (and graphs)."""
+    cap = -(-max_rows // multiple) * multiple
+    sizes, b = [], 1
+    while True:
+        r = min(cap, -(-b // multiple) * multiple)
+        if not sizes or r > sizes[-1]:
+            sizes.append(r)
+        if r >= cap:
+            return sizes
+        b = b * 2 if b < 8 else b + 8
+
+
+def bucket_of(n: int, buckets: list[int]) -> int:
+    """The smallest bucket holding ``n`` rows."""
+    return next(b for b in buckets if b >= n)
+
+
 class SequenceCache:
     """See the module docstring. ``forwards`` counts calls; ``positions`` counts the token
-    positions the network computed (padding included)."""
+    positions the network computed (padding included). ``slots`` becomes a multiple of
+    ``rows_multiple`` (:func:`row_buckets`; a step's padded rows are free slots).
+    ``cuda_graphs``: decode steps are captured and replayed (:mod:`trb_nemo.rollout.graphs`;
+    CUDA only)."""
 
-    def __init__(self, model, slots: int, max_len: int, pg: ParallelGroups):
+    def __init__(self, model, slots: int, max_len: int, pg: ParallelGroups,
+                 rows_multiple: int = 1, cuda_graphs: bool = False):
         check_decodable(model)
+        self.buckets = row_buckets(slots, rows_multiple)
+        slots = self.buckets[-1]
         self.model, self.pg, self.slots, self.max_len = model, pg, slots, max_len
         cfg = model.config
         kv_heads = (cfg.num_query_groups or cfg.num_attention_heads) // pg.tp_size
@@ -117,6 +161,7 @@ class SequenceCache:
         self._bytes = sum(t.numel() * t.element_size() for d in (self.keys, self.values)
                           for t in d.values())
         self.lengths = [0] * slots
+        self.lengths_S = torch.zeros(slots, dtype=torch.long, device=self.device)
         # RoPE tables of every position [max_len + 1, 1, D] in the model's dtype, the sine signed
         # so that rotate_half(x) = x[swap] * sign needs no negation (cached_attention)
         freqs = model.rotary_pos_emb(max_len + 1)[:, 0].to(self.device)
@@ -129,6 +174,19 @@ class SequenceCache:
         self._key_positions = torch.arange(max_len + 1, device=self.device)
         self._slot_ids = torch.arange(slots, device=self.device)
         self._hidden = (cfg.hidden_size, cfg.params_dtype)
+        # decode steps: the live count and per-L static buffers (tokens [slots, L], hidden
+        # states in [L, slots, h], outputs), kept across steps (a CUDA graph reads and writes
+        # exactly these)
+        self._live = torch.zeros((), dtype=torch.long, device=self.device)
+        self._tokens_SL: dict[int, torch.Tensor] = {}
+        self._hidden_in: dict[int, torch.Tensor] = {}
+        self._out: dict[int, torch.Tensor] = {}
+        # flash-attn's KV-cache kernel for decode steps where it runs (CUDA, 16-bit caches)
+        self.flash = (self.device.type == "cuda" and cfg.params_dtype in (torch.float16,
+                                                                         torch.bfloat16)
+                      and flash_kv_kernel() is not None)
+        self.graphs = (StepGraphs(pg.model, self.flash)
+                       if cuda_graphs and self.device.type == "cuda" else None)
         self.forwards = 0
         self.positions = 0
 
@@ -137,20 +195,28 @@ class SequenceCache:
         return self._bytes
 
     def release(self) -> None:
-        """Free the keys and values (the decoding is over; the counters stay)."""
+        """Free the keys, values, step buffers and graphs (the decoding is over; the counters
+        stay)."""
         self.keys, self.values = {}, {}
+        self._tokens_SL, self._hidden_in, self._out = {}, {}, {}
+        if self.graphs is not None:
+            self.graphs.release()
 
     def start(self, slot: int) -> None:
         """A new sequence takes ``slot``."""
         self.lengths[slot] = 0
+        self.lengths_S[slot] = 0
 
-    def truncate(self, slot: int, length: int) -> None:
-        """Keep the first ``length`` positions of ``slot`` (speculative decoding rolls back the
-        rejected drafts; the stale positions are overwritten by the next feed and no query
-        attends past its own position)."""
-        if not 0 <= length <= self.lengths[slot]:
-            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, not {length}")
-        self.lengths[slot] = length
+    def truncate(self, lengths: list[int], lengths_B: torch.Tensor) -> None:
+        """Slots [0, B) keep their first ``lengths[b]`` positions (speculative decoding rolls back
+        the rejected drafts; the stale positions are overwritten by the next feed and no query
+        attends past its own position): the host's ``lengths`` and the same values on the device
+        ``lengths_B`` [B] (no copy from the host)."""
+        for s, n in enumerate(lengths):
+            if not 0 <= n <= self.lengths[s]:
+                raise ValueError(f"slot {s} holds {self.lengths[s]} positions, not {n}")
+            self.lengths[s] = n
+        self.lengths_S[: len(lengths)] = lengths_B
 
     def move(self, src: int, dst: int) -> None:
         """The sequence in ``src`` now lives in ``dst`` (its keys/values copied)."""
@@ -159,6 +225,30 @@ class SequenceCache:
             for t in cache.values():
                 t[dst, :n] = t[src, :n]
         self.lengths[dst], self.lengths[src] = n, 0
+        self.lengths_S[dst] = self.lengths_S[src]
+        self.lengths_S[src] = 0
+
+    def _check_room(self, key_len: int) -> None:
+        if key_len > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions per sequence; "
+                             f"feeding up to position {key_len}")
+
+    def _forward(self, tokens_BL, pos_BL, hidden, last_B, slot_lo, key_lens, seqlens_B=None,
+                 bound=None):
+        """One stage forward over slots [slot_lo, slot_lo + B) through the cache (active);
+        attention reads ``key_lens[b]`` keys per row (host ints), or ``bound`` keys for every row
+        (a captured step), or flash-attn's per-row ``seqlens_B``."""
+        length, rows = pos_BL.shape[1], pos_BL.shape[0]
+        runs = segments(key_lens, length) if bound is None else ((0, rows, bound, True),)
+        key_len = max(r[2] for r in runs)
+        mask = self._key_positions[:key_len] <= pos_BL[:, None, :, None]  # [B, 1, L, K]
+        pos_LB = pos_BL.T
+        slots_LB = self._slot_ids[slot_lo: slot_lo + rows].expand(length, rows)
+        step = CacheStep(self.keys, self.values, slot_lo, pos_LB, self._cos[pos_LB],
+                         self._sin_signed[pos_LB], mask, runs, slots_LB, self._rope_swap,
+                         seqlens_B)
+        with active(step):
+            return stage_forward(self.model, tokens_BL, pos_BL, hidden, last_B)
 
     @torch.no_grad()
     def feed(self, slot_lo: int, tokens_BL: torch.Tensor, counts: list[int],
@@ -167,43 +257,118 @@ class SequenceCache:
         at positions ``lengths[slot] ...``; returns the logits at each row's last fed token
         [B, V_pad / TP] on the last stage (None elsewhere), or with ``all_positions`` at every
         fed position [B, L, V_pad / TP] (speculative verification). ``counts[b] == 0`` feeds
-        nothing for that row (its logits are meaningless)."""
+        nothing for that row (its logits are meaningless). Eager; positions from the host."""
         rows, length = tokens_BL.shape
         starts = self.lengths[slot_lo: slot_lo + rows]
-        key_len = max(s + c for s, c in zip(starts, counts, strict=True))
-        if key_len > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions per sequence; "
-                             f"feeding up to position {key_len}")
+        key_lens = [max(1, s + c) for s, c in zip(starts, counts, strict=True)]
+        self._check_room(max(key_lens))
         dev = self.device
-        if length == 1 or all_positions:  # positions known on the host
-            pos_BL = torch.tensor([[s + i if i < c else self.max_len for i in range(length)]
-                                   for s, c in zip(starts, counts, strict=True)], dtype=torch.long, device=dev)
-            last_B = "all" if all_positions else None
-        else:
-            start_B = torch.tensor(starts, dtype=torch.long, device=dev)
-            count_B = torch.tensor(counts, dtype=torch.long, device=dev)
-            offs_L = torch.arange(length, device=dev)
-            valid_BL = offs_L < count_B[:, None]
-            pos_BL = torch.where(valid_BL, start_B[:, None] + offs_L, self.max_len)  # padding: scratch
-            last_B = (count_B - 1).clamp(min=0)
-        mask = self._key_positions[:key_len] <= pos_BL[:, None, :, None]  # [B, 1, L, K]
-        pos_LB = pos_BL.T
-        slots_LB = self._slot_ids[slot_lo: slot_lo + rows].expand(length, rows)
-        step = CacheStep(self.keys, self.values, slot_lo, pos_LB, self._cos[pos_LB],
-                         self._sin_signed[pos_LB], mask, key_len, slots_LB, self._rope_swap)
-        dtype = self._hidden[1]
+        start_B = torch.tensor(starts, dtype=torch.long, device=dev)
+        count_B = torch.tensor(counts, dtype=torch.long, device=dev)
+        offs_L = torch.arange(length, device=dev)
+        valid_BL = offs_L < count_B[:, None]
+        pos_BL = torch.where(valid_BL, start_B[:, None] + offs_L, self.max_len)  # padding: scratch
+        last_B = "all" if all_positions else (count_B - 1).clamp(min=0)
         pg = self.pg
         hidden = None
         if not pg.is_first_stage:
-            hidden = comm.recv((length, rows, self._hidden[0]), dtype, pg.pp_rank - 1,
+            hidden = comm.recv((length, rows, self._hidden[0]), self._hidden[1], pg.pp_rank - 1,
                                pg.pipeline, device=dev)
-        with active(step):
-            out = stage_forward(self.model, tokens_BL, pos_BL, hidden, last_B)
+        out = self._forward(tokens_BL, pos_BL, hidden, last_B, slot_lo, key_lens)
         for b, c in enumerate(counts):
             self.lengths[slot_lo + b] += c
+        self.lengths_S[slot_lo: slot_lo + rows] += count_B
+        return self._done(rows, length, out)
+
+    def _done(self, rows, length, out):
         self.forwards += 1
         self.positions += rows * length
-        if not pg.is_last_stage:
-            comm.send(out, pg.pp_rank + 1, pg.pipeline)
+        if not self.pg.is_last_stage:
+            comm.send(out, self.pg.pp_rank + 1, self.pg.pipeline)
             return None
         return out
+
+    def step_tokens(self, length: int) -> torch.Tensor:
+        """The static token buffer [slots, ``length``] int64 of :meth:`step` (write the live rows'
+        tokens into its first rows, or pass them to :meth:`step`)."""
+        buf = self._tokens_SL.get(length)
+        if buf is None:
+            buf = self._tokens_SL[length] = torch.zeros(self.slots, length, dtype=torch.long,
+                                                        device=self.device)
+        return buf
+
+    @torch.no_grad()
+    def step(self, live: int, tokens_BL: torch.Tensor | None = None,
+             all_positions: bool = False, length: int = 1) -> torch.Tensor | None:
+        """A decode step: slots [0, ``live``) each feed ``L`` tokens (``tokens_BL`` [live, L], or
+        ``length`` tokens already in :meth:`step_tokens`), the rows padded up to
+        ``bucket_of(live)``. Returns a
+        view of the static logits buffer, valid until the next step of this L: the last fed
+        token's logits [live, V_pad / TP], or every fed position's [live, L, V_pad / TP] with
+        ``all_positions``; None before the last pipeline stage. No host sync, no tensor built
+        from host data (module docstring)."""
+        length = length if tokens_BL is None else tokens_BL.shape[1]
+        rows = bucket_of(live, self.buckets)
+        key_lens = [self.lengths[s] + length for s in range(live)] + [1] * (rows - live)
+        self._check_room(max(key_lens))
+        buf = self.step_tokens(length)
+        if tokens_BL is not None:
+            buf[:live].copy_(tokens_BL)
+        pg, dev = self.pg, self.device
+        if not pg.is_first_stage:
+            hidden = self._hidden_in.get(length)
+            if hidden is None:
+                hidden = self._hidden_in[length] = torch.zeros(
+                    length, self.slots, self._hidden[0], dtype=self._hidden[1], device=dev)
+            hidden[:, :rows].copy_(comm.recv((length, rows, self._hidden[0]), self._hidden[1],
+                                             pg.pp_rank - 1, pg.pipeline, device=dev))
+        self._live.fill_(live)
+        body = _StepBody(self, rows, length, all_positions)
+        if self.graphs is not None:
+            out = self.graphs.run(self, body, key_lens)
+        else:
+            out = body(key_lens, seqlens=self.flash)
+        self.lengths_S[:rows] += (self._slot_ids[:rows] < self._live) * length
+        for s in range(live):
+            self.lengths[s] += length
+        out = self._done(rows, length, out)
+        return None if out is None else out[:live]
+
+
+class _StepBody:
+    """The device work of :meth:`SequenceCache.step` for ``rows`` rows of ``length`` tokens:
+    reads only the cache's static buffers (tokens, ``lengths_S``, the live count, the hidden
+    states in) and writes only the KV cache (the fed positions, or scratch for padding rows)
+    and the static output buffer, which it returns ([rows, (L,) V_pad / TP] or [L, rows, h]
+    before the last stage). Running it twice in a row writes the same values: a CUDA graph's
+    warm-up and capture change nothing. ``key_lens``: the keys each row reads (host ints; a
+    graph reads a fixed bound)."""
+
+    def __init__(self, cache: SequenceCache, rows: int, length: int, all_positions: bool):
+        self.cache, self.rows, self.length, self.all_positions = cache, rows, length, all_positions
+        self.key = (rows, length, all_positions)
+        """What a graph of this body depends on, besides the keys it reads."""
+
+    def __call__(self, key_lens: list[int], seqlens: bool = False,
+                 bound: int | None = None) -> torch.Tensor:
+        c, rows, length = self.cache, self.rows, self.length
+        valid_B = c._slot_ids[:rows] < c._live
+        start_B = c.lengths_S[:rows]
+        pos_BL = torch.where(valid_B[:, None],
+                             start_B[:, None] + c._key_positions[:length], c.max_len)
+        # flash-attn's keys per row (valid rows: their prefix; padding rows: one key)
+        seqlens_B = (torch.where(valid_B, start_B + length, length).to(torch.int32)
+                     if seqlens else None)
+        hidden = None if c.pg.is_first_stage else c._hidden_in[length][:, :rows]
+        last = "all" if self.all_positions else None
+        out = c._forward(c._tokens_SL[length][:rows], pos_BL, hidden, last, 0, key_lens,
+                         seqlens_B, bound)
+        key = (length, self.all_positions)
+        dst = c._out.get(key)
+        if dst is None:  # [slots, (L,) V_pad / TP] on the last stage, else [L, slots, h]
+            shape = list(out.shape)
+            shape[0 if c.pg.is_last_stage else 1] = c.slots
+            dst = c._out[key] = torch.empty(shape, dtype=out.dtype, device=out.device)
+        view = dst[:rows] if c.pg.is_last_stage else dst[:, :rows]
+        view.copy_(out)
+        return view

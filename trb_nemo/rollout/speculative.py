@@ -23,8 +23,10 @@ pi_T of the token, the student's top-k and the teacher's log-probs there) are wh
 non-speculative engine records there, from the same logits. Randomness is keyed by (seed,
 sequence, position) in streams of its own (:mod:`trb_nemo.ops.speculative`), so the budget,
 TP and PP change no token. Per round: g student forwards of one token, 1 teacher forward of g
-tokens, 1 to g tokens kept per sequence; host syncs: the drafts (PP broadcast) and the
-verification's result.
+tokens (each a decode step of :meth:`SequenceCache.step`: static buffers, CUDA graphs), 1 to g
+tokens kept per sequence; the drafts and the verdict move between stages by broadcasts (no
+host sync), and the round makes one host sync: the read of each sequence's kept count and end
+(the scheduler's cache lengths and slots follow from it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from trb_nemo.ops.sampling import RowNoise
 from trb_nemo.ops.speculative import draft, verify
 from trb_nemo.ops.vocab_parallel import logprobs_and_topk, logprobs_at
 from trb_nemo.parallel import groups
-from trb_nemo.rollout.decoder import Decoder
+from trb_nemo.rollout.decoder import GEN, POS, SEQ, Decoder
 from trb_nemo.rollout.types import RECORDS, Rollout
 
 
@@ -63,39 +65,42 @@ class SpeculativeDecoder(Decoder):
     def _step(self, live: list[int]) -> list[bool]:
         return self._round(live)
 
-    def _after_compact(self, src: list[int]) -> None:
+    def _after_compact(self, live: int) -> None:
         pass  # the next round feeds each sequence's pending token
 
     def _round(self, live: list[int]) -> list[bool]:
         """One draft/verify round of every live sequence (slots [0, len(live))); which ended."""
         g, rows, dev, pg = self.g, len(live), self.device, self.pg
         group, vocab = pg.tensor, self.vocab
-        seq_B = torch.tensor(live, dtype=torch.long, device=dev)
-        pos0 = [self.plen[i] + self.generated[i] - 1 for i in live]  # the pending token's
-        pos0_B = torch.tensor(pos0, dtype=torch.long, device=dev)
+        st = self.slot_SC[:rows]
+        # copies: the slots' state moves on in _keep; pos0: the pending token's position
+        seq_B, pos0_B = st[:, SEQ].clone(), st[:, POS].clone()
         id_B = self.ids_all[seq_B]
         student, teacher = self.caches
-        fed = [self.tokens[seq_B, pos0_B]]
-        drafts, zs_steps = [], []
+        fed_BG = teacher.step_tokens(g)[:rows]  # the teacher's static input: t, x_1 .. x_(g-1)
+        fed_BG[:, 0] = self.tokens[seq_B, pos0_B]
+        drafts_BG = torch.zeros(rows, g, dtype=torch.long, device=dev)
+        zs_BGV = None
         for j in range(g):
-            z = self._feed_all(0, rows, fed[-1][:, None], [1] * rows, caches=[student])[0]
+            z = student.step(rows, fed_BG[:, j:j + 1])
             x = torch.zeros(rows, dtype=torch.long, device=dev)
             if pg.is_last_stage:
                 zs = vocab.canonical(z, group)
-                zs_steps.append(zs)
+                if zs_BGV is None:
+                    zs_BGV = torch.empty(rows, g, zs.shape[-1], dtype=zs.dtype, device=dev)
+                zs_BGV[:, j] = zs  # the step's output buffer is reused by the next draft
                 x = draft(zs, RowNoise(self.key, id_B, pos0_B + j), vocab_group=group,
                           vocab_size=vocab.size)
-            drafts.append(groups.broadcast_from_last_stage(x, pg))
+            drafts_BG[:, j] = groups.broadcast_from_last_stage(x, pg)
             if j < g - 1:
-                fed.append(drafts[-1])
-        zt = self._feed_all(0, rows, torch.stack(fed, dim=1), [g] * rows, caches=[teacher],
-                            all_positions=True)[0]  # [B, g, V / TP] on the last stage
+                fed_BG[:, j + 1] = drafts_BG[:, j]
+        zt = teacher.step(rows, None, all_positions=True, length=g)  # [B, g, V / TP], last stage
         verdict = torch.zeros(2, rows, g, dtype=torch.long, device=dev)  # ids, accepted
         if pg.is_last_stage:
-            verdict = self._verify(seq_B, pos0_B, id_B, torch.stack(zs_steps, dim=1),
-                                   vocab.canonical(zt, group), torch.stack(drafts, dim=1))
+            verdict = self._verify(seq_B, pos0_B, id_B, zs_BGV, vocab.canonical(zt, group),
+                                   drafts_BG)
         verdict = groups.broadcast_from_last_stage(verdict, pg)
-        return self._keep(live, pos0, seq_B, pos0_B, verdict)
+        return self._keep(live, seq_B, pos0_B, verdict)
 
     def _verify(self, seq_B, pos0_B, id_B, zs_BGV, zt_BGV, drafts_BG) -> torch.Tensor:
         """Last stage: verify the B x g drafts and keep every prefix's records for
@@ -105,55 +110,60 @@ class SpeculativeDecoder(Decoder):
         group, vocab, policy = self.pg.tensor, self.vocab, self.policy
         offs_G = torch.arange(g, device=self.device)
         zs, zt = zs_BGV.reshape(rows * g, v), zt_BGV.reshape(rows * g, v)
-        noise = RowNoise(self.key, id_B.repeat_interleave(g), (pos0_B[:, None] + offs_G).reshape(-1))
+        noise = RowNoise(self.key, id_B.repeat_interleave(g, output_size=rows * g),
+                         (pos0_B[:, None] + offs_G).reshape(-1))
         ver = verify(zs, zt, drafts_BG.reshape(-1), policy.eps, noise, vocab_group=group,
                      vocab_size=vocab.size, tolerance=policy.tolerance,
                      max_iterations=policy.max_iterations)
         logprob, top = logprobs_and_topk(zs, ver.ids[:, None], self.topk_k, vocab_group=group,
                                          vocab_size=vocab.size)
         at = logprobs_at(zt, torch.cat([ver.ids[:, None], top], dim=-1),
-                                 vocab_group=group, vocab_size=vocab.size)
+                         vocab_group=group, vocab_size=vocab.size)
         values = torch.stack([ver.beta, ver.kl, torch.zeros_like(ver.beta), logprob[:, 0],
                               at[:, 0]], dim=-1)  # RECORDS order
         self._pending = (values.view(rows, g, len(RECORDS)), top.view(rows, g, -1),
                          at[:, 1:].view(rows, g, -1))
         return torch.stack([ver.ids.view(rows, g), ver.accepted.long().view(rows, g)])
 
-    def _keep(self, live, pos0, seq_B, pos0_B, verdict) -> list[bool]:
+    def _keep(self, live, seq_B, pos0_B, verdict) -> list[bool]:
         """Every rank: each sequence keeps its drafts up to the first rejection and that
-        prefix's replacement, cut at the stop id and the length cap (1 host sync); tokens and
-        records are written, both caches roll back to the kept prefix."""
-        g = self.g
-        ids, accepted = verdict.tolist()
-        ended, keep = [], []
-        for b, i in enumerate(live):
-            r = next((j for j in range(g) if not accepted[b][j]), g)  # leading acceptances
-            self.accepted += r
-            self.rejected += int(r < g)
-            new = ids[b][: min(r + 1, g)][: self.max_new - self.generated[i]]
-            stop = self.vocab.stop_id in new
-            if stop:
-                new = new[: new.index(self.vocab.stop_id) + 1]
-            k = len(new)
-            keep.append(k)
-            self.generated[i] += k
-            self.stopped[i] = stop
-            ended.append(stop or self.generated[i] >= self.max_new)
-            for c in self.caches:
-                c.truncate(b, pos0[b] + k)
-        self.rounds += 1
-        # the kept (row, draft) pairs as index tensors built on the host (a boolean mask would
-        # cost a device sync per indexing on a GPU)
-        b_K, j_K = zip(*[(b, j) for b, k in enumerate(keep) for j in range(k)], strict=True)
-        b_K = torch.tensor(b_K, dtype=torch.long, device=self.device)
-        j_K = torch.tensor(j_K, dtype=torch.long, device=self.device)
-        seq_K, pos_K = seq_B[b_K], pos0_B[b_K] + j_K
-        self.tokens[seq_K, pos_K + 1] = verdict[0][b_K, j_K]
+        prefix's replacement, cut at the stop id and the length cap, all on the device; tokens
+        and records are written (the rest of the round's g columns go to the scratch column),
+        both caches roll back to the kept prefix. 1 host sync: the kept counts, the leading
+        acceptances and the ends (:meth:`_read`)."""
+        g, rows = self.g, len(live)
+        st = self.slot_SC[:rows]
+        ids_BG, accepted_BG = verdict[0], verdict[1]
+        offs_G = torch.arange(g, device=self.device)
+        leading_B = accepted_BG.cumprod(dim=1).sum(dim=1)
+        keep_B = torch.minimum((leading_B + 1).clamp(max=g), self.max_new - st[:, GEN])
+        stop_BG = (ids_BG == self.vocab.stop_id) & (offs_G < keep_B[:, None])
+        stop_B = stop_BG.any(dim=1)
+        keep_B = torch.where(stop_B, torch.where(stop_BG, offs_G, g).amin(dim=1) + 1, keep_B)
+        kept_BG = offs_G < keep_B[:, None]
+        pos_BG = torch.where(kept_BG, pos0_B[:, None] + offs_G, self.width)  # scratch: width
+        seq_BG = seq_B[:, None].expand(rows, g)
+        self.tokens[seq_BG, torch.where(kept_BG, pos_BG + 1, self.width)] = ids_BG
         if self.pg.is_last_stage:
             values, top, teacher_top = self._pending
-            self.records_BSN[seq_K, pos_K] = values[b_K, j_K]
-            self.topk_ids[seq_K, pos_K] = top[b_K, j_K]
-            self.teacher_topk[seq_K, pos_K] = teacher_top[b_K, j_K]
+            self.records_BSN[seq_BG, pos_BG] = values
+            self.topk_ids[seq_BG, pos_BG] = top
+            self.teacher_topk[seq_BG, pos_BG] = teacher_top
+        st[:, GEN] += keep_B
+        st[:, POS] += keep_B
+        self.stopped_N[seq_B] = stop_B
+        ended_B = stop_B | (st[:, GEN] >= self.max_new)
+        host = self._read(torch.stack([keep_B, leading_B, ended_B.long()], dim=1))
+        ended = []
+        for i, (k, r, end) in zip(live, host, strict=True):
+            self.accepted += r
+            self.rejected += int(r < g)
+            self.generated[i] += k
+            ended.append(bool(end))
+        for c in self.caches:  # back to pos0 + kept (each fed pos0 + g)
+            c.truncate([n - g + k for n, (k, _, _) in zip(c.lengths, host, strict=False)],
+                       pos0_B + keep_B)
+        self.rounds += 1
         return ended
 
     def result(self) -> Rollout:

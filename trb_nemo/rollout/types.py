@@ -72,6 +72,9 @@ class DecodeSettings:
     """Every forward feeds a multiple of this many rows (None: 16 under FP8, else 1)."""
     draft_tokens: int = 0
     """Speculative TRB's drafts per round (``rollout.draft_tokens``; 0: no speculation)."""
+    cuda_graphs: bool = True
+    """Capture each decode-step shape in a CUDA graph and replay it (``rollout.cuda_graphs``;
+    CUDA only: CPU decoding runs the same step eagerly)."""
 
 
 class Interrupt(Protocol):

@@ -133,7 +133,8 @@ class Trainer:
                         DecodeSettings(max_new_tokens=r.max_new_tokens, topk_k=self.cfg.loss.topk,
                                        max_in_flight=r.max_sequences_in_flight,
                                        prefill_tokens=r.prefill_chunk_tokens,
-                                       draft_tokens=r.draft_tokens),
+                                       draft_tokens=r.draft_tokens,
+                                       cuda_graphs=r.cuda_graphs),
                         vocab=self.vocab, generator=torch.Generator().manual_seed(seed),
                         pg=self.pg, sequence_ids=range(first, first + len(prompts)),
                         interrupt=stop_signal.INTERRUPT)
