@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One command for a bare single-GPU Linux machine with CUDA PyTorch and no internet: install the
 # wheels of scripts/fetch_wheels.sh into a private folder for the interpreter given (the image's
-# torch is never touched), then run four stages, most important first, each under its own cap
+# torch is never touched), then run five stages, most important first, each under its own cap
 # and all of them even when one fails:
 #   1. gpu_tests      tests/gpu (every test_*.py there, new ones included), the files that use
 #                     Transformer Engine / FP8 first, then the kernel (Triton, fused) ones
 #   2. ops_bench      benchmarks/ops.py: the op kernels, eager and fused
 #   3. train          a 5-step toy `trb-nemo train` on the GPU (TP=1, 3 TRB warmup steps)
 #   4. rollout_bench  benchmarks/rollout.py with the toy models
-# The caps are shares of GPU_CHECK_BUDGET_S (default 450 s): 45%, 15%, 20% and 10% (202, 67, 90
-# and 45 s), 90% in all; the rest is the margin for a timed-out stage's 20 s grace and the
+#   5. decode_bench   benchmarks/decode_step.py: host syncs and launches per decode step, and
+#                     tok/s at batch 32 with 1k and 4k context, CUDA graphs against eager
+# The caps are shares of GPU_CHECK_BUDGET_S (default 450 s): 40%, 10%, 20%, 10% and 10% (180,
+# 45, 90, 45 and 45 s), 90% in all; the rest is the margin for a timed-out stage's 20 s grace and the
 # processes' start. A stage gets its cap or what is left of the budget, whichever is less, and is
 # skipped for time under 20 s. The whole check takes under 8 minutes on one H100/H200.
 #
@@ -32,7 +34,7 @@
 # stderr. Transformer Engine is optional: when the image has it the TE/FP8 tests run too;
 # transformers is optional too (only HF tokenizers import it, not the toy task).
 # Extra arguments (split on spaces): GPU_CHECK_TRAIN_ARGS (overrides of the toy run),
-# GPU_CHECK_OPS_ARGS (instead of --repeats 3), GPU_CHECK_ROLLOUT_ARGS.
+# GPU_CHECK_OPS_ARGS (instead of --repeats 3), GPU_CHECK_ROLLOUT_ARGS, GPU_CHECK_DECODE_ARGS.
 # Testing this script without a GPU: GPU_CHECK_SKIP_CUDA_CHECK=1 runs every stage anyway (on a
 # CPU with GPU_CHECK_TRAIN_ARGS=parallel.backend=gloo and small GPU_CHECK_OPS_ARGS /
 # GPU_CHECK_ROLLOUT_ARGS: the script's plumbing is what is tested).
@@ -81,8 +83,8 @@ tmp=$(mktemp -d)
 # The stages, most important first, and their caps: shares (percent) of the budget, 90 in all
 budget=${GPU_CHECK_BUDGET_S:-450}
 case "$budget" in '' | *[!0-9]*) fail2 "GPU_CHECK_BUDGET_S=$budget is not a number of seconds" ;; esac
-stage_names=(gpu_tests ops_bench train rollout_bench)
-stage_shares=(45 15 20 10)
+stage_names=(gpu_tests ops_bench train rollout_bench decode_bench)
+stage_shares=(40 10 20 10 10)
 declare -A cap
 for i in "${!stage_names[@]}"; do
   cap[${stage_names[i]}]=$(( budget * stage_shares[i] / 100 ))
@@ -272,6 +274,8 @@ for name, cap in (row.split("\t") for row in read("plan.tsv")):
                       checkpoint=any((out / "train" / "gpu-check" / "checkpoints").glob("step_*")))
         elif name == "ops_bench":
             st["cases"] = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+        elif name == "decode_bench":
+            st["results"] = [json.loads(l) for l in text.splitlines() if l.startswith("{")]
         elif name == "rollout_bench":
             pat = r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$"
             st["behaviors"] = {m[1]: {"tokens_per_s": float(m[2]), "ratio_to_student": float(m[3]),
@@ -386,6 +390,11 @@ run_stage train "$py" -m trb_nemo.cli train "${train_args[@]}" ${GPU_CHECK_TRAIN
 # and TRB warmup) with the toy models on the GPU
 # shellcheck disable=SC2086
 run_stage rollout_bench "$py" benchmarks/rollout.py --tp 1 ${GPU_CHECK_ROLLOUT_ARGS:---parts ab --repeats 2}
+
+# 5. the decode step: syncs and launches per step (student, TRB, speculative; the profiler's
+# counts), then tok/s at batch 32 with 1k and 4k context, CUDA graphs against eager
+# shellcheck disable=SC2086
+run_stage decode_bench "$py" benchmarks/decode_step.py --device cuda ${GPU_CHECK_DECODE_ARGS:---parts gh --repeats 15}
 
 if [ "$skip_cuda" = 1 ]; then status="ran without the CUDA check (GPU_CHECK_SKIP_CUDA_CHECK=1)"; else status=ran; fi
 summarize "$status" | tee -a "$log"

@@ -5,7 +5,8 @@ reads, nonzero, boolean-mask indexing, ``tolist``, tensors built from Python dat
 scheduling step of the rollout engine, for student-only decoding, TRB (teacher and student in
 lockstep, the trust-region solve every step) and speculative TRB rounds. Admission (the
 prefill of new prompts, which copies their tokens to the device) is not a decode step and is
-not counted; the deferred input checks are read once per rollout. Within a row bucket the
+not counted, nor is the hand-over of the outputs after the last step; the deferred input
+checks are read once per rollout. Within a row bucket the
 step's input and output buffers keep their storage (what a CUDA graph replays), and bucket
 padding changes no token (budget 3 of 7 prompts: live counts 3, 2, 1 in buckets 4, 2, 1).
 
@@ -82,6 +83,8 @@ def _counted(student, teacher, policy, pg, draft_tokens=0):
 
     wrap(Decoder, "_admit", paused)
     wrap(SpeculativeDecoder, "_admit", paused)
+    wrap(Decoder, "result", paused)  # after decoding: the outputs handed over
+    wrap(SpeculativeDecoder, "result", paused)
     wrap(Decoder, "_step", step_marker)
     wrap(SpeculativeDecoder, "_step", step_marker)
     wrap(DeferredChecks, "raise_first", read_checks)

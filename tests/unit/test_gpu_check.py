@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
 FETCH = ROOT / "scripts" / "fetch_wheels.sh"
 LIMIT_BYTES = 48_000_000  # one architecture (x86_64): 41 MB today
-STAGES = ["gpu_tests", "ops_bench", "train", "rollout_bench"]
+STAGES = ["gpu_tests", "ops_bench", "train", "rollout_bench", "decode_bench"]
 BARE = ("numpy", "yaml", "safetensors", "megatron", "hydra", "math_verify", "pytest")
 """Modules a torch-only venv lacks and the wheels bring."""
 NO_CUDA = "gpu-check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine"
@@ -101,7 +101,7 @@ def test_required_list_is_what_a_run_needs():
 
 def test_summary_names_every_stage_when_the_budget_is_spent(tmp_path):
     """A 30 s budget leaves every stage under 20 s: each is skipped for time, and the summary and
-    the last lines still name all four, in order (no wheels folder: the venv's own packages)."""
+    the last lines still name all five, in order (no wheels folder: the venv's own packages)."""
     out = tmp_path / "out"
     r = subprocess.run([str(GPU_CHECK), str(tmp_path / "none"), str(out)],
                        env=_env(GPU_CHECK_SKIP_CUDA_CHECK="1", GPU_CHECK_BUDGET_S="30"),
@@ -114,7 +114,7 @@ def test_summary_names_every_stage_when_the_budget_is_spent(tmp_path):
     table = [line for line in r.stdout.splitlines() if re.match(r"gpu-check: \d\. ", line)]
     assert [line.split()[2] for line in table] == STAGES
     assert all("skipped for time" in line for line in table)
-    assert r.stdout.splitlines()[-1].startswith("gpu-check: 4 of 4 stages did not pass")
+    assert r.stdout.splitlines()[-1].startswith("gpu-check: 5 of 5 stages did not pass")
 
 
 def _pip_reaches_the_index(tmp_path_factory) -> str | None:

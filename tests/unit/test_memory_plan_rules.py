@@ -137,36 +137,50 @@ def test_fp8_weight_caches_are_2_bytes_per_fp8_linear_parameter_in_every_phase()
     assert ends["training"].term("student FP8 weight caches") == student * 26 // 28
 
 
-def _sdpa_math(a, g, d, queries, keys, scores):
-    """The math kernel's peak in a bf16 model with grouped-query heads (g < a), in bytes: fp32
-    q, k, v, the scaled queries, k and v repeated to a heads, the float mask, then the larger
-    of the first matmul (scaled keys, scores), the softmax (3.25 score-sized buffers) and the
-    second matmul (probabilities, the output in fp32 and bf16); tests/dist/test_memory_plan.py
-    measures it."""
-    held = a * d * queries * 2 + 2 * g * d * keys + 2 * a * d * keys + scores
-    peak = max(a * d * keys + a * scores, 3.25 * a * scores, a * scores + 1.5 * a * d * queries)
-    return int(4 * (held + peak))
+def _fused(a, g, d, queries, scores):
+    """The decode path's attention in a bf16 model, in bytes: with grouped-query heads (g < a)
+    the folded queries and the boolean mask expanded to a / g query heads per KV group, the
+    kernel's additive mask in bf16, the output and its fp32 log-sum-exp;
+    tests/dist/test_memory_plan.py measures it."""
+    r = a // g
+    folded = a * d * queries * 2 + r * scores if r > 1 else 0
+    return folded + 2 * r * scores + a * d * queries * 2 + 4 * a * queries
 
 
 def test_attention_temporaries_of_the_decode_step_and_the_prefill_chunk():
     base = phases()
     # the rollout runs the teacher in lockstep (TRB warmup): 16 query and 4 key-value heads
-    # per TP rank, 32 rows x 8192 keys; fp32 keys and values repeated to 16 heads dominate
+    # per TP rank; a decode step of 32 rows x 8192 keys holds a few MB (nothing of size keys x
+    # heads is copied), so the prefill chunk (8192 positions of 1024-token prompts) is the peak
     rollout = base["rollout"].term("attention temporaries")
-    assert rollout == _sdpa_math(16, 4, 128, 32, 32 * 8192, 32 * 8192)
-    assert 6.5 * GIB < rollout < 7.5 * GIB
-    # evaluation: the student (8 and 4 heads) at 64 rows x 9216 keys, about 9 GiB
+    decode = _fused(16, 4, 128, 32, 32 * 8192)
+    prefill = _fused(16, 4, 128, 8192, 8192 * 1024)
+    assert decode < 4 * 2**20 < prefill
+    assert rollout == prefill
+    assert rollout < 0.25 * GIB  # the math kernel's fp32 copies held 7 GiB here
+    # evaluation: the student (8 and 4 heads), its prefill chunk; its decode step at 64 rows x
+    # 9216 keys is smaller, so half the budget leaves the term as it is
     evaluation = base["evaluation"].term("attention temporaries")
-    assert evaluation == _sdpa_math(8, 4, 128, 64, 64 * S_EVAL, 64 * S_EVAL)
+    assert evaluation == _fused(8, 4, 128, 8192, 8192 * 1024)
+    assert _fused(8, 4, 128, 64, 64 * S_EVAL) < evaluation
     half = phases("eval.max_sequences_in_flight=32")["evaluation"]
-    assert half.term("attention temporaries") == pytest.approx(evaluation / 2, rel=1e-3)
-    # a student-only rollout: the student's, at the rollout's 32 x 8192
+    assert half.term("attention temporaries") == evaluation
+    # a student-only rollout: the student's prefill
     student = phases("rollout.behavior=student")["rollout"].term("attention temporaries")
-    assert student == _sdpa_math(8, 4, 128, 32, 32 * 8192, 32 * 8192)
-    # short responses: the prefill chunk (8192 positions of 1024-token prompts) is the peak
-    short = phases("rollout.max_new_tokens=16")["rollout"].term("attention temporaries")
-    assert short == _sdpa_math(16, 4, 128, 8192, 8192, 8192 * 1024)
+    assert student == _fused(8, 4, 128, 8192, 8192 * 1024)
+    # a small prefill chunk: the decode step is the peak
+    small = phases("rollout.prefill_chunk_tokens=16")["rollout"].term("attention temporaries")
+    assert small == max(decode, _fused(16, 4, 128, 16, 16 * 1024))
     assert all(base[p].term("attention temporaries") == 0 for p in ("scoring", "training"))
+
+
+def test_cuda_graphs_pool_is_counted_while_decoding_only():
+    base, off = phases(), phases("rollout.cuda_graphs=false")
+    for p in ("rollout", "evaluation"):
+        assert base[p].term("CUDA graphs") > 0
+        assert off[p].term("CUDA graphs") == 0
+        assert base[p].total > off[p].total
+    assert all(base[p].term("CUDA graphs") == 0 for p in ("scoring", "training"))
 
 
 def test_reserve_grows_with_the_nccl_communicators_of_the_layout():

@@ -176,8 +176,19 @@ def device_mode_suspended():
     if _device_mode is None:
         yield
         return
-    _device_mode.__exit__(None, None, None)
+    # take it out of torch's function-mode stack wherever it sits: modes entered after it (a
+    # test's counters) stay active, in their order
+    stack = [torch._C._pop_torch_function_stack()
+             for _ in range(torch._C._len_torch_function_stack())][::-1]  # bottom first
+    for mode in stack:
+        if mode is not _device_mode:
+            torch._C._push_on_torch_function_stack(mode)
     try:
         yield
     finally:
-        _device_mode.__enter__()
+        above = [torch._C._pop_torch_function_stack()
+                 for _ in range(torch._C._len_torch_function_stack())][::-1]
+        for mode in stack:
+            torch._C._push_on_torch_function_stack(mode)
+        for mode in above[len(stack) - 1:]:  # modes entered inside the block, if any
+            torch._C._push_on_torch_function_stack(mode)

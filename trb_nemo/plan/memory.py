@@ -243,22 +243,23 @@ def attention_temporary_bytes(spec: ModelSpec, layout: Layout, queries: int,
     heads is copied (the keys and values are views of the cache) and no scores are
     materialized. ``queries`` = rows x fed positions (BL), ``scores`` = B L K; ``a``/``g`` the
     query/key-value heads per TP rank, ``d`` the head size, ``e`` the model's bytes per element,
-    ``r = a / g``. Held during the call:
+    ``r = a / g``. Held during the kernel:
 
-    * the folded queries (a copy of the permuted view): a d BL e;
-    * the boolean mask expanded to each KV group's r query heads: r B L K bytes;
-    * the kernels' additive form of it in the queries' dtype (the CPU kernel makes it twice):
-      2 r B L K e;
-    * the output a d BL e, its copy in Megatron's [L, B, heads] layout (a d BL e again) and the
-      per-row log-sum-exp, fp32: 4 a BL.
+    * with grouped-query heads (r > 1), the folded queries (a copy of the permuted view) and
+      the boolean mask expanded to each KV group's r query heads: a d BL e + r B L K bytes
+      (with r = 1 both are views);
+    * the kernel's additive form of the mask in the queries' dtype: e r B L K;
+    * the output a d BL e and the per-row log-sum-exp, fp32: 4 a BL.
 
-    A decode step of rows of equal length needs no mask (flash-attn's KV-cache kernel never
-    does): then this is the queries and the output only, a bound from above otherwise
-    (tests/dist/test_memory_plan.py measures the CPU kernel)."""
+    (The output's copy into Megatron's [L, B, heads] layout comes after the folded queries are
+    freed, and is no larger.) A decode step of rows of equal length needs no mask (flash-attn's
+    KV-cache kernel never does): an upper bound there. tests/dist/test_memory_plan.py measures
+    the CPU kernel (whose per-thread scratch, a few blocks, is not counted)."""
     a, g, d = _heads(spec, layout.tp)
     e = layout.dtype_bytes
     r = a // g
-    return int(3 * a * d * queries * e + r * scores * (1 + 2 * e) + 4 * a * queries)
+    folded = (a * d * queries * e + r * scores) if r > 1 else 0
+    return int(folded + e * r * scores + a * d * queries * e + 4 * a * queries)
 
 
 def decode_attention_bytes(spec: ModelSpec, layout: Layout, slots: int, keys: int,

@@ -27,9 +27,15 @@ at the student's top-k ids (k = ``loss.topk``), so the loss needs no second teac
 Ranks: every rank of the TP/PP group calls :func:`generate` with the same prompts and generator
 state, and makes the same scheduling decisions. The last pipeline stage chooses tokens (all its
 TP ranks agree); they are broadcast over the pipeline group every step (1 broadcast of [n]).
-Host syncs per step: the chosen ids (the scheduler needs them) and the sampler's check that no
-row lost every finite logit (:func:`~trb_nemo.ops.sampling.sample`). Records are broadcast at
-the end.
+Records are broadcast at the end.
+
+Pace (:mod:`trb_nemo.rollout.decoder`, :mod:`trb_nemo.rollout.kv_cache`): one host sync per
+decode step (which sequences ended), student-only, TRB lockstep and speculative alike; the
+inputs' checks (NaN logits, rows without a finite logit) are read once, at the end of the
+call, with the same one-line errors. Each step runs over static buffers, its rows padded up to a
+bucket (:func:`~trb_nemo.rollout.kv_cache.row_buckets`), so on CUDA each step shape is captured
+once in a CUDA graph and replayed (``settings.cuda_graphs``; :mod:`trb_nemo.rollout.graphs`).
+Attention reads each sequence's own keys (:func:`~trb_nemo.models.cached_attention.attend`).
 """
 
 from __future__ import annotations
