@@ -93,8 +93,9 @@ def _rollout(student, teacher, policy, pg, prompts=PROMPTS, seed=0, max_new=MAX_
 
 def _kv_vs_recompute(student, pg):
     """max |cached logits - full forward logits| (last stage; None elsewhere): prompts of 5, 9
-    and 3 tokens prefilled in one forward, 8 one-token steps, then the third sequence moved
-    from slot 2 to slot 3 and decoded alone for 2 more steps."""
+    and 3 tokens prefilled in one forward, 8 one-token steps (4 fed as a prefill feeds, 4 as
+    the engine's decode steps: static buffers, rows padded to a bucket, device positions),
+    then the third sequence moved from slot 2 to slot 3 and decoded alone for 2 more steps."""
     from trb_nemo.models.pipeline import run_schedule
     from trb_nemo.rollout.kv_cache import SequenceCache
 
@@ -107,9 +108,11 @@ def _kv_vs_recompute(student, pg):
     prompts = torch.stack([torch.nn.functional.pad(toks[b, :n], (0, 9 - n))
                            for b, n in enumerate(lens)])
     pairs = [(cache.feed(0, prompts, lens), [(b, n - 1) for b, n in enumerate(lens)])]
-    for _ in range(8):
-        pairs.append((cache.feed(0, torch.stack([toks[b, n:n + 1] for b, n in enumerate(lens)]),
-                                 [1, 1, 1]), [(b, n) for b, n in enumerate(lens)]))
+    for t in range(8):  # decode steps: 4 as the prefill feeds, 4 as the engine steps
+        fed = torch.stack([toks[b, n:n + 1] for b, n in enumerate(lens)])
+        out = cache.feed(0, fed, [1, 1, 1]) if t < 4 else cache.step(3, fed)
+        pairs.append((None if out is None else out.clone(),  # a step's output buffer is reused
+                      [(b, n) for b, n in enumerate(lens)]))
         lens = [n + 1 for n in lens]
     cache.move(2, 3)
     for _ in range(2):
