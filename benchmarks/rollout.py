@@ -13,22 +13,40 @@
     positions per forward), with the KV cache bytes and the bytes of the returned rollout
     (tokens, records, top-k ids: they grow with the sequences by definition), on a
     Qwen3-0.6B-shaped 2-layer student (KV per position as in the real model) and on the toy;
-(d) student-only tokens/s of the engine / HF ``transformers`` ``generate`` (KV cache, sampling
-    at temperature 1, top-k/top-p off) on the toy student exported to HF, same prompts and the
-    same number of new tokens per sequence (stop suppressed in both), one thread;
+(d) student-only tokens/s of three engines on one tiny Qwen3: this engine, HF ``transformers``
+    ``generate`` (KV cache) and vLLM's CPU build (``LLM.generate``, engine start-up not timed;
+    skipped, with one line saying why, when ``.venv-vllm`` is missing or does not import), at
+    16 x 48, 64 x 48, 16 x 256 and 64 x 256 (sequences x new tokens), median of 15 runs
+    (``--repeats`` sets it) after a warm-up run, each timed around its generate call; the
+    ratio engine / best of (HF, vLLM). The model: the toy student's shape with head_dim 32
+    (vLLM's CPU attention takes no 16) and QK norm, random init, saved as a Megatron
+    checkpoint and exported with ``trb-nemo convert megatron-to-hf`` (Qwen3ForCausalLM,
+    fp32): the engine loads the checkpoint, HF and vLLM the export. Same token-id prompts
+    (4..16 tokens), sampling at temperature 1 with top-k/top-p off, exactly N new tokens per
+    sequence (stop suppressed: a forced-length policy here, ``min_new_tokens`` in HF,
+    ``ignore_eos`` + ``min_tokens`` in vLLM), one thread each (``torch.set_num_threads(1)``;
+    vLLM: ``OMP_NUM_THREADS=1``, ``VLLM_CPU_OMP_THREADS_BIND=nobind`` unless set,
+    ``VLLM_CPU_KVCACHE_SPACE=1``, Intel OpenMP and tcmalloc preloaded where found; its
+    frontend and engine-core processes run beside the compute thread, as they always do).
+    vLLM pins another torch than ours, so it runs as ``.venv-vllm/bin/python
+    benchmarks/vllm_runner.py``; ``benchmarks/vllm_venv.sh`` builds that venv (once; quick
+    afterwards). ``--vllm-eager``: vLLM without torch.compile.
 (e) speculative TRB warmup (``rollout.draft_tokens`` 0, 2, 4, 8) against student-only decoding
     on the same prompts: tokens/s, teacher forwards and positions per generated token, the
     draft acceptance (also at eps 0.005 / 0.02 / 0.05, against Pinsker's 1 - sqrt(eps / 2)),
     and one TRB-warmup step against one OPD step (student rollout + teacher scoring pass).
 
-Models: the toy preset (conf/model/toy.yaml). Ranks are local processes (gloo on CPU).
+Models: the toy preset (conf/model/toy.yaml; (d) overrides it, see above). Ranks are local
+processes (gloo on CPU).
 
-Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--repeats 3] [--parts abcde]
+Run: .venv/bin/python benchmarks/rollout.py [--tp 1] [--repeats N] [--parts abcde]
+     (for (d)'s vLLM column, first: benchmarks/vllm_venv.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import math
 import os
@@ -201,13 +219,52 @@ def _status_kb(key: str) -> int:
     raise KeyError(key)
 
 
-def _hf_vs_engine(n: int, max_new: int, repeats: int):
-    """(d): student-only tokens/s of HF generate and of the engine, same prompts and lengths."""
+D_SHAPES = ((16, 48), (64, 48), (16, 256), (64, 256))
+"""(d)'s (sequences, new tokens per sequence)."""
+D_STUDENT = ("model.student.checkpoint=null", "model.student.kv_channels=32",
+             "model.student.qk_layernorm=true", "model.student.max_sequence_length=512")
+"""(d)'s student: the toy student's shape with head_dim 32 (vLLM's CPU attention takes 32, 64,
+80, ...; the toy has 16) and Qwen3's QK norm (so it exports as Qwen3ForCausalLM), random init,
+room for 16 + 256 positions."""
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def _d_config(checkpoint: str | None = None):
+    from trb_nemo.config.compose import load_config
+
+    extra = [] if checkpoint is None else [f"model.student.checkpoint={checkpoint}"]
+    return load_config(["parallel=cpu_tp1", *D_STUDENT, *extra])
+
+
+def _d_save_student(folder: str) -> None:
+    """(d) rank: the benchmark student (:data:`D_STUDENT`, random init) saved as a Megatron
+    checkpoint in ``folder``."""
+    from trb_nemo.logs import quiet_third_party
+    from trb_nemo.models.megatron_io import save_model
+    from trb_nemo.models.networks import build_student
+    from trb_nemo.parallel import groups
+
+    quiet_third_party()
+    cfg = _d_config()
+    pg = groups.initialize(cfg.parallel, seed=0)
+    save_model(folder, build_student(cfg.model, cfg.parallel, pg), cfg.model.student)
+    groups.destroy()
+
+
+def _d_prompts(n: int, max_new: int) -> list[list[int]]:
+    from trb_nemo.models.vocab import SharedVocab
+
+    return _workload(n, max_new, SharedVocab.of(_d_config().model).size, 1, long_tail=False)[0]
+
+
+def _hf_vs_engine(megatron: str, hf_dir: str, n: int, max_new: int, repeats: int):
+    """(d) rank, one shape: student-only tokens/s of each timed run of HF generate and of the
+    engine (``{"engine": [...], "hf": [...]}``) on the same weights (the Megatron checkpoint
+    and its HF export), same prompts and lengths, 1 thread, each timed around its ``generate``
+    call; the two alternate run by run."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trb_nemo.config.compose import load_config
-    from trb_nemo.config.schema import ParallelConfig
     from trb_nemo.logs import quiet_third_party
     from trb_nemo.models.networks import build_student
     from trb_nemo.models.vocab import SharedVocab
@@ -217,44 +274,123 @@ def _hf_vs_engine(n: int, max_new: int, repeats: int):
 
     quiet_third_party()
     torch.set_num_threads(1)
-    cfg = load_config(["parallel=cpu_tp1"])
+    cfg = _d_config(megatron)
     vocab = SharedVocab.of(cfg.model)
-    prompts, lengths = _workload(n, max_new, vocab.size, 1, long_tail=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "trb_nemo.cli", "convert", "megatron-to-hf",
-                        "--checkpoint", cfg.model.student.checkpoint, "--out", f"{tmp}/hf"],
-                       check=True, capture_output=True)
-        hf = AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", torch_dtype=torch.float32).eval()
+    prompts = _d_prompts(n, max_new)
+    lengths = [max_new] * n
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     width = max(len(p) for p in prompts)
     ids = torch.zeros(n, width, dtype=torch.long)
     attn = torch.zeros(n, width, dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding, as HF generate wants for decoder-only models
         ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(p), 1
-    hf_rates = []
-    for r in range(repeats + 1):
+    pg = groups.initialize(cfg.parallel, seed=0)
+    student = build_student(cfg.model, cfg.parallel, pg)
+    policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
+
+    def run_hf(r):
         torch.manual_seed(r)
-        t0 = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0,
                               top_k=0, top_p=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
                               pad_token_id=0, eos_token_id=vocab.stop_id)
-        seconds = time.perf_counter() - t0
         assert out.shape[1] - width == max_new
-        if r > 0:
-            hf_rates.append(n * max_new / seconds)
-    pg = groups.initialize(ParallelConfig(tensor_model_parallel_size=1), seed=0)
-    student = build_student(cfg.model, cfg.parallel, pg)
-    policy = _policy("student", 0.0, lengths, prompts, vocab.stop_id)
-    rates = []
-    for r in range(repeats + 1):
+
+    def run_engine(r):
         ro = generate(student, None, prompts, policy,
                       DecodeSettings(max_new_tokens=max_new, topk_k=1, max_in_flight=n),
                       vocab=vocab, generator=torch.Generator().manual_seed(r), pg=pg)
         assert ro.response_lengths.tolist() == lengths
-        if r > 0:
-            rates.append(n * max_new / ro.seconds)
+
+    rates = {"engine": [], "hf": []}
+    for r in range(repeats + 1):  # alternating, so that a noisy neighbour slows both alike
+        for name, run in (("hf", run_hf), ("engine", run_engine)):
+            t0 = time.perf_counter()
+            run(r)
+            seconds = time.perf_counter() - t0
+            if r > 0:  # the first run warms up
+                rates[name].append(n * max_new / seconds)
     groups.destroy()
-    return statistics.median(rates), statistics.median(hf_rates)
+    return rates
+
+
+def _vllm(hf_dir: str, shapes, repeats: int, eager: bool) -> tuple[dict | None, str]:
+    """(d)'s vLLM column: ``benchmarks/vllm_runner.py`` under ``.venv-vllm``'s python (another
+    torch than ours) on every shape in one engine. (its JSON, "") or (None, why it was
+    skipped). Threads: ``OMP_NUM_THREADS=1`` and ``VLLM_CPU_OMP_THREADS_BIND=nobind`` (one
+    unpinned compute thread, as ours and HF's) unless the environment sets them."""
+    if not VLLM_PYTHON.exists():
+        return None, "no .venv-vllm (build it with benchmarks/vllm_venv.sh)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update({"OMP_NUM_THREADS": "1",
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")})
+    # vLLM's CPU guide preloads tcmalloc (when the system has it) and Intel OpenMP (vllm-cpu
+    # installs it into the venv)
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    iomp = VLLM_PYTHON.parents[1] / "lib" / "libiomp5.so"
+    preload = [lib for lib in (tcmalloc, str(iomp) if iomp.exists() else None) if lib]
+    env["LD_PRELOAD"] = " ".join(preload + [os.environ.get("LD_PRELOAD", "")]).strip()
+    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], env=env, capture_output=True,
+                           text=True)
+    if probe.returncode != 0:
+        return None, f"`import vllm` fails in .venv-vllm: {_last_error(probe.stderr)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"model": hf_dir, "repeats": repeats, "dtype": "float32", "eager": eager,
+               "out": f"{tmp}/result.json",
+               "shapes": [{"prompts": _d_prompts(n, m), "max_new": m} for n, m in shapes]}
+        Path(f"{tmp}/job.json").write_text(json.dumps(job))
+        run = subprocess.run([str(VLLM_PYTHON), str(ROOT / "benchmarks" / "vllm_runner.py"),
+                              f"{tmp}/job.json"], env=env, capture_output=True, text=True)
+        if run.returncode != 0 or not Path(job["out"]).exists():
+            return None, (f"vllm_runner.py failed (exit {run.returncode}): "
+                          f"{_last_error(run.stderr + run.stdout)}")
+        return json.loads(Path(job["out"]).read_text()), ""
+
+
+def _last_error(text: str) -> str:
+    """The line of a failed run's output that says the most: the last naming an error."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def _part_d(repeats: int, eager: bool) -> dict:
+    """(d): the benchmark student saved, exported to HF (``trb-nemo convert megatron-to-hf``),
+    then per shape the engine and HF generate (one rank each), then vLLM on every shape."""
+    from trb_nemo.parallel.spawn import run_local_ranks
+
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        megatron, hf_dir = f"{tmp}/megatron", f"{tmp}/hf"
+        run_local_ranks(_d_save_student, 1, (megatron,))
+        subprocess.run([sys.executable, "-m", "trb_nemo.cli", "convert", "megatron-to-hf",
+                        "--checkpoint", megatron, "--out", hf_dir], check=True,
+                       capture_output=True)
+        arch = json.loads(Path(hf_dir, "config.json").read_text())["architectures"][0]
+        rates = {f"{n}x{m}": run_local_ranks(_hf_vs_engine, 1, (megatron, hf_dir, n, m,
+                                                               repeats))[0]
+                 for n, m in D_SHAPES}
+        vllm, why = _vllm(hf_dir, D_SHAPES, repeats, eager)
+    load.append(os.getloadavg()[0])
+    for shape in (vllm or {}).get("shapes", []):
+        rates[f"{shape['n']}x{shape['max_new']}"]["vllm"] = [
+            shape["n"] * shape["max_new"] / sec for sec in shape["seconds"]]
+    rows = {}
+    for shape, per_engine in rates.items():
+        row = {f"{k}_tok_s": statistics.median(v) for k, v in per_engine.items()}
+        row["engine_over_best"] = row["engine_tok_s"] / max(row["hf_tok_s"],
+                                                             row.get("vllm_tok_s", 0.0))
+        # the fastest run of each: the least disturbed by other work on the machine
+        fastest = {k: max(v) for k, v in per_engine.items()}
+        row["fastest_run_tok_s"] = fastest
+        row["fastest_engine_over_best"] = fastest["engine"] / max(fastest["hf"],
+                                                                 fastest.get("vllm", 0.0))
+        rows[shape] = row
+    return {"architecture": arch, "repeats": repeats, "shapes": rows,
+            "vllm": None if vllm is None else {k: v for k, v in vllm.items() if k != "shapes"},
+            "vllm_skipped": why or None, "vllm_eager": eager,
+            "load_average_1min": {"start": load[0], "end": load[1], "cores": os.cpu_count()}}
 
 
 def _speculative(n: int, max_new: int, repeats: int, eps0: float, budget: int):
@@ -330,11 +466,17 @@ def main() -> None:
                              "bounds the rollout's memory (the longest prompts of a larger "
                              "workload otherwise make a larger first prefill)")
     parser.add_argument("--max-new", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per measurement (median; one warm-up run more): "
+                             "default 3, and 15 for (d)")
     parser.add_argument("--eps0", type=float, default=0.02)
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="(d): run vLLM with enforce_eager (no torch.compile step)")
     parser.add_argument("--parts", default="abcde")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
+    d_repeats = 15 if args.repeats is None else args.repeats
+    args.repeats = 3 if args.repeats is None else args.repeats
     from trb_nemo.parallel.spawn import run_local_ranks
 
     report = {}
@@ -375,12 +517,32 @@ def main() -> None:
                       f"{(r['growth_bytes'] - r['output_bytes']) / work:.2f}x of 16")
             report[f"memory/{shape}"] = {str(n): r for n, r in rows.items()}
     if "d" in args.parts:
-        print("(d) student-only tokens/s, engine vs HF generate (toy student, 1 thread, "
-              f"median of {args.repeats}, same prompts and lengths)")
-        for n in (16, 64):
-            ours, hf = run_local_ranks(_hf_vs_engine, 1, (n, 48, args.repeats))[0]
-            print(f"  {n:>3} x 48: engine {ours:8.0f}  HF generate {hf:8.0f}  ratio {ours / hf:.2f}")
-            report[f"hf/{n}"] = {"engine_tok_s": ours, "hf_tok_s": hf}
+        res = _part_d(d_repeats, args.vllm_eager)
+        print(f"(d) student-only tokens/s, engine vs HF generate vs vLLM (CPU build), 1 thread, "
+              f"median of {d_repeats}, same prompts and new tokens (stop suppressed); the "
+              f"toy student's shape with head_dim 32 and QK norm, exported as {res['architecture']}"
+              f" (fp32)")
+        print(f"  {'shape':<9}{'engine':>10}{'HF':>10}{'vLLM':>10}{'engine/best':>13}"
+              f"{'fastest runs: engine/best':>27}")
+        for shape, row in res["shapes"].items():
+            vllm = f"{row['vllm_tok_s']:>10.0f}" if "vllm_tok_s" in row else f"{'-':>10}"
+            print(f"  {shape.replace('x', ' x '):<9}{row['engine_tok_s']:>10.0f}"
+                  f"{row['hf_tok_s']:>10.0f}{vllm}{row['engine_over_best']:>13.2f}"
+                  f"{row['fastest_engine_over_best']:>27.2f}")
+        load = res["load_average_1min"]
+        print(f"  load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the "
+              f"end, on {load['cores']} cores (other work on the machine slows some runs)")
+        if res["vllm"] is None:
+            print(f"  vLLM skipped: {res['vllm_skipped']}")
+        else:
+            v = res["vllm"]
+            print(f"  vLLM {v['vllm_version']} (torch {v['torch_version']}, "
+                  f"{'eager' if args.vllm_eager else 'default compilation'}): "
+                  + ", ".join(f"{k}={val}" for k, val in v["threads"].items())
+                  + f", LD_PRELOAD={' '.join(v['preloaded']) or '-'}"
+                  + f"; engine start-up {v['startup_s']:.0f} s, not timed")
+        print(json.dumps({"part": "d", **res}))
+        report["d"] = res
     if "e" in args.parts:
         res = run_local_ranks(_speculative, 1, (args.prompts, args.max_new, args.repeats,
                                                 args.eps0, args.budget))[0]
