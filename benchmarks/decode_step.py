@@ -148,21 +148,30 @@ def _count_one(run, device_name, syncs, decoders):
                 self.n += 1
             return func(*args, **(kwargs or {}))
 
+    from trb_nemo.ops.checks import DeferredChecks
+
     launches, saved = Launches(), {}
 
-    def admit(fn):
-        def wrapped(*a, **k):
-            with syncs.paused():
-                launches.counting = False
+    def counted(on: bool):
+        def wrap(fn):
+            def wrapped(*a, **k):
+                was = syncs.counting, launches.counting
+                syncs.counting = launches.counting = on
                 try:
                     return fn(*a, **k)
                 finally:
-                    launches.counting = True
-        return wrapped
+                    syncs.counting, launches.counting = was
+            return wrapped
+        return wrap
 
-    for cls in decoders:
-        saved[cls] = cls.__dict__["_admit"]
-        cls._admit = admit(saved[cls])
+    # count inside the decoding loop only: not the set-up, the admissions (prefill), the one
+    # read of the deferred checks, nor the hand-over of the outputs
+    patches = [(cls, "_admit", False) for cls in decoders] + [
+        (decoders[0], "run", True), (DeferredChecks, "raise_first", False)]
+    for cls, name, on in patches:
+        saved[(cls, name)] = cls.__dict__[name]
+        setattr(cls, name, counted(on)(saved[(cls, name)]))
+    syncs.counting = launches.counting = False
     try:
         if device_name == "cuda":
             counts = _profiled(run)
@@ -171,13 +180,13 @@ def _count_one(run, device_name, syncs, decoders):
             with torch.inference_mode(), syncs, launches:
                 rollout = run()
     finally:
-        for cls, fn in saved.items():
-            cls._admit = fn
+        for (cls, name), fn in saved.items():
+            setattr(cls, name, fn)
     steps = rollout.forwards["decode_steps"]
     if device_name == "cuda":
         out = {k: v / steps for k, v in counts.items()}
-    else:  # the deferred input checks: one read per rollout, not per step
-        out = {"host syncs": (len(syncs) - 1) / steps, "launches": launches.n / steps}
+    else:
+        out = {"host syncs": len(syncs) / steps, "launches": launches.n / steps}
     out["steps"] = steps
     return out
 
