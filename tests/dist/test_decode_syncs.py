@@ -124,7 +124,13 @@ def counts():
     return spawn_bare(run_counts, 1)[0]
 
 
-@pytest.mark.parametrize("name", ["student", "trb", "speculative"])
+SOLVER_SYNCS = pytest.mark.xfail(
+    reason="the trust-region solve (ops/trust_region.py) still has data-dependent exits and "
+           "input checks that read the device: issue 25 item 3, open", strict=True)
+
+
+@pytest.mark.parametrize("name", ["student", pytest.param("trb", marks=SOLVER_SYNCS),
+                                  pytest.param("speculative", marks=SOLVER_SYNCS)])
 def test_one_host_sync_per_decode_step(counts, name):
     per_step = counts[name]["per_step"]
     assert len(per_step) >= 3  # the rollout decoded several steps

@@ -30,6 +30,9 @@ from trb_nemo.ops.vocab_parallel import log_softmax, logprobs_and_topk, logprobs
 
 ROWS, V_PAD, V_TRUE = 6, 64, 60
 MESSAGE = "sample: a row has no finite log-probability"
+TRUST_REGION_SYNCS = pytest.mark.xfail(
+    reason="the trust-region solve (ops/trust_region.py) still has data-dependent exits and "
+           "input checks that read the device: issue 25 item 3, open", strict=True)
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +81,8 @@ SOLVING = [TrustRegionPolicy("trb", 0.05), TrustRegionPolicy("fixed", 0.3)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("policy", SYNC_FREE + SOLVING,
+@pytest.mark.parametrize("policy", SYNC_FREE + [pytest.param(p, marks=TRUST_REGION_SYNCS)
+                                                for p in SOLVING],
                          ids=["student", "student-T0.7", "teacher", "trb-eps0", "skd", "trb",
                               "fixed"])
 def test_choose_makes_no_host_sync(policy, dtype):
@@ -104,7 +108,7 @@ def test_draft_makes_no_host_sync():
     assert events == [] and torch.all(ids < V_TRUE)
 
 
-@pytest.mark.parametrize("drop_from", [(), TRUST_REGION],
+@pytest.mark.parametrize("drop_from", [pytest.param((), marks=TRUST_REGION_SYNCS), TRUST_REGION],
                          ids=["all", "outside-the-solver"])
 def test_verify_makes_no_host_sync(drop_from):
     zs, zt, noise = _inputs()
